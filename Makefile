@@ -1,0 +1,32 @@
+# Two entry points, each working on a fresh machine with only Python 3.11+:
+#   make demo   runs the saddle-escape demo (writes runs/escape/<timestamp>/)
+#   make test   runs ruff and the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test benchmark lint clean
+
+$(INSTALLED): pyproject.toml requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	  -c requirements-lock.txt -e ".[test,experiments,benchmarks]"
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/python -m experiments escape
+
+test: $(INSTALLED)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest -q -n 2
+
+benchmark: $(INSTALLED)
+	$(BIN)/python -m benchmarks.perturbation
+
+lint: $(INSTALLED)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

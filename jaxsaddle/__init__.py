@@ -1,0 +1,25 @@
+"""jaxsaddle: optax-compatible optimizers that escape saddle points, and curvature tools."""
+
+from jaxsaddle.alias import PGDHyperparameters
+from jaxsaddle.alias import noisy_gd
+from jaxsaddle.alias import perturbed_sgd
+from jaxsaddle.alias import pgd
+from jaxsaddle.alias import pgd_hyperparameters
+from jaxsaddle.perturbation import AddIsotropicNoiseState
+from jaxsaddle.perturbation import PerturbNearSaddleState
+from jaxsaddle.perturbation import add_isotropic_noise
+from jaxsaddle.perturbation import perturb_near_saddle
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "AddIsotropicNoiseState",
+  "PGDHyperparameters",
+  "PerturbNearSaddleState",
+  "add_isotropic_noise",
+  "noisy_gd",
+  "perturb_near_saddle",
+  "perturbed_sgd",
+  "pgd",
+  "pgd_hyperparameters",
+)

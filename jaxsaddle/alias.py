@@ -1,0 +1,213 @@
+r"""Ready-made saddle-escaping optimizers built from jaxsaddle's transforms.
+
+Example::
+
+  import jax, jax.numpy as jnp, optax, jaxsaddle
+
+  value_fn = lambda p: 0.5 * p[0] ** 2 + 0.25 * p[1] ** 4 - 0.5 * p[1] ** 2
+  tx = jaxsaddle.pgd(0.1, perturbation_radius=0.1, gradient_threshold=1e-3,
+                     escape_steps=50, escape_threshold=1e-4, key=0)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  for _ in range(300):
+    value, grads = jax.value_and_grad(value_fn)(params)
+    updates, state = tx.update(grads, state, params, value=value)
+    params = optax.apply_updates(params, updates)
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import optax
+
+from jaxsaddle import _checks
+from jaxsaddle.perturbation import add_isotropic_noise
+from jaxsaddle.perturbation import perturb_near_saddle
+
+
+def pgd(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  perturbation_radius: float | jax.Array,
+  gradient_threshold: float | jax.Array,
+  escape_steps: int | jax.Array,
+  escape_threshold: float | jax.Array | None = None,
+  key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Perturbed gradient descent (Jin et al., ICML 2017, arXiv:1703.00887).
+
+  .. math::
+
+    x_t \leftarrow x_t + \xi_t,\ \xi_t \sim \mathcal U(B_0(r))
+      \quad\text{if } \|\nabla f(x_t)\| \le g_{\rm thres}
+      \text{ and no perturbation in the last } t_{\rm thres} \text{ steps};
+    \qquad x_{t+1} = x_t - \eta \nabla f(x_t).
+
+  This is :func:`jaxsaddle.perturb_near_saddle` around
+  ``optax.scale_by_learning_rate(learning_rate)``; read its docstring for the
+  exact step accounting and the escape check (pass ``value=`` to
+  ``update``). :func:`pgd_hyperparameters` gives the paper's constants.
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule.
+    perturbation_radius: :math:`r`.
+    gradient_threshold: :math:`g_{\rm thres}`.
+    escape_steps: :math:`t_{\rm thres}`.
+    escape_threshold: :math:`f_{\rm thres}`, or None to skip the escape check.
+    key: a typed key, a raw uint32 key or an int seed.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``.
+  """
+  return perturb_near_saddle(
+    optax.scale_by_learning_rate(learning_rate),
+    perturbation_radius=perturbation_radius,
+    gradient_threshold=gradient_threshold,
+    escape_steps=escape_steps,
+    escape_threshold=escape_threshold,
+    key=key,
+  )
+
+
+def noisy_gd(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  noise_scale: float | jax.Array,
+  key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Noisy (stochastic) gradient descent of Ge, Huang, Jin and Yuan (COLT 2015).
+
+  *Escaping From Saddle Points — Online Stochastic Gradient for Tensor
+  Decomposition*, arXiv:1503.02101, Algorithm 1:
+
+  .. math::
+
+    x_{t+1} = x_t - \eta\,(g_t + \xi_t), \qquad
+    \xi_t \sim \mathcal U(r\,S^{d-1}),
+
+  noise uniform on the sphere of radius :math:`r` = ``noise_scale`` over the
+  whole parameter vector, drawn afresh at every step. The paper's noise is
+  uniform on the unit sphere; ``noise_scale`` generalises it (``1.0`` is the
+  paper's choice). The sphere, unlike a Gaussian, gives every step the same
+  noise magnitude, which is what the paper's analysis bounds.
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule.
+    noise_scale: :math:`r \ge 0`.
+    key: a typed key, a raw uint32 key or an int seed.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``.
+  """
+  return optax.chain(
+    add_isotropic_noise(noise_scale, distribution="sphere", key=key),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def perturbed_sgd(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  noise_scale: float | jax.Array,
+  key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Perturbed SGD of Jin, Netrapalli, Ge, Kakade and Jordan (J. ACM 2021).
+
+  *On Nonconvex Optimization for Machine Learning: Gradients, Stochasticity,
+  and Saddle Points*, arXiv:1902.04811:
+
+  .. math::
+
+    x_{t+1} = x_t - \eta\,(g(x_t; \theta_t) + \xi_t), \qquad
+    \xi_t \sim \mathcal N\!\left(0, \tfrac{r^2}{d} I_d\right),
+
+  Gaussian noise with :math:`\mathbb E\|\xi_t\|^2 = r^2` at every step, over
+  the whole parameter vector of dimension :math:`d`.
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule.
+    noise_scale: :math:`r \ge 0`.
+    key: a typed key, a raw uint32 key or an int seed.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``.
+  """
+  return optax.chain(
+    add_isotropic_noise(noise_scale, distribution="gaussian", key=key),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+class PGDHyperparameters(NamedTuple):
+  """The constants of Jin et al. 2017, Algorithm 2 (names match :func:`pgd`)."""
+
+  chi: float
+  learning_rate: float
+  perturbation_radius: float
+  gradient_threshold: float
+  escape_threshold: float
+  escape_steps: int
+
+  def pgd_kwargs(self) -> dict:
+    """The arguments of :func:`pgd` (all fields but ``chi``)."""
+    return {name: value for name, value in self._asdict().items() if name != "chi"}
+
+
+def pgd_hyperparameters(
+  *,
+  smoothness: float,
+  hessian_lipschitz: float,
+  epsilon: float,
+  failure_probability: float,
+  loss_gap: float,
+  dim: int,
+  c: float = 1.0,
+) -> PGDHyperparameters:
+  r"""The hyperparameters of perturbed gradient descent from its theory.
+
+  Jin et al. 2017, Algorithm 2, for an :math:`\ell`-smooth,
+  :math:`\rho`-Hessian-Lipschitz :math:`f` with
+  :math:`\Delta_f \ge f(x_0) - f^*`, target :math:`\epsilon`, failure
+  probability :math:`\delta` and absolute constant :math:`c`:
+
+  .. math::
+
+    \chi = 3 \max\{\ln(d \ell \Delta_f / (c \epsilon^2 \delta)), 4\},\quad
+    \eta = c/\ell,\quad
+    r = \frac{\sqrt c}{\chi^2}\frac{\epsilon}{\ell},\quad
+    g_{\rm thres} = \frac{\sqrt c}{\chi^2}\epsilon,\quad
+    f_{\rm thres} = \frac{c}{\chi^3}\sqrt{\epsilon^3/\rho},\quad
+    t_{\rm thres} = \frac{\chi}{c^2}\frac{\ell}{\sqrt{\rho\epsilon}}.
+
+  ``escape_steps`` is :math:`\lceil t_{\rm thres} \rceil`, since the algorithm
+  compares it with whole step counts.
+
+  Example::
+
+    hp = jaxsaddle.pgd_hyperparameters(smoothness=1.0, hessian_lipschitz=1.0,
+        epsilon=1e-2, failure_probability=0.1, loss_gap=10.0, dim=100)
+    tx = jaxsaddle.pgd(**hp.pgd_kwargs(), key=0)
+  """
+  owner = "pgd_hyperparameters"
+  for name, value in [
+    ("smoothness", smoothness),
+    ("hessian_lipschitz", hessian_lipschitz),
+    ("epsilon", epsilon),
+    ("loss_gap", loss_gap),
+    ("c", c),
+  ]:
+    _checks.check_positive(owner, name, value)
+  _checks.check_at_least_one(owner, "dim", dim)
+  if not 0 < failure_probability < 1:
+    raise ValueError(f"{owner}: failure_probability must lie in (0, 1), got {failure_probability}.")
+  chi = 3 * max(math.log(dim * smoothness * loss_gap / (c * epsilon**2 * failure_probability)), 4.0)
+  t_thres = chi / c**2 * smoothness / math.sqrt(hessian_lipschitz * epsilon)
+  return PGDHyperparameters(
+    chi=chi,
+    learning_rate=c / smoothness,
+    perturbation_radius=math.sqrt(c) / chi**2 * epsilon / smoothness,
+    gradient_threshold=math.sqrt(c) / chi**2 * epsilon,
+    escape_threshold=c / chi**3 * math.sqrt(epsilon**3 / hessian_lipschitz),
+    escape_steps=math.ceil(t_thres),
+  )
