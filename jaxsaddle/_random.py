@@ -122,4 +122,7 @@ def sample_isotropic(key: jax.Array, tree, radius, distribution: Distribution):
     scale = radius / global_norm(z)
     if distribution == "ball":
       scale = scale * jax.random.uniform(radius_key) ** (1.0 / max(dim, 1))
+  # The barrier stops XLA from reassociating scale * z (e.g. into z * rsqrt(.)) differently
+  # with and without vmap, which would make a vmapped run differ from a loop in the last bit.
+  scale = jax.lax.optimization_barrier(jnp.asarray(scale))
   return jax.tree.map(lambda n, leaf: (scale * n).astype(leaf.dtype), z, tree)

@@ -1,0 +1,185 @@
+"""Statistics of the counter-hash noise that the perturbation family draws."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+import jaxsaddle
+from jaxsaddle import _random
+
+NUM_SAMPLES = 1 << 20
+
+
+def _flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(tree)])
+
+
+def test_standard_normal_moments_and_shape():
+  z = np.asarray(_random.tree_standard_normal(jax.random.key(0), jnp.zeros(NUM_SAMPLES)))
+  standard_error = 1 / math.sqrt(NUM_SAMPLES)
+  assert abs(z.mean()) < 5 * standard_error
+  assert abs(z.var() - 1) < 5 * math.sqrt(2) * standard_error
+  assert abs(stats.kurtosis(z, fisher=False) - 3) < 5 * math.sqrt(24) * standard_error
+  assert abs(stats.skew(z)) < 5 * math.sqrt(6) * standard_error
+  assert stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_standard_normal_is_not_correlated_along_the_stream():
+  z = np.asarray(_random.tree_standard_normal(jax.random.key(1), jnp.zeros(NUM_SAMPLES)))
+  bound = 5 / math.sqrt(NUM_SAMPLES)
+  for lag in (1, 2, 7, 256, 4096):
+    assert abs(np.corrcoef(z[:-lag], z[lag:])[0, 1]) < bound, lag
+  # Independence also of magnitudes (a weak hash shows up in |z| before z).
+  assert abs(np.corrcoef(np.abs(z[:-1]), np.abs(z[1:]))[0, 1]) < bound
+
+
+def test_standard_normal_differs_across_keys_without_correlation():
+  keys = jax.random.split(jax.random.key(2), 16)
+  samples = np.asarray(
+    jax.vmap(lambda k: _random.tree_standard_normal(k, jnp.zeros(1 << 16)))(keys)
+  )
+  correlations = np.corrcoef(samples)[np.triu_indices(16, k=1)]
+  assert np.all(np.abs(correlations) < 5 / math.sqrt(1 << 16))
+  # Neighbouring integer seeds are the typical user input; they must be independent too.
+  neighbours = np.stack(
+    [_random.tree_standard_normal(jax.random.key(s), jnp.zeros(1 << 16)) for s in range(4)]
+  )
+  assert np.all(np.abs(np.corrcoef(neighbours)[np.triu_indices(4, k=1)]) < 5 / 256)
+
+
+def test_pytree_noise_equals_noise_of_the_flattened_vector():
+  key = jax.random.key(3)
+  tree = {"a": jnp.zeros((3, 4)), "b": (jnp.zeros(5), jnp.zeros((2, 1, 3)))}
+  flat = _random.tree_standard_normal(key, jnp.zeros(23))
+  np.testing.assert_array_equal(_flat(_random.tree_standard_normal(key, tree)), flat)
+
+
+def test_vmap_over_keys_equals_a_loop():
+  keys = jax.random.split(jax.random.key(4), 8)
+  tree = {"w": jnp.zeros((4, 5), jnp.bfloat16), "b": jnp.zeros(3)}
+  sample = jax.jit(lambda k: _random.sample_isotropic(k, tree, 0.5, "ball"))
+  batched = jax.vmap(sample)(keys)
+  for i, key in enumerate(keys):
+    jax.tree.map(lambda b, s, i=i: np.testing.assert_array_equal(b[i], s), batched, sample(key))
+
+
+def test_sample_keeps_leaf_dtypes_and_is_float32_inside():
+  tree = {"h": jnp.zeros(1000, jnp.float16), "b": jnp.zeros(1000, jnp.bfloat16)}
+  noise = _random.sample_isotropic(jax.random.key(5), tree, 1.0, "sphere")
+  assert noise["h"].dtype == jnp.float16 and noise["b"].dtype == jnp.bfloat16
+  # 2000 low-precision coordinates still lie on the unit sphere to their precision.
+  assert abs(np.linalg.norm(_flat(noise)) - 1) < 1e-2
+
+
+def _angles(samples: np.ndarray) -> np.ndarray:
+  return np.arctan2(samples[:, 1], samples[:, 0])
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "sphere", "ball"])
+def test_directions_are_uniform_in_two_and_three_dimensions(distribution):
+  keys = jax.random.split(jax.random.key(6), 50_000)
+  for dim in (2, 3):
+    samples = np.asarray(
+      jax.vmap(lambda k, d=dim: _random.sample_isotropic(k, jnp.zeros(d), 1.0, distribution))(keys),
+      np.float64,
+    )
+    directions = samples / np.linalg.norm(samples, axis=1, keepdims=True)
+    if dim == 2:
+      assert stats.kstest(_angles(directions), "uniform", args=(-np.pi, 2 * np.pi)).pvalue > 1e-3
+    else:
+      # Archimedes: one coordinate of a uniform point on S^2 is uniform on [-1, 1].
+      assert stats.kstest(directions[:, 2], "uniform", args=(-1, 2)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("dim", [1, 3, 10])
+def test_ball_radius_law_and_sphere_radius(dim):
+  keys = jax.random.split(jax.random.key(7), 20_000)
+  radius = 0.3
+  ball = np.asarray(
+    jax.vmap(lambda k: _random.sample_isotropic(k, jnp.zeros(dim), radius, "ball"))(keys)
+  )
+  norms = np.linalg.norm(ball, axis=1)
+  assert norms.max() <= radius * (1 + 1e-6)
+  # Uniform in the ball: (|x| / r)^d is uniform on [0, 1].
+  assert stats.kstest((norms / radius) ** dim, "uniform").pvalue > 1e-3
+  sphere = np.asarray(
+    jax.vmap(lambda k: _random.sample_isotropic(k, jnp.zeros(dim), radius, "sphere"))(keys)
+  )
+  np.testing.assert_allclose(np.linalg.norm(sphere, axis=1), radius, rtol=1e-6)
+
+
+def test_gaussian_noise_has_covariance_r2_over_d():
+  dim, radius = 50, 2.0
+  keys = jax.random.split(jax.random.key(8), 20_000)
+  samples = np.asarray(
+    jax.vmap(lambda k: _random.sample_isotropic(k, jnp.zeros(dim), radius, "gaussian"))(keys),
+    np.float64,
+  )
+  covariance = np.cov(samples, rowvar=False)
+  np.testing.assert_allclose(np.diag(covariance), radius**2 / dim, rtol=0.05)
+  off_diagonal = covariance[~np.eye(dim, dtype=bool)]
+  assert np.abs(off_diagonal).max() < 0.05 * radius**2 / dim
+  np.testing.assert_allclose(np.mean(np.sum(samples**2, axis=1)), radius**2, rtol=0.02)
+
+
+def test_noise_is_fresh_at_every_step_and_independent_of_the_previous_one():
+  tx = jaxsaddle.add_isotropic_noise(1.0, distribution="gaussian", key=9)
+  params = jnp.zeros(1 << 16)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  samples = []
+  for _ in range(4):
+    noise, state = update(params, state)
+    samples.append(np.asarray(noise))
+  correlations = np.corrcoef(np.stack(samples))[np.triu_indices(4, k=1)]
+  assert np.all(np.abs(correlations) < 5 / 256)
+  assert int(state.count) == 4
+
+
+@pytest.mark.parametrize(
+  "key",
+  [7, jax.random.key(7), jax.random.PRNGKey(7), jax.random.key(7, impl="rbg")],
+  ids=["int", "typed", "raw", "rbg"],
+)
+def test_every_key_form_is_accepted(key):
+  typed = _random.canonicalize_key(key)
+  assert jnp.issubdtype(typed.dtype, jax.dtypes.prng_key)
+  noise = _random.tree_standard_normal(typed, jnp.zeros(16))
+  assert np.all(np.isfinite(noise))
+  if not isinstance(key, jax.Array) or key.dtype == jnp.uint32 or "fry" in str(key.dtype):
+    np.testing.assert_array_equal(
+      noise, _random.tree_standard_normal(jax.random.key(7), jnp.zeros(16))
+    )
+
+
+def test_noise_never_hides_nan_gradients():
+  tx = jaxsaddle.add_isotropic_noise(1.0, distribution="sphere", key=0)
+  grads = jnp.array([1.0, jnp.nan, jnp.inf])
+  updates, _ = tx.update(grads, tx.init(grads))
+  assert np.isnan(updates[1]) and np.isposinf(updates[2]) and np.isfinite(updates[0])
+
+
+def test_noise_rejects_integer_parameters_and_bad_arguments():
+  with pytest.raises(TypeError, match=r"\['step'\].*int32"):
+    jaxsaddle.add_isotropic_noise(1.0).init({"w": jnp.zeros(3), "step": jnp.zeros((), jnp.int32)})
+  with pytest.raises(ValueError, match="noise_scale"):
+    jaxsaddle.add_isotropic_noise(-1.0)
+  with pytest.raises(ValueError, match="distribution"):
+    jaxsaddle.add_isotropic_noise(1.0, distribution="cauchy")
+  with pytest.raises(ValueError, match="noise_scale"):
+    jaxsaddle.noisy_gd(0.1, noise_scale=-0.5)
+
+
+def test_isotropic_noise_state_is_readable_inside_a_chain():
+  tx = optax.chain(optax.clip_by_global_norm(1.0), jaxsaddle.perturbed_sgd(0.1, noise_scale=0.1))
+  state = tx.init(jnp.zeros(3))
+  first_key = optax.tree.get(state, "rng_key")
+  _, state = tx.update(jnp.ones(3), state)
+  assert not np.array_equal(
+    jax.random.key_data(first_key), jax.random.key_data(optax.tree.get(state, "rng_key"))
+  )
