@@ -1,5 +1,6 @@
 """jaxsaddle: optax-compatible optimizers that escape saddle points, and curvature tools."""
 
+from jaxsaddle import problems
 from jaxsaddle.alias import PGDHyperparameters
 from jaxsaddle.alias import noisy_gd
 from jaxsaddle.alias import perturbed_sgd
@@ -22,4 +23,5 @@ __all__ = (
   "perturbed_sgd",
   "pgd",
   "pgd_hyperparameters",
+  "problems",
 )
