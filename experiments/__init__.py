@@ -1,0 +1,1 @@
+"""Experiments on saddle escape; run one with ``python -m experiments <name> [--quick]``."""

@@ -1,0 +1,235 @@
+"""Run directories shared by the experiments: config and metrics files, resume, progress.
+
+A run directory holds::
+
+  config.json      {"experiment": name, "config": {...}, "environment": {...}}
+  metrics.jsonl    one JSON object per line, each with the "unit" it belongs to
+  figures/*.png
+  summary.md
+
+An experiment splits its work into *units* (e.g. one method on one problem, all
+seeds at once). :func:`run_units` computes the units that are not finished yet
+and appends each one's records to ``metrics.jsonl`` as soon as it is done, in a
+single write followed by ``fsync``, ending with the unit's closing record
+``{"kind": "unit", "unit": name, ...}``. A unit counts as finished only when
+that closing record is on disk, so a run killed at any moment loses at most the
+unit it was computing: resuming drops the partial lines of unfinished units and
+computes those units again, and never recomputes a finished one. Every closing
+record carries the ``session`` that computed it (a fresh id per process), so a
+resumed run shows which units it computed.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import typing
+import uuid
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.md"
+FIGURES_DIR = "figures"
+UNIT_KIND = "unit"
+
+
+def config_from_dict(config_class: type, values: dict[str, Any]):
+  """Rebuilds a (possibly nested) config dataclass from its ``dataclasses.asdict`` form.
+
+  JSON turns tuples into lists; fields annotated as tuples get tuples back so
+  that a reloaded config compares equal to the one that was saved.
+  """
+  hints = typing.get_type_hints(config_class)
+  unknown = set(values) - {field.name for field in dataclasses.fields(config_class)}
+  if unknown:
+    raise ValueError(f"{config_class.__name__} has no fields {sorted(unknown)}.")
+  kwargs = {}
+  for field in dataclasses.fields(config_class):
+    if field.name not in values:
+      continue
+    value, hint = values[field.name], hints[field.name]
+    if dataclasses.is_dataclass(hint):
+      value = config_from_dict(hint, value)
+    elif typing.get_origin(hint) is tuple or hint is tuple:
+      value = tuple(value)
+    kwargs[field.name] = value
+  return config_class(**kwargs)
+
+
+def to_json_floats(array) -> list:
+  """A float array as nested lists of the shortest decimals that round-trip its dtype.
+
+  ``float32`` values converted to Python floats print with 17 digits; this keeps
+  metrics files about half the size and still exact.
+  """
+  array = np.asarray(array)
+  if array.ndim == 0:
+    return float(str(array[()]))
+  return [to_json_floats(row) for row in array]
+
+
+def environment() -> dict[str, Any]:
+  """What the numbers depend on besides the config."""
+  return {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(device) for device in jax.devices()],
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "cpu_count": os.cpu_count(),
+  }
+
+
+class RunDirectory:
+  """The files of one run of one experiment; use :meth:`create` or :meth:`resume`."""
+
+  def __init__(self, path: Path, experiment: str, config):
+    self.path = path
+    self.experiment = experiment
+    self.config = config
+    self.session = uuid.uuid4().hex[:12]
+    self.figures = path / FIGURES_DIR
+    self.figures.mkdir(parents=True, exist_ok=True)
+
+  @property
+  def metrics_path(self) -> Path:
+    return self.path / METRICS_FILE
+
+  @classmethod
+  def create(cls, experiment: str, config, out: str | os.PathLike | None = None) -> "RunDirectory":
+    """A new run in ``out``, or in ``runs/<experiment>/<timestamp>/`` when ``out`` is None."""
+    if out is None:
+      stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+      base = Path("runs") / experiment / stamp
+      path, suffix = base, 1
+      while path.exists():  # two runs started in the same second
+        suffix += 1
+        path = base.with_name(f"{stamp}-{suffix}")
+    else:
+      path = Path(out)
+    if (path / CONFIG_FILE).exists():
+      raise FileExistsError(
+        f"{path} already holds a run; continue it with --resume {path} or choose another --out."
+      )
+    path.mkdir(parents=True, exist_ok=True)
+    record = {
+      "experiment": experiment,
+      "config": dataclasses.asdict(config),
+      "environment": environment(),
+      "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (path / METRICS_FILE).touch()
+    return cls(path, experiment, config)
+
+  @classmethod
+  def resume(cls, path: str | os.PathLike, experiment: str, config_class: type) -> "RunDirectory":
+    """Reopens a run with the config it was started with, dropping unfinished units' lines."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists():
+      raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: it is not a run directory.")
+    record = json.loads((path / CONFIG_FILE).read_text())
+    if record["experiment"] != experiment:
+      raise ValueError(f"{path} is a run of {record['experiment']!r}, not of {experiment!r}.")
+    run = cls(path, experiment, config_from_dict(config_class, record["config"]))
+    run._drop_unfinished()
+    return run
+
+  def records(self) -> list[dict[str, Any]]:
+    """All complete records of ``metrics.jsonl``, in file order.
+
+    A line cut short by a killed process is skipped (it can only be the last
+    line, and its unit has no closing record yet).
+    """
+    if not self.metrics_path.exists():
+      return []
+    records = []
+    for line in self.metrics_path.read_text().splitlines():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+    return records
+
+  def finished_units(self) -> dict[str, dict[str, Any]]:
+    """The closing record of every finished unit, by unit name."""
+    return {r["unit"]: r for r in self.records() if r.get("kind") == UNIT_KIND}
+
+  def _drop_unfinished(self) -> None:
+    finished = self.finished_units()
+    kept = [r for r in self.records() if r.get("unit") in finished]
+    temporary = self.metrics_path.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(temporary, self.metrics_path)
+
+  def write_unit(self, unit: str, records: Sequence[dict], closing: dict[str, Any]) -> None:
+    """Appends a unit's records and its closing record in one write, then syncs to disk."""
+    reserved = {"kind", "unit", "session", "finished"} & set(closing)
+    if reserved:
+      raise ValueError(f"the closing record of {unit} may not set {sorted(reserved)}.")
+    closing = {
+      "kind": UNIT_KIND,
+      "unit": unit,
+      **closing,
+      "session": self.session,
+      "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    lines = [json.dumps({"unit": unit, **r}) for r in records] + [json.dumps(closing)]
+    with open(self.metrics_path, "a") as file:
+      file.write("\n".join(lines) + "\n")
+      file.flush()
+      os.fsync(file.fileno())
+
+  def write_summary(self, text: str) -> Path:
+    path = self.path / SUMMARY_FILE
+    path.write_text(text)
+    return path
+
+
+def run_units(
+  run: RunDirectory,
+  units: Iterable[str],
+  compute: Callable[[str], tuple[Sequence[dict], dict[str, Any]]],
+) -> list[str]:
+  """Computes and records every unit not finished yet, with a progress bar.
+
+  Args:
+    run: the run directory.
+    units: unit names in the order to compute them.
+    compute: maps a unit name to ``(records, closing)``: the unit's per-step
+      records and the fields of its closing record.
+
+  Returns:
+    The names of the units computed by this call.
+  """
+  units = list(units)
+  finished = run.finished_units()
+  todo = [unit for unit in units if unit not in finished]
+  if finished:
+    done = [unit for unit in units if unit in finished]
+    print(f"resuming {run.path}: {len(done)} finished unit(s) kept: {', '.join(done)}")
+  computed = []
+  progress = tqdm.tqdm(todo, desc=run.experiment, unit="unit", dynamic_ncols=True)
+  for unit in progress:
+    progress.set_postfix_str(unit)
+    records, closing = compute(unit)
+    run.write_unit(unit, records, closing)
+    computed.append(unit)
+  print(f"computed {len(computed)} unit(s): {', '.join(computed) or '(none)'}")
+  return computed
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+  return "\n".join(lines)

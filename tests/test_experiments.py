@@ -1,0 +1,178 @@
+"""The experiment runner and the escape demo, end to end: ``python -m experiments escape --quick``.
+
+The experiment runs in a subprocess, as a user runs it. The quick run is shared
+by the tests of this module; under pytest-xdist the workers share it through a
+lock file, so it is computed once per session.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROBLEMS = ("quadratic", "mlp")
+METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd")
+NOISE_METHODS = ("pgd", "noisy_gd", "perturbed_sgd")
+# Each problem's saddle is checked once (gradient, Hessian), in a unit of its own.
+UNITS = tuple(f"{p}/{m}" for p in PROBLEMS for m in ("saddle_check", *METHODS))
+METHOD_UNITS = tuple(f"{p}/{m}" for p in PROBLEMS for m in METHODS)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_experiments(*args: str, expect_success: bool = True) -> subprocess.CompletedProcess:
+  result = subprocess.run(
+    [sys.executable, "-m", "experiments", *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  if expect_success:
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+  return result
+
+
+@pytest.fixture(scope="session", name="quick_run")
+def _quick_run(tmp_path_factory) -> Path:
+  """The directory of one ``escape --quick`` run, computed once per test session."""
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    path = tmp_path_factory.mktemp("escape") / "quick"
+    run_experiments("escape", "--quick", "--out", str(path))
+    return path
+  # Every xdist worker's basetemp is a child of the session's own directory.
+  shared = tmp_path_factory.getbasetemp().parent
+  path = shared / "escape-quick"
+  with open(shared / "escape-quick.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (path / "summary.md").exists():
+      with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+      run_experiments("escape", "--quick", "--out", str(path))
+  return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def closing_records(records: list[dict]) -> dict[str, dict]:
+  return {r["unit"]: r for r in records if r.get("kind") == "unit"}
+
+
+def step_losses(records: list[dict], unit: str) -> np.ndarray:
+  """The ``(seeds, steps + 1)`` losses of one unit."""
+  rows = sorted((r["step"], r["loss"]) for r in records if r["unit"] == unit and "step" in r)
+  assert [step for step, _ in rows] == list(range(len(rows)))
+  return np.asarray([loss for _, loss in rows]).T
+
+
+def test_quick_run_writes_config_metrics_figures_and_summary(quick_run):
+  config = json.loads((quick_run / "config.json").read_text())
+  assert config["experiment"] == "escape"
+  assert config["config"]["seeds"] == 4 and config["config"]["steps"] == 150
+  assert config["config"]["pgd_perturbation_radius"] > 0
+
+  records = read_metrics(quick_run)
+  closing = closing_records(records)
+  assert sorted(closing) == sorted(UNITS)
+  for unit in METHOD_UNITS:
+    assert step_losses(records, unit).shape == (4, 151)
+
+  for problem in PROBLEMS:
+    png = quick_run / "figures" / f"{problem}.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = image.imread(png)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+
+  summary = (quick_run / "summary.md").read_text()
+  assert "| method | problem | seeds escaped | median escape step |" in summary
+  for problem in PROBLEMS:
+    assert f"| gd | {problem} | 0/4 | never |" in summary
+    assert f"| pgd | {problem} | 4/4 |" in summary
+    assert f"figures/{problem}.png" in summary
+
+
+def test_the_start_is_a_critical_point_that_is_not_a_minimum(quick_run):
+  closing = closing_records(read_metrics(quick_run))
+  quadratic, mlp = closing["quadratic/saddle_check"], closing["mlp/saddle_check"]
+  assert quadratic["gradient_norm"] == 0.0 and mlp["gradient_norm"] == 0.0
+  assert quadratic["hessian_min"] == pytest.approx(-1.0, rel=1e-5)
+  assert quadratic["num_negative"] == 3 and quadratic["classification"] == "strict saddle"
+  # Two hidden layers: the output is cubic in the weights near zero, so the Hessian vanishes
+  # and the loss goes down on one side of the saddle and up on the other.
+  assert mlp["hessian_min"] == mlp["hessian_max"] == 0.0
+  assert mlp["probes"][0] * mlp["probes"][1] < 0
+  assert mlp["classification"].startswith("degenerate saddle")
+
+
+def test_gd_stays_at_the_saddle_and_every_noisy_method_escapes(quick_run):
+  records = read_metrics(quick_run)
+  closing = closing_records(records)
+  for problem in PROBLEMS:
+    gd = closing[f"{problem}/gd"]
+    assert gd["escape_step"] == [None] * 4
+    # The gradient at the start is exactly zero, so GD never moves at all.
+    np.testing.assert_array_equal(step_losses(records, f"{problem}/gd"), gd["saddle_value"])
+    assert closing[f"{problem}/pgd"]["escaped_fraction"] == 1.0
+    assert closing[f"{problem}/pgd"]["num_perturbations"] == [1] * 4  # the jump at step 0
+    for method in NOISE_METHODS:
+      unit = closing[f"{problem}/{method}"]
+      losses = step_losses(records, f"{problem}/{method}")
+      # The recorded escape steps are the first steps below the escape level.
+      below = losses < unit["escape_level"]
+      assert below.any(axis=1).all(), (problem, method)
+      assert unit["escape_step"] == np.argmax(below, axis=1).tolist()
+      assert unit["median_escape_step"] == np.median(unit["escape_step"])
+      assert unit["saddle_value"] - unit["escape_level"] == pytest.approx(1e-2)
+      assert np.median(losses[:, -1]) < unit["saddle_value"] - 0.1
+
+
+def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
+  run_dir = tmp_path / "run"
+  shutil.copytree(quick_run, run_dir)
+  original = read_metrics(quick_run)
+  missing = "mlp/pgd"
+  kept_lines = [
+    line
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    if json.loads(line)["unit"] != missing
+  ]
+  # A run killed while writing mlp/pgd: a few of its step lines, the last one cut short.
+  partial = [json.dumps(r) for r in original if r["unit"] == missing][:3]
+  partial[-1] = partial[-1][: len(partial[-1]) // 2]
+  (run_dir / "metrics.jsonl").write_text("\n".join(kept_lines + partial) + "\n")
+
+  result = run_experiments("escape", "--resume", str(run_dir))
+  assert f"computed 1 unit(s): {missing}\n" in result.stdout
+
+  resumed = read_metrics(run_dir)
+  before, after = closing_records(original), closing_records(resumed)
+  assert sorted(after) == sorted(before)
+  assert after[missing]["session"] != before[missing]["session"]
+  for unit in METHOD_UNITS:
+    assert len([r for r in resumed if r["unit"] == unit]) == 151 + 1  # steps and closing record
+  for unit in set(UNITS) - {missing}:
+    assert after[unit] == before[unit]
+  # Same keys, same program: the recomputed unit reproduces the original run exactly.
+  np.testing.assert_array_equal(step_losses(resumed, missing), step_losses(original, missing))
+  assert (run_dir / "figures" / "mlp.png").stat().st_size > 0
+
+
+def test_cli_refuses_to_overwrite_a_run_or_to_change_a_resumed_config(quick_run):
+  overwrite = run_experiments("escape", "--quick", "--out", str(quick_run), expect_success=False)
+  assert overwrite.returncode != 0 and "--resume" in overwrite.stderr
+  changed = run_experiments(
+    "escape", "--resume", str(quick_run), "--seeds", "2", expect_success=False
+  )
+  assert changed.returncode != 0 and "config.json" in changed.stderr
