@@ -1,7 +1,9 @@
 """jaxsaddle: optax-compatible optimizers that escape saddle points, and curvature tools."""
 
+from jaxsaddle import analysis
 from jaxsaddle import problems
 from jaxsaddle.alias import PGDHyperparameters
+from jaxsaddle.alias import lsgd
 from jaxsaddle.alias import noisy_gd
 from jaxsaddle.alias import perturbed_sgd
 from jaxsaddle.alias import pgd
@@ -10,6 +12,7 @@ from jaxsaddle.perturbation import AddIsotropicNoiseState
 from jaxsaddle.perturbation import PerturbNearSaddleState
 from jaxsaddle.perturbation import add_isotropic_noise
 from jaxsaddle.perturbation import perturb_near_saddle
+from jaxsaddle.smoothing import laplacian_smoothing
 
 __version__ = "0.1.0"
 
@@ -18,6 +21,9 @@ __all__ = (
   "PGDHyperparameters",
   "PerturbNearSaddleState",
   "add_isotropic_noise",
+  "analysis",
+  "laplacian_smoothing",
+  "lsgd",
   "noisy_gd",
   "perturb_near_saddle",
   "perturbed_sgd",

@@ -17,7 +17,12 @@ What is checked, on 1-D and 2-D meshes with Explicit and Auto axis types:
   bitwise, the updates to float32 rounding (the sphere and ball radii sum squares shard by shard,
   in another order than one device; today the updates happen to come out bitwise equal too);
 - the compiled update contains no all-gather (and perturbed SGD's no collective at all);
-- ``vmap`` over 16 keys of a jitted step works on sharded params.
+- ``vmap`` over 16 keys of a jitted step works on sharded params;
+- LSGD in ``"axis"`` mode smooths leaves sharded along their other axes without communication
+  under Explicit axes (and without an all-gather under Auto ones, except for the FFT of a traced
+  sigma), keeps their sharding and equals the single-device result; vectors that span devices
+  (a sharded last axis, ``"leaf"`` and ``"global"`` modes) are gathered explicitly and the
+  updates resharded like the params.
 """
 
 import contextlib
@@ -329,3 +334,82 @@ def test_vmap_over_keys_of_a_jitted_step(optimizer_name, mesh_name):
   kernels = np.asarray(updates["head"]["kernel"]).reshape(NUM_KEYS, -1)
   assert len(np.unique(kernels, axis=0)) == NUM_KEYS
   np.testing.assert_array_equal(optax.tree.get(states, "count"), np.ones(NUM_KEYS))
+
+
+# --- Laplacian smoothing (LSGD) -------------------------------------------------------------------
+
+# Leaves sharded along every axis but the last, so "axis" mode can smooth each row where it lies.
+SMOOTHING_SHAPES = {"kernel": (16, 40), "stack": (2, 8, 24)}
+SMOOTHING_SPECS = {
+  "explicit_1d": {"kernel": P("x", None), "stack": P(None, "x", None)},
+  "explicit_2d": {"kernel": P(("x", "y"), None), "stack": P("x", "y", None)},
+  "auto_2d_no_context_mesh": {"kernel": P(("x", "y"), None), "stack": P("x", "y", None)},
+}
+_inject_lsgd = optax.inject_hyperparams(jaxsaddle.lsgd, static_args=("order", "mode"))
+SMOOTHERS = {
+  # sigma = 1, order 1: the recursive solver; order 2: the direct one; a traced sigma: the FFT.
+  "lsgd": lambda mode: jaxsaddle.lsgd(LEARNING_RATE, sigma=1.0, mode=mode),
+  "lsgd_order_2": lambda mode: jaxsaddle.lsgd(LEARNING_RATE, sigma=1.0, order=2, mode=mode),
+  "lsgd_traced_sigma": lambda mode: _inject_lsgd(LEARNING_RATE, sigma=1.0, mode=mode),
+}
+smoother_names = pytest.mark.parametrize("smoother_name", list(SMOOTHERS))
+
+
+def _smoothing_params(shardings=None) -> dict:
+  rng = np.random.default_rng(1)
+  params = {
+    name: rng.normal(size=shape).astype(np.float32) for name, shape in SMOOTHING_SHAPES.items()
+  }
+  if shardings is None:
+    return jax.device_put(params, jax.devices()[0])
+  return jax.tree.map(jax.device_put, params, shardings)
+
+
+def _smoothing_step(smoother_name: str, mode: str, params):
+  """The updates of one jitted LSGD step (the gradient is the params) and its compiled HLO."""
+  optimizer = SMOOTHERS[smoother_name](mode)
+  state = optimizer.init(params)
+  update = jax.jit(optimizer.update).lower(params, state, params).compile()
+  updates, new_state = update(params, state, params)
+  return updates, new_state, state, update.as_text()
+
+
+@smoother_names
+@mesh_names
+def test_axis_smoothing_is_local_keeps_sharding_and_matches_one_device(smoother_name, mesh_name):
+  mesh = _mesh(mesh_name)
+  shardings = {name: NamedSharding(mesh, spec) for name, spec in SMOOTHING_SPECS[mesh_name].items()}
+  with _mesh_context(mesh_name):
+    params = _smoothing_params(shardings)
+    updates, new_state, state, compiled = _smoothing_step(smoother_name, "axis", params)
+  _assert_same_sharding(updates, params, "updates")
+  if MESH_CASES[mesh_name].set_context_mesh:
+    _assert_same_sharding(new_state, state, "state")
+  reference, _, _, _ = _smoothing_step(smoother_name, "axis", _smoothing_params())
+  jax.tree.map(_assert_close, _to_numpy(updates), _to_numpy(reference))
+  if MESH_CASES[mesh_name].axis_type == AxisType.Explicit:
+    # Each row is solved on the device that holds it (jax.shard_map): no communication at all.
+    assert not [c for c in COLLECTIVES if c in compiled]
+  elif smoother_name != "lsgd_traced_sigma":
+    # Auto axes: XLA partitions the slices of the convolution solvers without gathering; it
+    # does gather for FFTs (PEERS.md section 6), which a traced sigma uses.
+    assert "all-gather" not in compiled
+
+
+@pytest.mark.parametrize(
+  ("mode", "spec"), [("axis", P(None, "x")), ("leaf", P("x", None)), ("global", P(None, "x"))]
+)
+def test_smoothing_across_shards_gathers_explicitly_and_keeps_sharding(mode, spec):
+  # The vectors to smooth span devices: the transform reshards them whole, then back.
+  mesh = _mesh("explicit_1d")
+  shardings = {
+    "kernel": NamedSharding(mesh, spec),
+    "stack": NamedSharding(mesh, P(None, "x", None)),
+  }
+  with _mesh_context("explicit_1d"):
+    params = _smoothing_params(shardings)
+    updates, _, _, compiled = _smoothing_step("lsgd", mode, params)
+  _assert_same_sharding(updates, params, "updates")
+  reference, _, _, _ = _smoothing_step("lsgd", mode, _smoothing_params())
+  jax.tree.map(_assert_close, _to_numpy(updates), _to_numpy(reference))
+  assert "all-gather" in compiled

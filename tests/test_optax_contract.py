@@ -67,14 +67,17 @@ ALIASES = [
   Alias(
     "perturb_near_saddle_adam", _perturbed_adam, dict(learning_rate=1e-2, **_ESCAPE), ("value",)
   ),
+  Alias("lsgd", jaxsaddle.lsgd, dict(learning_rate=1.5e-3, sigma=1.0, order=1), (), ("order",)),
 ]
 
-# None of the aliases above needs static_args: escape_steps is only compared
-# with int32 counters (never a shape or a loop length), the radii and thresholds
-# only scale or compare numbers, ``distribution`` is a string and so static
-# anyway, and ``key`` is read only by ``init``, where ``jax.random.key`` accepts a
-# traced seed. Users may still make ``key`` static: an injected key sits in
-# ``state.hyperparams``, where changing it has no effect after ``init``.
+# Only lsgd needs static_args: its ``order`` picks the solver and sizes it in Python
+# (a traced ``sigma`` is fine: it switches to the FFT solver). In the others,
+# escape_steps is only compared with int32 counters (never a shape or a loop
+# length), the radii and thresholds only scale or compare numbers,
+# ``distribution`` is a string and so static anyway, and ``key`` is read only by
+# ``init``, where ``jax.random.key`` accepts a traced seed. Users may still make
+# ``key`` static: an injected key sits in ``state.hyperparams``, where changing it
+# has no effect after ``init``.
 
 alias_parametrize = pytest.mark.parametrize("alias", ALIASES, ids=lambda alias: alias.name)
 
@@ -316,8 +319,8 @@ def _all_named(tree, name: str) -> list[np.ndarray]:
 def test_apply_if_finite_skips_nan_gradients(alias):
   opt = optax.apply_if_finite(_make(alias), max_consecutive_errors=2)
   update = jax.jit(opt.update)
-  # The minimum of sum(x**2): a finite step has zero gradient, so pgd-like aliases
-  # perturb and noisy ones move by their noise; either way the parameters move.
+  # A finite gradient below the escape threshold: pgd-like aliases perturb, noisy ones move
+  # by their noise and deterministic ones (lsgd) by their step; all of them move the params.
   params = jnp.zeros(3)
   initial_state = opt.init(params)
 
@@ -330,7 +333,8 @@ def test_apply_if_finite_skips_nan_gradients(alias):
   # Only the perturbing aliases count perturbations; for the others these are no-ops.
   assert all(count == 0 for count in _all_named(state, "num_perturbations"))
 
-  updates, state = update(jnp.zeros(3), state, params, **_extra_args(alias, jnp.array(0.0)))
+  finite_grads = jnp.full(3, 1e-4)
+  updates, state = update(finite_grads, state, params, **_extra_args(alias, jnp.array(0.0)))
   stepped_params = optax.apply_updates(params, updates)
   test_utils.assert_tree_all_finite(stepped_params)
   assert np.any(np.asarray(stepped_params) != 0)
