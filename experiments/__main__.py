@@ -24,6 +24,7 @@ EXPERIMENTS = {
     "experiments.escape",
     "GD, PGD, noisy GD and perturbed SGD started exactly at a saddle",
   ),
+  "attraction": ("experiments.attraction", "attraction-region dimension vs n: GD, LSGD, variants"),
 }
 
 

@@ -396,7 +396,7 @@ def _smooth_rows(leaf: jax.Array, sigma, order: int) -> jax.Array:
     smoothed = _smooth_rows(jax.sharding.reshard(leaf, rows_whole), sigma, order)
     return jax.sharding.reshard(smoothed, P(*spec))
   # Every row lies on one device: solve locally, with no communication even for the
-  # FFT solver, which XLA would otherwise gather (PEERS.md section 6).
+  # FFT solver, which XLA would otherwise gather (jax-ml/jax#15680, openxla/xla#24).
   if _checks._concrete_float(sigma) is None:
     local = jax.shard_map(
       lambda x, s: smooth_last_axis(x, s, order), in_specs=(P(*spec), P()), out_specs=P(*spec)
@@ -483,7 +483,7 @@ def laplacian_smoothing(
   leaf is replicated, smoothed and resharded back under an Explicit mesh. The
   updates keep the leaf's sharding either way. Under Auto axes the sharding is
   not visible when tracing and XLA decides: it gathers whatever the solve needs
-  whole, and gathers even batch-sharded FFTs (PEERS.md section 6), which the
+  whole, and gathers even batch-sharded FFTs (jax-ml/jax#15680, openxla/xla#24), which the
   FFT solver would hit in ``"axis"`` mode with a traced ``sigma``.
 
   Args:

@@ -392,7 +392,7 @@ def test_axis_smoothing_is_local_keeps_sharding_and_matches_one_device(smoother_
     assert not [c for c in COLLECTIVES if c in compiled]
   elif smoother_name != "lsgd_traced_sigma":
     # Auto axes: XLA partitions the slices of the convolution solvers without gathering; it
-    # does gather for FFTs (PEERS.md section 6), which a traced sigma uses.
+    # does gather for FFTs (jax-ml/jax#15680, openxla/xla#24), which a traced sigma uses.
     assert "all-gather" not in compiled
 
 

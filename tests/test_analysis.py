@@ -164,7 +164,7 @@ def test_iteration_matrices_reject_a_step_that_is_not_differentiable_at_the_sadd
     analysis.iteration_matrices(tx, np.diag([-1.0, 1.0]), num_steps=2)
 
 
-# --- LSGD: acceptance check 8 --------------------------------------------------------------------
+# --- LSGD: constant sigma keeps n - 1 -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dim", [4, 7, 10])

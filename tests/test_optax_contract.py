@@ -1,7 +1,7 @@
 """optax's generic optimizer contract, run against every jaxsaddle alias.
 
 A port of optax/contrib/_common_test.py (optax 0.2.8), the suite optax asks new
-contrib optimizers to pass, plus the contract points of DESIGN.md that it does
+contrib optimizers to pass, plus the contract points of the README that it does
 not cover (``jax.ShapeDtypeStruct`` init, ``optax.apply_if_finite``). To put a
 new alias under contract, add one line to ``ALIASES``.
 """
@@ -51,7 +51,7 @@ class Alias(NamedTuple):
   # pass them the values of the objective (see ``_extra_args``).
   extra_args: tuple[str, ...]
   # Hyperparameters that optax.inject_hyperparams must keep static: those that
-  # set a shape or a loop length, or are callables (see PEERS.md 1.4).
+  # set a shape or a loop length, or are callables (which it would wrap as schedules).
   static_args: tuple[str, ...] = ()
 
 

@@ -90,7 +90,7 @@ def test_jit_and_vmap_agree_with_a_python_loop_and_keep_the_dtype(problem):
   np.testing.assert_allclose(float64, batched[0], rtol=1e-5, atol=1e-5)
 
 
-# --- strict_saddle: the stable set is the x-axis (acceptance check 2) ---------------------------
+# --- strict_saddle: the stable set is the x-axis (Lee et al. 2016) ---------------------------
 
 
 def test_gradient_descent_converges_to_the_strict_saddle_only_from_its_stable_set():
@@ -159,7 +159,7 @@ def test_quadratic_kind_follows_the_signs(eigenvalues, kind, minimum_value):
   assert problem.minimum_value == minimum_value
 
 
-# --- octopus (acceptance check 4) -----------------------------------------------------------------
+# --- octopus: geometry of Du et al. 2017 ----------------------------------------------------------
 
 
 def test_octopus_saddle_gap_closed_form():

@@ -404,7 +404,8 @@ def test_lsgd_has_lower_stationary_loss_than_sgd_under_gradient_noise():
 
 
 def test_lsgd_on_the_reference_quadratic():
-  # ALGORITHMS.md acceptance check 7 at n = 20: f(x) = sum(((x_i - 2) / c_i)^2), c_i
+  # The reference code's quadratic (Quadratic-Function/LSGD.py) at n = 20:
+  # f(x) = sum(((x_i - 2) / c_i)^2), c_i
   # alternating 10 and 1 (curvatures 0.02 and 2), gradient noise 0.1 N(0, 1), sigma = 10,
   # x0 = -1. GD is stable for learning rates below 1; LSGD's preconditioned curvatures stay
   # below 1.04, so it is stable up to about 1.9.
