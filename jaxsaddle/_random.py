@@ -8,17 +8,18 @@ derive standard normals from a keyed counter hash instead:
 .. math::
 
   b_i = h(h(i \\oplus s_0) + s_1), \\quad
-  u_i = (2 \\lfloor b_i / 2^8 \\rfloor + 1) / 2^{24} - 1 \\in (-1, 1), \\quad
+  u_i = (2 \\lfloor b_i / 2^9 \\rfloor + 1) / 2^{23} - 1 \\in (-1, 1), \\quad
   z_i = \\sqrt{2} \\, \\mathrm{erf}^{-1}(u_i),
 
 where ``i`` is the element's position in the concatenation of all leaves, the
 64-bit seed ``(s_0, s_1)`` is drawn from the typed JAX key with
 ``jax.random.bits`` (so every key implementation works and ``vmap`` over keys is
 exact), and ``h`` is Wellons' ``lowbias32`` avalanche hash. ``z`` is a standard
-normal up to the 24-bit quantisation of ``u`` (|z| <= 5.4). The value at an
-element depends only on the key and its position, so a sharded leaf produces
-the same numbers as an unsharded one without communication, and a pytree gets
-the same noise as its flattened vector. Positions are 32-bit: past 2**32
+normal up to the 23-bit quantisation of ``u`` (|z| <= 5.3): with 23 bits every
+``u`` is exact in float32 and at most 1 - 2**-23, so ``erf_inv`` never sees 1.
+The value at an element depends only on the key and its position, so a sharded
+leaf produces the same numbers as an unsharded one without communication, and
+a pytree gets the same noise as its flattened vector. Positions are 32-bit: past 2**32
 elements in one tree the stream repeats.
 """
 
@@ -67,6 +68,11 @@ def _positions(leaf: jax.Array, offset: int) -> jax.Array:
   return position
 
 
+def uniform_from_bits(bits: jax.Array, dtype) -> jax.Array:
+  """Maps uint32 bits to the midpoints of 2**23 equal cells of (-1, 1), exactly in float32."""
+  return ((bits >> 9).astype(dtype) * 2 + 1) * 2.0**-23 - 1
+
+
 def tree_standard_normal(key: jax.Array, tree):
   """Standard normal noise shaped, typed and sharded like ``tree``'s leaves.
 
@@ -80,7 +86,7 @@ def tree_standard_normal(key: jax.Array, tree):
   for leaf, offset in zip(leaves, offsets, strict=True):
     bits = _lowbias32(_lowbias32(_positions(leaf, int(offset)) ^ seed[0]) + seed[1])
     dtype = _compute_dtype(leaf.dtype)
-    uniform = ((bits >> 8).astype(dtype) * 2 + 1) * 2.0**-24 - 1
+    uniform = uniform_from_bits(bits, dtype)
     noise.append(math.sqrt(2) * jax.lax.erf_inv(uniform))
   return jax.tree.unflatten(treedef, noise)
 

@@ -208,21 +208,22 @@ def perturb_near_saddle(
       state.steps_since_perturbation > escape_steps
     )
 
-    def draw(rng_key):
-      rng_key, sample_key = jax.random.split(rng_key)
-      return rng_key, _random.sample_isotropic(sample_key, updates, perturbation_radius, "ball")
-
-    def skip(rng_key):
-      return rng_key, optax.tree.zeros_like(updates)
-
-    rng_key, displacement = jax.lax.cond(near_saddle, draw, skip, state.rng_key)
     if value is not None:
       extra_args["value"] = value
     inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    new_updates = jax.tree.map(
-      lambda xi, u: jnp.where(near_saddle, xi.astype(u.dtype), u), displacement, inner_updates
-    )
     inner_state = optax.tree.where(near_saddle, state.inner_state, inner_state)
+
+    # The cond hands the inner updates through untouched when it does not perturb: a
+    # parameter-sized zeros buffer out of the cond, merged with a where, measured slower.
+    def draw(operand):
+      rng_key, inner_updates = operand
+      rng_key, sample_key = jax.random.split(rng_key)
+      displacement = _random.sample_isotropic(sample_key, updates, perturbation_radius, "ball")
+      return rng_key, optax.tree.cast_like(displacement, inner_updates)
+
+    rng_key, new_updates = jax.lax.cond(
+      near_saddle, draw, lambda operand: operand, (state.rng_key, inner_updates)
+    )
 
     value_at_perturbation = state.value_at_perturbation
     second_order_stationary = state.second_order_stationary

@@ -29,6 +29,27 @@ def test_standard_normal_moments_and_shape():
   assert stats.kstest(z, "norm").pvalue > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_extreme_bits_give_finite_symmetric_normals(dtype):
+  with jax.enable_x64(dtype == jnp.float64):
+    bits = jnp.array([0, 511, 512, 2**31 - 1, 2**31, 2**32 - 512, 2**32 - 1], jnp.uint32)
+    uniform = np.asarray(_random.uniform_from_bits(bits, dtype), np.float64)
+    assert uniform.dtype == np.float64 and np.all(np.abs(uniform) < 1)
+    np.testing.assert_array_equal(uniform[[0, 1]], -1 + 2.0**-23)
+    np.testing.assert_array_equal(uniform[[-1, -2]], 1 - 2.0**-23)
+    complement = _random.uniform_from_bits(~bits, dtype)
+    np.testing.assert_array_equal(np.asarray(complement, np.float64), -uniform)
+    normal = np.asarray(jnp.sqrt(2.0) * jax.lax.erf_inv(jnp.asarray(uniform, dtype)))
+    assert np.all(np.isfinite(normal)) and np.abs(normal).max() < 5.4
+
+
+def test_a_long_stream_is_finite():
+  # One draw in 2**23 hits an extreme cell; 2**25 draws meet several of them.
+  z = _random.tree_standard_normal(jax.random.key(11), jnp.zeros(1 << 25))
+  assert bool(jnp.all(jnp.isfinite(z)))
+  assert float(jnp.max(jnp.abs(z))) > 5.0
+
+
 def test_standard_normal_is_not_correlated_along_the_stream():
   z = np.asarray(_random.tree_standard_normal(jax.random.key(1), jnp.zeros(NUM_SAMPLES)))
   bound = 5 / math.sqrt(NUM_SAMPLES)
