@@ -33,7 +33,6 @@ its row name claims.
 """
 
 import dataclasses
-import math
 import os
 
 import jax
@@ -41,11 +40,10 @@ import jax.numpy as jnp
 import optax
 
 import jaxsaddle
+from benchmarks import _mlp
 from benchmarks import _timing
 from jaxsaddle import _random
 
-LAYER_SIZES = (784, 512, 512, 10)
-BATCH_SIZE = 128
 LEARNING_RATE = 1e-2
 # Perturbation radius and noise scale; small enough that training stays finite
 # when every step perturbs.
@@ -54,82 +52,41 @@ NUM_SEEDS = 8
 NEVER = jnp.iinfo(jnp.int32).max
 
 
-def init_mlp(key: jax.Array) -> list[dict[str, jax.Array]]:
-  layer_keys = jax.random.split(key, len(LAYER_SIZES) - 1)
-  return [
-    {
-      "w": jax.random.normal(k, (fan_in, fan_out)) * math.sqrt(2 / fan_in),
-      "b": jnp.zeros(fan_out),
-    }
-    for k, fan_in, fan_out in zip(layer_keys, LAYER_SIZES[:-1], LAYER_SIZES[1:], strict=True)
-  ]
-
-
-def random_batch(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  inputs_key, labels_key = jax.random.split(key)
-  inputs = jax.random.normal(inputs_key, (BATCH_SIZE, LAYER_SIZES[0]))
-  labels = jax.random.randint(labels_key, (BATCH_SIZE,), 0, LAYER_SIZES[-1])
-  return inputs, labels
-
-
-def loss_fn(params, batch) -> jax.Array:
-  inputs, labels = batch
-  hidden = inputs
-  for layer in params[:-1]:
-    hidden = jax.nn.relu(hidden @ layer["w"] + layer["b"])
-  logits = hidden @ params[-1]["w"] + params[-1]["b"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def training_step(tx: optax.GradientTransformation, *, force_perturbation: bool = False):
   """``(params, opt_state, batch) -> (params, opt_state)``, not yet jitted."""
+  step = _mlp.training_step(tx)
+  if not force_perturbation:
+    return step
 
-  def step(params, opt_state, batch):
-    if force_perturbation:
-      opt_state = optax.tree.set(opt_state, steps_since_perturbation=NEVER)
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    return optax.apply_updates(params, updates), opt_state
+  def forced_step(params, opt_state, batch):
+    opt_state = optax.tree.set(opt_state, steps_since_perturbation=NEVER)
+    return step(params, opt_state, batch)
 
-  return step
-
-
-class TrainingLoop:
-  """A timing candidate's step: one training step, params and state donated."""
-
-  def __init__(self, step, params, opt_state, *constants):
-    self._step = jax.jit(step, donate_argnums=(0, 1))
-    self._constants = constants
-    self.params = params
-    self.opt_state = opt_state
-
-  def __call__(self):
-    self.params, self.opt_state = self._step(self.params, self.opt_state, *self._constants)
-    return self.params, self.opt_state
+  return forced_step
 
 
-def single_run(make_tx, *, force_perturbation: bool = False) -> TrainingLoop:
+def single_run(make_tx, *, force_perturbation: bool = False) -> _mlp.TrainingLoop:
   """One run; ``make_tx(key)`` builds the optimizer."""
   params_key, batch_key, tx_key = jax.random.split(jax.random.key(0), 3)
   tx = make_tx(tx_key)
-  params = init_mlp(params_key)
+  params = _mlp.init_mlp(params_key)
   step = training_step(tx, force_perturbation=force_perturbation)
-  return TrainingLoop(step, params, tx.init(params), random_batch(batch_key))
+  return _mlp.TrainingLoop(step, params, tx.init(params), _mlp.random_batch(batch_key))
 
 
-def vmapped_runs(make_tx, *, force_perturbation: bool = False) -> TrainingLoop:
+def vmapped_runs(make_tx, *, force_perturbation: bool = False) -> _mlp.TrainingLoop:
   """``NUM_SEEDS`` independent runs in one step; the optimizer is built under ``vmap``."""
   seed_keys = jax.random.split(jax.random.key(0), NUM_SEEDS)
   params_keys, batch_keys, tx_keys = jax.vmap(lambda k: jax.random.split(k, 3))(seed_keys).T
-  params = jax.vmap(init_mlp)(params_keys)
+  params = jax.vmap(_mlp.init_mlp)(params_keys)
   opt_state = jax.vmap(lambda k, p: make_tx(k).init(p))(tx_keys, params)
-  batches = jax.vmap(random_batch)(batch_keys)
+  batches = jax.vmap(_mlp.random_batch)(batch_keys)
 
   def step(params, opt_state, batch, tx_key):
     tx = make_tx(tx_key)
     return training_step(tx, force_perturbation=force_perturbation)(params, opt_state, batch)
 
-  return TrainingLoop(jax.vmap(step), params, opt_state, batches, tx_keys)
+  return _mlp.TrainingLoop(jax.vmap(step), params, opt_state, batches, tx_keys)
 
 
 def sgd(key):
@@ -168,7 +125,7 @@ class NoiseLoop:
       return key, sample(sample_key, params)
 
     self._step = jax.jit(step)
-    self._params = init_mlp(jax.random.key(0))
+    self._params = _mlp.init_mlp(jax.random.key(0))
     self.key = key
 
   def __call__(self):
@@ -181,7 +138,7 @@ def threefry_normal(key, tree):
   return optax.tree.random_like(key, tree, jax.random.normal)
 
 
-def check_runs(loops: dict[str, TrainingLoop]) -> None:
+def check_runs(loops: dict[str, _mlp.TrainingLoop]) -> None:
   """Fails loudly if a row did not compute what its name says.
 
   Non-finite params would make a PGD gradient test fail (NaN norm) and turn the
@@ -290,12 +247,11 @@ def main() -> None:
   from_wall = derived_ratios({timing.name: timing.median for timing in step_timings})
   from_cpu = derived_ratios({timing.name: timing.cpu_median for timing in step_timings})
 
-  num_params = _random.tree_size(init_mlp(jax.random.key(0)))
   print(
-    f"Training step of a {'-'.join(map(str, LAYER_SIZES))} ReLU MLP ({num_params:,} params), "
-    f"batch {BATCH_SIZE}, params and state donated; {settings.rounds} interleaved rounds, "
-    f"medians over rounds; {jax.default_backend()}, {jax.device_count()} device(s), 1-minute "
-    f"load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n"
+    f"Training step of {_mlp.description()}, params and state donated; {settings.rounds} "
+    f"interleaved rounds, medians over rounds; {jax.default_backend()}, {jax.device_count()} "
+    f"device(s), 1-minute load average {load_at_start:.1f} at the start, "
+    f"{os.getloadavg()[0]:.1f} at the end.\n"
   )
   print(_timing.markdown_table(step_timings))
   print("\nDerived ratios, from wall-clock medians (from CPU-time medians):\n")

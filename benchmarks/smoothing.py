@@ -37,63 +37,21 @@ import numpy as np
 import optax
 
 import jaxsaddle
+from benchmarks import _mlp
 from benchmarks import _timing
 from jaxsaddle import smoothing
 
-LAYER_SIZES = (784, 512, 512, 10)
-BATCH_SIZE = 128
 LEARNING_RATE = 1e-2
 SIGMA = 1.0
 SOLVER_SHAPE = (784, 512)
 SOLVER_CASES = [(0.05, 1), (1.0, 1), (10.0, 1), (1.0, 2), (10.0, 2)]
 
 
-def init_mlp(key: jax.Array) -> list[dict[str, jax.Array]]:
-  layer_keys = jax.random.split(key, len(LAYER_SIZES) - 1)
-  return [
-    {
-      "w": jax.random.normal(k, (fan_in, fan_out)) * math.sqrt(2 / fan_in),
-      "b": jnp.zeros(fan_out),
-    }
-    for k, fan_in, fan_out in zip(layer_keys, LAYER_SIZES[:-1], LAYER_SIZES[1:], strict=True)
-  ]
-
-
-def random_batch(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  inputs_key, labels_key = jax.random.split(key)
-  inputs = jax.random.normal(inputs_key, (BATCH_SIZE, LAYER_SIZES[0]))
-  labels = jax.random.randint(labels_key, (BATCH_SIZE,), 0, LAYER_SIZES[-1])
-  return inputs, labels
-
-
-def loss_fn(params, batch) -> jax.Array:
-  inputs, labels = batch
-  hidden = inputs
-  for layer in params[:-1]:
-    hidden = jax.nn.relu(hidden @ layer["w"] + layer["b"])
-  logits = hidden @ params[-1]["w"] + params[-1]["b"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-class TrainingLoop:
-  """A timing candidate: one jitted training step, params and state donated."""
-
-  def __init__(self, tx: optax.GradientTransformation):
-    params_key, batch_key = jax.random.split(jax.random.key(0))
-
-    def step(params, opt_state, batch):
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-      return optax.apply_updates(params, updates), opt_state
-
-    self._step = jax.jit(step, donate_argnums=(0, 1))
-    self._batch = random_batch(batch_key)
-    self.params = init_mlp(params_key)
-    self.opt_state = tx.init(self.params)
-
-  def __call__(self):
-    self.params, self.opt_state = self._step(self.params, self.opt_state, self._batch)
-    return self.params
+def training_loop(tx: optax.GradientTransformation) -> _mlp.TrainingLoop:
+  params_key, batch_key = jax.random.split(jax.random.key(0))
+  params = _mlp.init_mlp(params_key)
+  step = _mlp.training_step(tx)
+  return _mlp.TrainingLoop(step, params, tx.init(params), _mlp.random_batch(batch_key))
 
 
 def complex_fft_smoothing(x: jax.Array, sigma: float) -> jax.Array:
@@ -147,7 +105,7 @@ def time_training_steps(settings: _timing.Settings) -> list[_timing.Timing]:
     "lsgd, axis": lsgd("axis"),
     "lsgd, leaf, traced sigma (inject_hyperparams)": injected(LEARNING_RATE, sigma=SIGMA),
   }
-  loops = {name: TrainingLoop(tx) for name, tx in transforms.items()}
+  loops = {name: training_loop(tx) for name, tx in transforms.items()}
   timings = _timing.time_interleaved(
     [_timing.Candidate(name, loop) for name, loop in loops.items()], settings
   )
@@ -220,10 +178,8 @@ def main() -> None:
   solver_timings = time_solvers(settings)
   summary = solver_summary(solver_timings)
 
-  num_params = sum(leaf.size for leaf in jax.tree.leaves(init_mlp(jax.random.key(0))))
   print(
-    f"Training step of a {'-'.join(map(str, LAYER_SIZES))} ReLU MLP ({num_params:,} params), "
-    f"batch {BATCH_SIZE}, sigma {SIGMA:g}, order 1, params and state donated; "
+    f"Training step of {_mlp.description()}, sigma {SIGMA:g}, order 1, params and state donated; "
     f"{settings.rounds} interleaved rounds, medians over rounds; {jax.default_backend()}, "
     f"{jax.device_count()} device(s), load average {os.getloadavg()[0]:.1f}.\n"
   )

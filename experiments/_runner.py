@@ -196,6 +196,12 @@ class RunDirectory:
     return path
 
 
+def check_seeds_and_steps(config) -> None:
+  """Rejects a config whose ``seeds`` or ``steps`` leave nothing to run."""
+  if config.seeds < 1 or config.steps < 1:
+    raise ValueError(f"seeds and steps must be at least 1, got {config.seeds}, {config.steps}.")
+
+
 def run_units(
   run: RunDirectory,
   units: Iterable[str],

@@ -752,8 +752,7 @@ def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
 def run(run_dir: _runner.RunDirectory) -> str:
   """Computes the missing units, then writes the figure and summary; returns the tables."""
   config: Config = run_dir.config
-  if config.seeds < 1 or config.steps < 1:
-    raise ValueError(f"seeds and steps must be at least 1, got {config.seeds}, {config.steps}.")
+  _runner.check_seeds_and_steps(config)
   if min(config.dims) < 2:
     raise ValueError(f"dims must be at least 2 (one negative, one positive), got {config.dims}.")
   for candidate in candidates(config):

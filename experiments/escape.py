@@ -507,8 +507,7 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
 def run(run_dir: _runner.RunDirectory) -> str:
   """Computes the missing units, then writes the figures and summary; returns the table."""
   config: Config = run_dir.config
-  if config.seeds < 1 or config.steps < 1:
-    raise ValueError(f"seeds and steps must be at least 1, got {config.seeds}, {config.steps}.")
+  _runner.check_seeds_and_steps(config)
   _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
   figures = make_figures(run_dir, config)
   run_dir.write_summary(summary(run_dir, config, figures))

@@ -7,61 +7,27 @@ quick run is shared by the tests of this module; under pytest-xdist the workers
 share it through a lock file, so it is computed once per session.
 """
 
-import contextlib
-import fcntl
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from matplotlib import image
+from _experiment_runs import assert_is_figure
+from _experiment_runs import read_metrics
+from _experiment_runs import run_experiments
+from _experiment_runs import shared_quick_run
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICK_DIMS = tuple(range(2, 13))
 ROTATED_DIMS = (4, 7, 10)
 CONSTANT = {"gd": 0.0, "lsgd_sigma=0.5": 0.5, "lsgd_sigma=1": 1.0, "lsgd_sigma=10": 10.0}
 MODIFICATIONS = {"lsgd_sigma_on_off": "periodic", "flipped_laplacian": "constant"}
 CANDIDATES = (*CONSTANT, *MODIFICATIONS)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run_experiments(*args: str) -> subprocess.CompletedProcess:
-  result = subprocess.run(
-    [sys.executable, "-m", "experiments", *args],
-    cwd=REPO_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-  return result
 
 
 @pytest.fixture(scope="session", name="quick_run")
 def _quick_run(tmp_path_factory) -> Path:
-  """The directory of one ``attraction --quick`` run, computed once per test session."""
-  if os.environ.get("PYTEST_XDIST_WORKER") is None:
-    path = tmp_path_factory.mktemp("attraction") / "quick"
-    run_experiments("attraction", "--quick", "--out", str(path))
-    return path
-  shared = tmp_path_factory.getbasetemp().parent
-  path = shared / "attraction-quick"
-  with open(shared / "attraction-quick.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (path / "summary.md").exists():
-      with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path)
-      run_experiments("attraction", "--quick", "--out", str(path))
-  return path
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return shared_quick_run("attraction", tmp_path_factory)
 
 
 def dimension_records(run_dir: Path) -> list[dict]:
@@ -88,11 +54,7 @@ def test_quick_run_writes_config_metrics_figure_and_summary(quick_run):
   # Nothing is passed off as the paper's method.
   assert not any("mLSGD" in r["label"] for r in closing.values())
 
-  png = quick_run / "figures" / "attraction.png"
-  assert png.read_bytes()[:8] == PNG_SIGNATURE
-  pixels = image.imread(png)
-  assert pixels.shape[0] > 300 and pixels.shape[1] > 600
-  assert pixels[..., :3].std() > 0.05  # not a blank canvas
+  assert_is_figure(quick_run / "figures" / "attraction.png", taller_than=300, wider_than=600)
 
   summary = (quick_run / "summary.md").read_text()
   assert "figures/attraction.png" in summary

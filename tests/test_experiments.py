@@ -5,64 +5,28 @@ by the tests of this module; under pytest-xdist the workers share it through a
 lock file, so it is computed once per session.
 """
 
-import contextlib
-import fcntl
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from matplotlib import image
+from _experiment_runs import assert_is_figure
+from _experiment_runs import read_metrics
+from _experiment_runs import run_experiments
+from _experiment_runs import shared_quick_run
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROBLEMS = ("quadratic", "mlp")
 METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd")
 NOISE_METHODS = ("pgd", "noisy_gd", "perturbed_sgd")
 # Each problem's saddle is checked once (gradient, Hessian), in a unit of its own.
 UNITS = tuple(f"{p}/{m}" for p in PROBLEMS for m in ("saddle_check", *METHODS))
 METHOD_UNITS = tuple(f"{p}/{m}" for p in PROBLEMS for m in METHODS)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run_experiments(*args: str, expect_success: bool = True) -> subprocess.CompletedProcess:
-  result = subprocess.run(
-    [sys.executable, "-m", "experiments", *args],
-    cwd=REPO_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  if expect_success:
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-  return result
 
 
 @pytest.fixture(scope="session", name="quick_run")
 def _quick_run(tmp_path_factory) -> Path:
-  """The directory of one ``escape --quick`` run, computed once per test session."""
-  if os.environ.get("PYTEST_XDIST_WORKER") is None:
-    path = tmp_path_factory.mktemp("escape") / "quick"
-    run_experiments("escape", "--quick", "--out", str(path))
-    return path
-  # Every xdist worker's basetemp is a child of the session's own directory.
-  shared = tmp_path_factory.getbasetemp().parent
-  path = shared / "escape-quick"
-  with open(shared / "escape-quick.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (path / "summary.md").exists():
-      with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path)
-      run_experiments("escape", "--quick", "--out", str(path))
-  return path
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return shared_quick_run("escape", tmp_path_factory)
 
 
 def closing_records(records: list[dict]) -> dict[str, dict]:
@@ -89,11 +53,7 @@ def test_quick_run_writes_config_metrics_figures_and_summary(quick_run):
     assert step_losses(records, unit).shape == (4, 151)
 
   for problem in PROBLEMS:
-    png = quick_run / "figures" / f"{problem}.png"
-    assert png.read_bytes()[:8] == PNG_SIGNATURE
-    pixels = image.imread(png)
-    assert pixels.shape[0] > 200 and pixels.shape[1] > 300
-    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+    assert_is_figure(quick_run / "figures" / f"{problem}.png", taller_than=200, wider_than=300)
 
   summary = (quick_run / "summary.md").read_text()
   assert "| method | problem | seeds escaped | median escape step |" in summary

@@ -1,0 +1,64 @@
+"""Runs ``python -m experiments`` in a subprocess, as a user runs it, for the experiment tests.
+
+:func:`shared_quick_run` computes an experiment's ``--quick`` run once per test
+session; under pytest-xdist the workers share it through a lock file.
+"""
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib import image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_experiments(*args: str, expect_success: bool = True) -> subprocess.CompletedProcess:
+  result = subprocess.run(
+    [sys.executable, "-m", "experiments", *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  if expect_success:
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+  return result
+
+
+def shared_quick_run(experiment: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+  """The directory of one ``experiment --quick`` run, computed once per test session."""
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    path = tmp_path_factory.mktemp(experiment) / "quick"
+    run_experiments(experiment, "--quick", "--out", str(path))
+    return path
+  # Every xdist worker's basetemp is a child of the session's own directory.
+  shared = tmp_path_factory.getbasetemp().parent
+  path = shared / f"{experiment}-quick"
+  with open(shared / f"{experiment}-quick.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (path / "summary.md").exists():
+      with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+      run_experiments(experiment, "--quick", "--out", str(path))
+  return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_is_figure(png: Path, *, taller_than: int, wider_than: int) -> None:
+  """``png`` is a PNG image larger than the given pixel sizes, and not a blank canvas."""
+  assert png.read_bytes()[:8] == PNG_SIGNATURE
+  pixels = image.imread(png)
+  assert pixels.shape[0] > taller_than and pixels.shape[1] > wider_than
+  assert pixels[..., :3].std() > 0.05
