@@ -4,12 +4,15 @@ import pathlib
 import re
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 import jaxsaddle
+import jaxsaddle.flax
 
 README = pathlib.Path(__file__).parents[1] / "README.md"
 
@@ -81,3 +84,38 @@ def test_nnx_optimizer_trains_an_mlp(tx):
   # The optimizer's key lives in the nnx state and advanced with the noise draws.
   keys = optax.tree.get_all_with_path(nnx.as_pure(optimizer.opt_state), "rng_key")
   assert len(keys) == 1
+
+
+def _mse(model, x, y):
+  return jnp.mean((model(x) - y) ** 2)
+
+
+def test_make_value_fn_evaluates_the_loss_and_its_curvature_on_nnx_state():
+  model = MLP(nnx.Rngs(1))
+  x, y = _regression_data()
+  value_fn = jaxsaddle.flax.make_value_fn(model, _mse, x, y)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(value_fn(params), _mse(model, x, y), rtol=1e-6)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  tangent = jax.random.normal(jax.random.key(2), flat.shape)
+  dense = jax.hessian(lambda v: value_fn(unravel(v)))(flat) @ tangent
+  _, product = jax.jvp(jax.grad(value_fn), (params,), (unravel(tangent),))
+  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(product)[0], dense, rtol=1e-4, atol=1e-5)
+
+
+def test_make_value_fn_drives_lbfgs_under_nnx_optimizer():
+  model = MLP(nnx.Rngs(3))
+  optimizer = nnx.Optimizer(model, optax.lbfgs(), wrt=nnx.Param)
+  x, y = _regression_data()
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(_mse)(model, x, y)
+    value_fn = jaxsaddle.flax.make_value_fn(model, _mse, x, y)
+    optimizer.update(model, grads, value=loss, grad=grads, value_fn=value_fn)
+    return loss
+
+  first = float(train_step(model, optimizer))
+  for _ in range(30):
+    last = float(train_step(model, optimizer))
+  assert last < 1e-2 * first

@@ -1,0 +1,64 @@
+"""flax.nnx helpers: the ``value_fn`` that curvature-reading transforms need.
+
+``nnx.Optimizer.update(model, grads, **kwargs)`` forwards keyword arguments to
+the transform but hands it the parameters as a pure ``nnx.State``, not as the
+module. A transform that evaluates the loss elsewhere (a linesearch, a
+Hessian-vector product) therefore needs a function from that State to the
+loss, which :func:`make_value_fn` builds by merging the State back into the
+model's graph.
+
+Example::
+
+  import jax, jax.numpy as jnp, optax
+  from flax import nnx
+  import jaxsaddle.flax
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.lbfgs(), wrt=nnx.Param)
+  x, y = jnp.ones((8, 2)), jnp.zeros((8, 1))
+  loss_fn = lambda model, x, y: jnp.mean((model(x) - y) ** 2)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+    value_fn = jaxsaddle.flax.make_value_fn(model, loss_fn, x, y)
+    optimizer.update(model, grads, value=loss, grad=grads, value_fn=value_fn)
+    return loss
+
+  train_step(model, optimizer, x, y)
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+
+def make_value_fn(
+  model: nnx.Module,
+  loss_fn: Callable[..., jax.Array],
+  *batch: Any,
+  wrt: nnx.filterlib.Filter = nnx.Param,
+) -> Callable[[nnx.State], jax.Array]:
+  """Returns ``params -> loss_fn(model with params, *batch)``.
+
+  Args:
+    model: the nnx module being trained.
+    loss_fn: ``loss_fn(model, *batch) -> scalar``.
+    *batch: the data the loss is evaluated on (closed over).
+    wrt: the filter of the optimized variables; the same as ``nnx.Optimizer``'s.
+
+  Returns:
+    A function of the ``nnx.State`` of the ``wrt`` variables, pure or not, as
+    ``nnx.Optimizer`` passes it. Variables outside ``wrt`` (batch-norm
+    statistics, rngs) are taken as they are when ``make_value_fn`` is called,
+    so build it inside the training step, where it costs nothing after
+    tracing.
+  """
+  graphdef, _, rest = nnx.split(model, wrt, ...)
+
+  def value_fn(params: nnx.State) -> jax.Array:
+    return loss_fn(nnx.merge(graphdef, params, rest), *batch)
+
+  return value_fn
