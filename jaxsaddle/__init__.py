@@ -1,6 +1,7 @@
 """jaxsaddle: optax-compatible optimizers that escape saddle points, and curvature tools."""
 
 from jaxsaddle import analysis
+from jaxsaddle import curvature
 from jaxsaddle import problems
 from jaxsaddle.alias import PGDHyperparameters
 from jaxsaddle.alias import lsgd
@@ -8,6 +9,12 @@ from jaxsaddle.alias import noisy_gd
 from jaxsaddle.alias import perturbed_sgd
 from jaxsaddle.alias import pgd
 from jaxsaddle.alias import pgd_hyperparameters
+from jaxsaddle.curvature import LanczosResult
+from jaxsaddle.curvature import extreme_eigenpairs
+from jaxsaddle.curvature import hvp
+from jaxsaddle.curvature import lanczos
+from jaxsaddle.curvature import linearize_hvp
+from jaxsaddle.curvature import ritz_pairs
 from jaxsaddle.perturbation import AddIsotropicNoiseState
 from jaxsaddle.perturbation import PerturbNearSaddleState
 from jaxsaddle.perturbation import add_isotropic_noise
@@ -18,11 +25,17 @@ __version__ = "0.1.0"
 
 __all__ = (
   "AddIsotropicNoiseState",
+  "LanczosResult",
   "PGDHyperparameters",
   "PerturbNearSaddleState",
   "add_isotropic_noise",
   "analysis",
+  "curvature",
+  "extreme_eigenpairs",
+  "hvp",
+  "lanczos",
   "laplacian_smoothing",
+  "linearize_hvp",
   "lsgd",
   "noisy_gd",
   "perturb_near_saddle",
@@ -30,4 +43,5 @@ __all__ = (
   "pgd",
   "pgd_hyperparameters",
   "problems",
+  "ritz_pairs",
 )

@@ -1,0 +1,117 @@
+"""jaxsaddle.curvature's Lanczos on parameters sharded over 8 CPU devices.
+
+JAX fixes the number of CPU devices when its backend starts, so these checks need a process of
+their own: ``tests/test_curvature_sharding.py`` runs them with
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+    python -m pytest tests/curvature_sharding_check.py
+
+which is also the command to run them by hand. The module name does not match ``test_*.py``, so
+the normal suite does not collect it in a process that sees one device.
+
+What is checked, on 1-D and 2-D meshes with Explicit and Auto axis types: a jitted Lanczos run on
+Hessian-vector products of a function of sharded params keeps every leaf's sharding in the
+stacked basis (a leaf sharded ``P('x', None)`` gives a basis leaf sharded ``P(None, 'x', None)``)
+and in the Ritz vectors, and its coefficients, basis and Ritz values equal the single-device run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxsaddle import curvature
+
+NUM_DEVICES = 8
+if jax.device_count() != NUM_DEVICES:
+  raise RuntimeError(
+    f"curvature_sharding_check needs {NUM_DEVICES} devices, JAX sees {jax.device_count()}: run "
+    f"it with XLA_FLAGS=--xla_force_host_platform_device_count={NUM_DEVICES} JAX_PLATFORMS=cpu, "
+    "as tests/test_curvature_sharding.py does."
+  )
+
+NUM_STEPS = 12
+# Sharded contractions sum in another order than one device; Lanczos amplifies that a little.
+RTOL = 1e-4
+ATOL = 1e-5
+
+MESHES = {
+  "explicit_1d": ((8,), ("x",), AxisType.Explicit),
+  "auto_1d": ((8,), ("x",), AxisType.Auto),
+  "explicit_2d": ((2, 4), ("x", "y"), AxisType.Explicit),
+  "auto_2d": ((2, 4), ("x", "y"), AxisType.Auto),
+}
+SPECS = {
+  1: {"w": P("x", None), "b": P("x"), "c": P()},
+  2: {"w": P("x", "y"), "b": P("y"), "c": P()},
+}
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  return {
+    "w": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal(8), jnp.float32),
+    "c": jnp.asarray(rng.standard_normal(3), jnp.float32),
+  }
+
+
+def _value_fn(params):
+  # Elementwise curvature plus a coupling of all three leaves, so the Hessian is not diagonal.
+  coupling = jnp.sum(jnp.tanh(params["w"])) * jnp.sum(params["b"]) * jnp.sum(params["c"])
+  return jnp.sum(jnp.cos(params["w"])) + jnp.sum(params["b"] ** 4) / 4 + 0.1 * coupling
+
+
+def _run(params, start):
+  result = curvature.lanczos(lambda v: curvature.hvp(_value_fn, params, v), start, NUM_STEPS)
+  return result, curvature.ritz_pairs(result)
+
+
+def _start(params):
+  return jax.tree.map(
+    lambda leaf: jnp.cos(jnp.arange(leaf.size, dtype=leaf.dtype)).reshape(leaf.shape), params
+  )
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  params = _params()
+  return jax.jit(_run)(params, _start(params))
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_lanczos_basis_keeps_leaf_shardings_and_matches_one_device(mesh_name, single_device_run):
+  shape, axis_names, axis_type = MESHES[mesh_name]
+  mesh = jax.make_mesh(shape, axis_names, axis_types=(axis_type,) * len(shape))
+  specs = SPECS[len(shape)]
+  params = _params()
+  with jax.set_mesh(mesh):
+    sharded_params = {
+      name: jax.device_put(leaf, NamedSharding(mesh, specs[name])) for name, leaf in params.items()
+    }
+    sharded_start = jax.tree.map(
+      lambda leaf, like: jax.device_put(leaf, like.sharding), _start(params), sharded_params
+    )
+    result, pairs = jax.jit(_run)(sharded_params, sharded_start)
+
+  expected_result, expected_pairs = single_device_run
+  assert int(result.num_valid) == int(expected_result.num_valid) == NUM_STEPS
+  for name, spec in specs.items():
+    stacked_spec = NamedSharding(mesh, P(None, *spec))
+    leaf_ndim = params[name].ndim + 1
+    for label, stacked in (
+      ("basis", result.basis[name]),
+      ("Ritz vectors", pairs.eigenvectors[name]),
+    ):
+      assert stacked.sharding.is_equivalent_to(stacked_spec, leaf_ndim), (
+        f"{label} leaf {name!r}: {stacked.sharding} instead of {stacked_spec}"
+      )
+    np.testing.assert_allclose(
+      result.basis[name], expected_result.basis[name], rtol=RTOL, atol=ATOL, err_msg=name
+    )
+  np.testing.assert_allclose(result.alphas, expected_result.alphas, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(result.betas, expected_result.betas, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(pairs.eigenvalues, expected_pairs.eigenvalues, rtol=RTOL, atol=ATOL)

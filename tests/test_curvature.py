@@ -1,0 +1,359 @@
+"""Tests for Hessian-vector products and the pytree Lanczos method."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxsaddle import curvature
+
+# Jitted once here: op-by-op dispatch of the small eigh and contractions dominates otherwise.
+_ritz_pairs = jax.jit(curvature.ritz_pairs)
+
+
+def _rotated(eigenvalues, seed: int) -> jax.Array:
+  """A dense symmetric matrix with the given spectrum and a random orthogonal eigenbasis."""
+  eigenvalues = jnp.asarray(eigenvalues)
+  n = eigenvalues.shape[0]
+  # numpy, in float64: one JAX QR compilation per shape would dominate this file's run time.
+  rotation, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+  matrix = (rotation * np.asarray(eigenvalues, np.float64)) @ rotation.T
+  return jnp.asarray((matrix + matrix.T) / 2, eigenvalues.dtype)
+
+
+def _dense_extreme_eigenpairs(matrix, like, key, **kwargs):
+  """``extreme_eigenpairs`` of a dense matrix, jitted as a whole: eager dispatch is slow."""
+
+  def run(matrix, like, key):
+    return curvature.extreme_eigenpairs(lambda x: matrix @ x, like, key=key, **kwargs)
+
+  return jax.jit(run)(matrix, like, key)
+
+
+def _mlp_value(params):
+  hidden = jnp.tanh(params["w1"] @ params["x"] + params["b1"])
+  return jnp.sum(jnp.sin(params["w2"] @ hidden)) + 0.5 * jnp.sum(params["b1"] ** 3)
+
+
+def _mlp_params(key):
+  keys = jax.random.split(key, 5)
+  return {
+    "w1": jax.random.normal(keys[0], (4, 3)),
+    "b1": jax.random.normal(keys[1], (4,)),
+    "w2": jax.random.normal(keys[2], (2, 4)),
+    "x": jax.random.normal(keys[3], (3,)),
+  }
+
+
+def _block_operator(matrix_a, matrix_b):
+  """A symmetric block-diagonal operator on {"a": (3, 4) array, "b": (5,) array}."""
+
+  def matvec(tree):
+    return {"a": (matrix_a @ tree["a"].reshape(-1)).reshape(3, 4), "b": matrix_b @ tree["b"]}
+
+  return matvec
+
+
+def test_hvp_matches_dense_hessian_on_mlp_pytree():
+  with jax.enable_x64(True):
+    params = _mlp_params(jax.random.key(0))
+    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), params)
+    tangent = jax.tree.map(lambda leaf: jnp.cos(jnp.arange(leaf.size).reshape(leaf.shape)), params)
+    flat_params, unravel = ravel_pytree(params)
+    dense_hessian = jax.jit(jax.hessian(lambda flat: _mlp_value(unravel(flat))))(flat_params)
+    expected = dense_hessian @ ravel_pytree(tangent)[0]
+
+    product = curvature.hvp(_mlp_value, params, tangent)
+    np.testing.assert_allclose(ravel_pytree(product)[0], expected, rtol=1e-12, atol=1e-12)
+
+    gradient, hvp_fn = curvature.linearize_hvp(_mlp_value, params)
+    np.testing.assert_allclose(
+      ravel_pytree(gradient)[0], ravel_pytree(jax.grad(_mlp_value)(params))[0], rtol=1e-12
+    )
+    np.testing.assert_allclose(ravel_pytree(hvp_fn(tangent))[0], expected, rtol=1e-12, atol=1e-12)
+    assert np.abs(expected).max() > 0.1  # the comparison is not between two zero vectors
+
+
+def test_hvp_of_quadratic_is_symmetric_part_times_vector():
+  with jax.enable_x64(True):
+    matrix = jax.random.normal(jax.random.key(1), (5, 5), jnp.float64)
+    offset = jnp.arange(5.0)
+
+    def value_fn(x):
+      return 0.5 * x @ matrix @ x + offset @ x
+
+    point = jnp.ones(5)
+    tangent = jnp.linspace(-1.0, 2.0, 5)
+    expected = 0.5 * (matrix + matrix.T) @ tangent
+    np.testing.assert_allclose(curvature.hvp(value_fn, point, tangent), expected, rtol=1e-13)
+    _, hvp_fn = curvature.linearize_hvp(value_fn, point)
+    np.testing.assert_allclose(hvp_fn(tangent), expected, rtol=1e-13)
+
+
+def test_ritz_values_equal_dense_eigh_for_distinct_spectrum():
+  with jax.enable_x64(True):
+    spectrum = jnp.array([-3.0, -1.2, -0.1, 0.05, 0.4, 0.9, 1.7, 2.5, 4.0, 7.5])
+    matrix = _rotated(spectrum, 2)
+    result = jax.jit(lambda v: curvature.lanczos(lambda x: matrix @ x, v, spectrum.shape[0]))(
+      jnp.ones(spectrum.shape[0])
+    )
+    pairs = _ritz_pairs(result)
+    assert int(result.num_valid) == spectrum.shape[0]
+    np.testing.assert_allclose(pairs.eigenvalues, jnp.linalg.eigh(matrix)[0], atol=1e-12)
+    # The full-dimensional Krylov space reproduces the operator: residuals vanish.
+    assert float(jnp.max(pairs.residual_norms)) < 1e-10
+
+
+def test_repeated_eigenvalues_give_one_ritz_value_per_distinct_eigenvalue():
+  with jax.enable_x64(True):
+    distinct = jnp.array([-2.0, 0.5, 1.0, 4.0])
+    spectrum = jnp.repeat(distinct, jnp.array([3, 4, 2, 3]), total_repeat_length=12)
+    matrix = _rotated(spectrum, 3)
+    result = curvature.lanczos(lambda x: matrix @ x, jnp.cos(jnp.arange(12.0)), 10)
+    pairs = _ritz_pairs(result)
+    assert int(result.num_valid) == 4
+    np.testing.assert_allclose(pairs.eigenvalues[:4], distinct, atol=1e-12)
+    assert bool(jnp.all(jnp.isnan(pairs.eigenvalues[4:])))
+    np.testing.assert_array_equal(result.alphas[4:], 0)
+    np.testing.assert_array_equal(result.betas[3:], 0)
+
+
+@pytest.mark.parametrize("dimension", [3, 30])
+@pytest.mark.parametrize("use_x64", [False, True])
+def test_breakdown_gives_exactly_the_reachable_spectrum(use_x64, dimension):
+  # The spectrum is {-1, 0.5, 3} (with multiplicities when dimension is 30). matfree 0.6.3 returns
+  # the spurious Ritz values -13.7 and 19.6 for dimension 3 in float32; for dimension 30 the
+  # round-off left after step 3 is not exactly zero, and normalising it (no guard) gives Ritz
+  # values such as -0.88 and 2.98 that are not eigenvalues.
+  with jax.enable_x64(use_x64):
+    dtype = jnp.float64 if use_x64 else jnp.float32
+    spectrum = jnp.asarray(np.resize([-1.0, 0.5, 3.0], dimension), dtype)
+    matrix = _rotated(spectrum, 4)
+    result = jax.jit(lambda v: curvature.lanczos(lambda x: matrix @ x, v, 8))(
+      jnp.ones(dimension, dtype)
+    )
+    pairs = _ritz_pairs(result)
+    assert int(result.num_valid) == 3
+    tolerance = 1e-12 if use_x64 else 2e-6
+    np.testing.assert_allclose(pairs.eigenvalues[:3], [-1.0, 0.5, 3.0], atol=tolerance)
+    assert bool(jnp.all(jnp.isnan(pairs.eigenvalues[3:])))
+    assert pairs.eigenvalues.dtype == dtype
+
+
+def test_multiple_of_identity_breaks_down_after_one_step():
+  matrix = 2 * jnp.eye(7)
+  result = curvature.lanczos(lambda x: matrix @ x, jnp.arange(1.0, 8.0), 5)
+  pairs = _ritz_pairs(result)
+  assert int(result.num_valid) == 1
+  np.testing.assert_allclose(pairs.eigenvalues[0], 2.0, rtol=1e-6)
+  assert bool(jnp.all(jnp.isnan(pairs.eigenvalues[1:])))
+  np.testing.assert_allclose(
+    pairs.eigenvectors[0], jnp.arange(1.0, 8.0) / jnp.linalg.norm(jnp.arange(1.0, 8.0)), rtol=1e-6
+  )
+
+
+def test_zero_start_vector_gives_no_valid_steps():
+  result = curvature.lanczos(lambda x: 3 * x, jnp.zeros(4), 3)
+  assert int(result.num_valid) == 0
+  assert bool(jnp.all(jnp.isnan(_ritz_pairs(result).eigenvalues)))
+
+
+@pytest.mark.parametrize("use_x64, tolerance", [(False, 1e-5), (True, 1e-10)])
+def test_basis_of_pytree_operator_is_orthonormal(use_x64, tolerance):
+  with jax.enable_x64(use_x64):
+    dtype = jnp.float64 if use_x64 else jnp.float32
+    spectrum_a = jnp.linspace(-1.0, 5.0, 12, dtype=dtype) ** 3
+    spectrum_b = jnp.array([-7.0, -0.3, 0.2, 2.2, 9.0], dtype)
+    matvec = _block_operator(_rotated(spectrum_a, 5), _rotated(spectrum_b, 50))
+    start = {"a": jnp.ones((3, 4), dtype), "b": jnp.arange(1.0, 6.0, dtype=dtype)}
+    num_steps = 15
+    result = jax.jit(lambda v: curvature.lanczos(matvec, v, num_steps))(start)
+
+    assert int(result.num_valid) == num_steps
+    assert result.basis["a"].shape == (num_steps, 3, 4)
+    assert result.basis["b"].shape == (num_steps, 5)
+    stacked = jnp.concatenate([result.basis["a"].reshape(num_steps, -1), result.basis["b"]], 1)
+    gram = stacked @ stacked.T
+    assert float(jnp.max(jnp.abs(gram - jnp.eye(num_steps)))) < tolerance
+    # The basis also tridiagonalises the operator: Q^T A Q = T.
+    images = jax.vmap(matvec)(result.basis)
+    projected = stacked @ jnp.concatenate([images["a"].reshape(num_steps, -1), images["b"]], 1).T
+    scale = float(jnp.max(jnp.abs(spectrum_a)))
+    assert float(jnp.max(jnp.abs(projected - curvature.tridiagonal(result)))) < tolerance * scale
+    # Extreme Ritz values have converged to the extreme eigenvalues of the block operator.
+    exact = jnp.sort(jnp.concatenate([spectrum_a, spectrum_b]))
+    values = _ritz_pairs(result).eigenvalues
+    np.testing.assert_allclose(
+      values[np.array([0, -1])], exact[np.array([0, -1])], rtol=100 * tolerance
+    )
+
+
+def test_without_reorthogonalization_orthogonality_is_lost_but_extremes_survive():
+  with jax.enable_x64(True):
+    spectrum = jnp.concatenate([jnp.array([-1.0]), jnp.linspace(0.0, 1.0, 60), jnp.array([3.0])])
+    matrix = _rotated(spectrum, 6)
+    start = jnp.ones(spectrum.shape[0])
+    plain = curvature.lanczos(lambda x: matrix @ x, start, 40, reorthogonalize=False)
+    full = curvature.lanczos(lambda x: matrix @ x, start, 40)
+
+    def orthogonality_loss(result):
+      return float(jnp.max(jnp.abs(result.basis @ result.basis.T - jnp.eye(40))))
+
+    assert orthogonality_loss(full) < 1e-12
+    assert orthogonality_loss(plain) > 1e-3
+    for result in (plain, full):
+      values = _ritz_pairs(result).eigenvalues
+      np.testing.assert_allclose(values[np.array([0, -1])], [-1.0, 3.0], atol=1e-10)
+
+
+def test_vmap_over_start_vectors_equals_loop():
+  # vmap turns the matvec into a batched matmul that sums in another order; late Lanczos
+  # coefficients amplify that round-off, so the coefficients are compared in float64 and the
+  # (well-conditioned) extreme Ritz values in float32.
+  def run(matrix, start):
+    result = curvature.lanczos(lambda x: matrix @ x, start, 12)
+    return result, curvature.ritz_pairs(result).eigenvalues
+
+  for use_x64 in (True, False):
+    with jax.enable_x64(use_x64):
+      dtype = jnp.float64 if use_x64 else jnp.float32
+      matrix = _rotated(jnp.linspace(-2.0, 3.0, 20, dtype=dtype), 7)
+      starts = jax.random.normal(jax.random.key(8), (6, 20), dtype)
+      batched, batched_values = jax.jit(jax.vmap(run, in_axes=(None, 0)))(matrix, starts)
+      looped = jax.jit(run)
+      for i in range(starts.shape[0]):
+        single, single_values = looped(matrix, starts[i])
+        assert int(batched.num_valid[i]) == int(single.num_valid) == 12
+        if use_x64:
+          np.testing.assert_allclose(batched.alphas[i], single.alphas, rtol=1e-10, atol=1e-12)
+          np.testing.assert_allclose(batched.betas[i], single.betas, rtol=1e-10, atol=1e-12)
+          np.testing.assert_allclose(batched.basis[i], single.basis, rtol=1e-9, atol=1e-12)
+        else:
+          np.testing.assert_allclose(
+            batched_values[i][np.array([0, -1])], single_values[np.array([0, -1])], rtol=5e-6
+          )
+
+
+def test_bfloat16_vectors_are_upcast_and_operator_sees_its_own_dtype():
+  seen_dtypes = []
+  matrix = _rotated(jnp.array([-1.0, 0.25, 0.5, 2.0]), 9)
+
+  def matvec(tree):
+    seen_dtypes.append((tree["low"].dtype, tree["high"].dtype))
+    return {
+      "low": (matrix[:2, :2] @ tree["low"].astype(jnp.float32)).astype(jnp.bfloat16),
+      "high": matrix[2:, 2:] @ tree["high"],
+    }
+
+  start = {"low": jnp.ones(2, jnp.bfloat16), "high": jnp.ones(2, jnp.float32)}
+  result = curvature.lanczos(matvec, start, 4)
+  assert set(seen_dtypes) == {(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))}
+  assert result.alphas.dtype == jnp.float32
+  assert result.basis["low"].dtype == jnp.float32
+
+
+def _kuczynski_wozniakowski_steps(dimension, failure_probability, relative_accuracy):
+  """Smallest m with 1.648 sqrt(n) exp(-sqrt(eps) (2 m - 1)) <= delta (K&W 1992, Thm 4.2)."""
+  log_term = math.log(1.648 * math.sqrt(dimension) / failure_probability)
+  return math.ceil(0.5 + log_term / (2 * math.sqrt(relative_accuracy)))
+
+
+def test_extreme_eigenpairs_find_negative_curvature_within_kuczynski_wozniakowski_steps():
+  # H = diag(-gamma, lambda_2..lambda_n) rotated, lambda_i in [0, ell]. Lanczos on H and on
+  # ell I - H build the same Krylov space; v^T H v <= -gamma / 2 means
+  # v^T (ell I - H) v >= (1 - eps') (ell + gamma) with eps' = gamma / (2 (ell + gamma)).
+  dimension, gamma, ell, delta, num_seeds = 200, 0.1, 1.0, 0.05, 100
+  positive = jax.random.uniform(jax.random.key(10), (dimension - 1,), maxval=ell)
+  spectrum = jnp.concatenate([jnp.array([-gamma]), positive.at[0].set(ell)])
+  matrix = _rotated(spectrum, 11)
+  relative_accuracy = gamma / (2 * (ell + gamma))
+  num_steps = _kuczynski_wozniakowski_steps(dimension, delta, relative_accuracy)
+  assert num_steps == 15
+
+  def find(key):
+    pairs = curvature.extreme_eigenpairs(
+      lambda x: matrix @ x, jnp.zeros(dimension), num_steps=num_steps, key=key
+    )
+    vector = pairs.eigenvectors[0]
+    return vector @ matrix @ vector, jnp.linalg.norm(vector), pairs.eigenvalues[0]
+
+  keys = jax.random.split(jax.random.key(12), num_seeds)
+  curvatures, norms, values = jax.jit(jax.vmap(find))(keys)
+  np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+  np.testing.assert_allclose(curvatures, values, rtol=1e-4, atol=1e-6)
+  assert int(jnp.sum(curvatures <= -gamma / 2)) >= (1 - delta) * num_seeds
+  # Ritz values never leave the spectrum (Cauchy interlacing).
+  assert float(jnp.min(values)) >= -gamma - 1e-5
+  # Two steps are far too few: the check above is not vacuous.
+  short = jax.vmap(
+    lambda key: _dense_extreme_eigenpairs(matrix, jnp.zeros(dimension), key, num_steps=2)
+  )(keys).eigenvalues[:, 0]
+  assert int(jnp.sum(short <= -gamma / 2)) < num_seeds // 2
+
+
+def test_residual_norms_match_direct_computation():
+  with jax.enable_x64(True):
+    spectrum = jnp.concatenate(
+      [jnp.array([-5.0, -4.0]), jnp.linspace(0.0, 1.0, 40), jnp.array([6.0, 8.0])]
+    )
+    matrix = _rotated(spectrum, 13)
+    expected = {"smallest": [-5.0, -4.0], "largest": [8.0, 6.0], "both": [-5.0, -4.0, 8.0, 6.0]}
+
+    @jax.jit
+    def all_variants(matrix, key):
+      # One compilation for every variant: they are cheap to run but not to compile.
+      return {
+        (which, exact_residuals): curvature.extreme_eigenpairs(
+          lambda x: matrix @ x,
+          jnp.zeros(44),
+          num_steps=25,
+          k=2,
+          which=which,
+          key=key,
+          exact_residuals=exact_residuals,
+        )
+        for which in expected
+        for exact_residuals in (True, False)
+      }
+
+    variants = all_variants(matrix, jax.random.key(14))
+    for which, values in expected.items():
+      exact, estimated = variants[which, True], variants[which, False]
+      direct = jnp.linalg.norm(
+        exact.eigenvectors @ matrix - exact.eigenvalues[:, None] * exact.eigenvectors, axis=1
+      )
+      np.testing.assert_allclose(exact.residual_norms, direct, rtol=1e-8, atol=1e-14)
+      np.testing.assert_allclose(estimated.residual_norms, direct, rtol=1e-6, atol=1e-12)
+      np.testing.assert_allclose(exact.eigenvalues, values, atol=1e-8)
+      assert float(jnp.max(exact.residual_norms)) < 1e-4
+
+
+def test_residual_norms_are_large_for_unconverged_pairs():
+  spectrum = jnp.linspace(-1.0, 1.0, 100)
+  matrix = _rotated(spectrum, 15)
+  pairs = _dense_extreme_eigenpairs(matrix, jnp.zeros(100), 0, num_steps=3, exact_residuals=False)
+  direct = jnp.linalg.norm(
+    matrix @ pairs.eigenvectors[0] - pairs.eigenvalues[0] * pairs.eigenvectors[0]
+  )
+  assert float(direct) > 0.05
+  np.testing.assert_allclose(pairs.residual_norms[0], direct, rtol=1e-4)
+
+
+def test_extreme_eigenpairs_mark_missing_pairs_after_breakdown():
+  matrix = _rotated(jnp.array([-1.0, -1.0, 2.0, 2.0]), 16)
+  pairs = _dense_extreme_eigenpairs(matrix, jnp.zeros(4), 1, num_steps=4, k=3, which="smallest")
+  np.testing.assert_allclose(pairs.eigenvalues[:2], [-1.0, 2.0], atol=1e-5)
+  assert bool(jnp.isnan(pairs.eigenvalues[2])) and bool(jnp.isnan(pairs.residual_norms[2]))
+  np.testing.assert_array_equal(pairs.eigenvectors[2], 0)
+
+
+def test_invalid_arguments_raise():
+  with pytest.raises(ValueError, match="num_steps"):
+    curvature.lanczos(lambda x: x, jnp.ones(3), 0)
+  with pytest.raises(ValueError, match="which"):
+    curvature.extreme_eigenpairs(lambda x: x, jnp.ones(3), num_steps=2, key=0, which="middle")
+  with pytest.raises(ValueError, match="k must be"):
+    curvature.extreme_eigenpairs(lambda x: x, jnp.ones(3), num_steps=2, key=0, k=3)
