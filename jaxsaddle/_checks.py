@@ -4,45 +4,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
 
-def _concrete_float(value) -> float | None:
+
+def concrete_float(value, owner: str = "jaxsaddle", name: str = "value") -> float | None:
   """The value as a float, or None when it is traced (e.g. under inject_hyperparams)."""
   if isinstance(value, jax.core.Tracer):
     return None
   array = np.asarray(value)
   if array.ndim:
-    raise ValueError(f"expected a scalar, got an array of shape {array.shape}")
+    raise ValueError(f"{owner}: {name} must be a scalar, got an array of shape {array.shape}.")
   return float(array)
 
 
 def check_positive(owner: str, name: str, value) -> None:
   """Raises ValueError naming ``name`` unless ``value`` is > 0 (traced values pass)."""
-  number = _concrete_float(value)
-  if number is not None and not number > 0:
-    raise ValueError(f"{owner}: {name} must be positive, got {value}.")
+  number = concrete_float(value, owner, name)
+  if number is not None and not 0 < number < np.inf:
+    raise ValueError(f"{owner}: {name} must be positive and finite, got {value}.")
 
 
 def check_nonnegative(owner: str, name: str, value) -> None:
   """Raises ValueError naming ``name`` unless ``value`` is >= 0 (traced values pass)."""
-  number = _concrete_float(value)
-  if number is not None and not number >= 0:
-    raise ValueError(f"{owner}: {name} must be non-negative, got {value}.")
+  number = concrete_float(value, owner, name)
+  if number is not None and not 0 <= number < np.inf:
+    raise ValueError(f"{owner}: {name} must be non-negative and finite, got {value}.")
 
 
 def check_at_least_one(owner: str, name: str, value) -> None:
-  """Raises ValueError naming ``name`` unless ``value`` is an integer >= 1."""
-  number = _concrete_float(value)
-  if number is not None and not (number >= 1 and number == int(number)):
-    raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value}.")
+  """Raises ValueError naming ``name`` unless ``value`` is an int32-sized integer >= 1."""
+  number = concrete_float(value, owner, name)
+  if isinstance(value, bool) or (
+    number is not None and not (1 <= number < _INT32_MAX and number == int(number))
+  ):
+    raise ValueError(f"{owner}: {name} must be an integer in [1, 2**31 - 1), got {value!r}.")
 
 
-def check_float_leaves(tree, owner: str) -> None:
+def check_float_leaves(tree, owner: str, operation: str = "noise") -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array."""
   for path, leaf in jax.tree.leaves_with_path(tree):
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
         f"{owner}: the parameter at {jax.tree_util.keystr(path) or '<root>'} has dtype "
-        f"{leaf.dtype}; noise is defined only for real floating-point parameters. Keep "
-        "integer, boolean and complex arrays out of the optimized tree (e.g. "
+        f"{leaf.dtype}; {operation} is defined only for real floating-point parameters. "
+        "Keep integer, boolean and complex arrays out of the optimized tree (e.g. "
         "nnx.Optimizer(model, tx, wrt=nnx.Param) or optax.masked)."
       )
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32, or float64 for float64 input: the precision internal sums and solves use."""
+  return jnp.promote_types(dtype, jnp.float32)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsaddle import _checks
+
 Distribution = Literal["gaussian", "sphere", "ball"]
 DISTRIBUTIONS = ("gaussian", "sphere", "ball")
 
@@ -49,11 +51,6 @@ def _lowbias32(x: jax.Array) -> jax.Array:
   x = x ^ (x >> 15)
   x = x * jnp.uint32(0x846CA68B)
   return x ^ (x >> 16)
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-  """float32, or float64 when the leaf itself is float64."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _positions(leaf: jax.Array, offset: int) -> jax.Array:
@@ -81,11 +78,11 @@ def tree_standard_normal(key: jax.Array, tree):
   """
   seed = jax.random.bits(key, (2,), jnp.uint32)
   leaves, treedef = jax.tree.flatten(tree)
-  offsets = np.cumsum([0] + [leaf.size for leaf in leaves[:-1]])
+  offsets = np.cumsum([0] + [leaf.size for leaf in leaves])[:-1]
   noise = []
   for leaf, offset in zip(leaves, offsets, strict=True):
     bits = _lowbias32(_lowbias32(_positions(leaf, int(offset)) ^ seed[0]) + seed[1])
-    dtype = _compute_dtype(leaf.dtype)
+    dtype = _checks.compute_dtype(leaf.dtype)
     uniform = uniform_from_bits(bits, dtype)
     noise.append(math.sqrt(2) * jax.lax.erf_inv(uniform))
   return jax.tree.unflatten(treedef, noise)
@@ -101,7 +98,7 @@ def global_norm(tree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  squares = [jnp.sum(jnp.square(leaf.astype(_compute_dtype(leaf.dtype)))) for leaf in leaves]
+  squares = [jnp.sum(jnp.square(leaf.astype(_checks.compute_dtype(leaf.dtype)))) for leaf in leaves]
   return jnp.sqrt(sum(squares))
 
 
@@ -117,8 +114,6 @@ def sample_isotropic(key: jax.Array, tree, radius, distribution: Distribution):
 
   The result has the dtypes of ``tree``'s leaves.
   """
-  if distribution not in DISTRIBUTIONS:
-    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
   normal_key, radius_key = jax.random.split(key)
   z = tree_standard_normal(normal_key, tree)
   dim = tree_size(tree)

@@ -43,13 +43,16 @@ def pgd(
 
     x_t \leftarrow x_t + \xi_t,\ \xi_t \sim \mathcal U(B_0(r))
       \quad\text{if } \|\nabla f(x_t)\| \le g_{\rm thres}
-      \text{ and no perturbation in the last } t_{\rm thres} \text{ steps};
-    \qquad x_{t+1} = x_t - \eta \nabla f(x_t).
+      \text{ and } t - t_{\rm noise} > t_{\rm thres};
+    \qquad x_{t+1} = x_t - \eta \nabla f(x_t),
 
-  This is :func:`jaxsaddle.perturb_near_saddle` around
+  with :math:`t_{\rm noise}` the step of the last perturbation. The
+  perturbation is applied as a call of its own, followed by the gradient step
+  at the perturbed point on the next call. This is
+  :func:`jaxsaddle.perturb_near_saddle` around
   ``optax.scale_by_learning_rate(learning_rate)``; read its docstring for the
-  exact step accounting and the escape check (pass ``value=`` to
-  ``update``). :func:`pgd_hyperparameters` gives the paper's constants.
+  exact step accounting and the escape check (pass ``value=`` to ``update``).
+  :func:`pgd_hyperparameters` gives the paper's constants.
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.

@@ -102,6 +102,15 @@ def add_isotropic_noise(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _scalar_loss(value, like: jax.Array) -> jax.Array:
+  if jnp.shape(value) != ():
+    raise ValueError(
+      f"perturb_near_saddle: value must be the scalar loss, got shape {jnp.shape(value)} "
+      "(reduce per-example losses before passing them)."
+    )
+  return jnp.asarray(value).astype(like.dtype)
+
+
 class PerturbNearSaddleState(NamedTuple):
   """State of :func:`perturb_near_saddle`; every field is an escape diagnostic."""
 
@@ -171,8 +180,9 @@ def perturb_near_saddle(
     inner: the base optimizer, e.g. ``optax.sgd(lr)`` or ``optax.adam(lr)``.
     perturbation_radius: :math:`r \ge 0`.
     gradient_threshold: :math:`g_{\rm thres} > 0`.
-    escape_steps: :math:`t_{\rm thres} \ge 1`, the gradient steps between
-      perturbations and before the escape check.
+    escape_steps: :math:`t_{\rm thres} \ge 1`: a perturbation needs more than
+      ``escape_steps`` gradient steps since the last one, and the escape check
+      runs after exactly ``escape_steps`` of them.
     escape_threshold: :math:`f_{\rm thres} > 0`, or None to skip the check.
     key: a typed key, a raw uint32 key or an int seed (may be traced).
 
@@ -225,15 +235,16 @@ def perturb_near_saddle(
       near_saddle, draw, lambda operand: operand, (state.rng_key, inner_updates)
     )
 
-    value_at_perturbation = state.value_at_perturbation
+    # A perturbation whose starting loss is unknown leaves a NaN baseline, so no later
+    # check compares against the loss of an older perturbation.
+    loss = jnp.nan if value is None else _scalar_loss(value, state.value_at_perturbation)
+    value_at_perturbation = jnp.where(near_saddle, loss, state.value_at_perturbation)
     second_order_stationary = state.second_order_stationary
-    if value is not None:
-      value = jnp.asarray(value).astype(value_at_perturbation.dtype)
-      if escape_threshold is not None:
-        checked = state.steps_since_perturbation == escape_steps
-        too_little_decrease = value - value_at_perturbation > -escape_threshold
-        second_order_stationary = jnp.where(checked, too_little_decrease, second_order_stationary)
-      value_at_perturbation = jnp.where(near_saddle, value, value_at_perturbation)
+    if value is not None and escape_threshold is not None:
+      baseline = state.value_at_perturbation
+      checked = (state.steps_since_perturbation == escape_steps) & ~jnp.isnan(baseline)
+      too_little_decrease = loss - baseline > -escape_threshold
+      second_order_stationary = jnp.where(checked, too_little_decrease, second_order_stationary)
 
     new_state = PerturbNearSaddleState(
       count=optax.safe_increment(state.count),

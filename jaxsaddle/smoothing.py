@@ -110,14 +110,9 @@ _RECURSIVE_PASS_COST = 5.0
 _FFT_COST_PER_OCTAVE = 20.0
 
 
-def _compute_dtype(dtype) -> jnp.dtype:
-  """float32 for half precisions and float32, float64 for float64 (jnp.fft rejects halves)."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def _tolerance(dtype) -> float:
   """Kernel mass that may be dropped: a quarter of the compute dtype's epsilon."""
-  return float(np.finfo(_compute_dtype(dtype)).eps) / 4
+  return float(np.finfo(_checks.compute_dtype(dtype)).eps) / 4
 
 
 @functools.cache
@@ -306,8 +301,8 @@ def smooth_last_axis(
   """
   dtype = x.dtype
   n = x.shape[-1]
-  x = x.astype(_compute_dtype(dtype))
-  concrete_sigma = _checks._concrete_float(sigma)
+  x = x.astype(_checks.compute_dtype(dtype))
+  concrete_sigma = _checks.concrete_float(sigma, "laplacian_smoothing", "sigma")
   if concrete_sigma is None:
     method = "fft"
   elif concrete_sigma == 0:
@@ -333,9 +328,9 @@ def _smooth_global(leaves: Sequence[jax.Array], sigma, order: int) -> list[jax.A
   total = sum(sizes)
   if total < MIN_LENGTH:
     return list(leaves)
-  dtype = _compute_dtype(jnp.result_type(*leaves))
+  dtype = _checks.compute_dtype(jnp.result_type(*leaves))
   flat = [v.astype(dtype) for v in flat]
-  concrete_sigma = _checks._concrete_float(sigma)
+  concrete_sigma = _checks.concrete_float(sigma, "laplacian_smoothing", "sigma")
   if concrete_sigma == 0:
     return list(leaves)
   method = "fft" if concrete_sigma is None else choose_method(total, concrete_sigma, order, dtype)
@@ -397,7 +392,7 @@ def _smooth_rows(leaf: jax.Array, sigma, order: int) -> jax.Array:
     return jax.sharding.reshard(smoothed, P(*spec))
   # Every row lies on one device: solve locally, with no communication even for the
   # FFT solver, which XLA would otherwise gather (jax-ml/jax#15680, openxla/xla#24).
-  if _checks._concrete_float(sigma) is None:
+  if _checks.concrete_float(sigma, "laplacian_smoothing", "sigma") is None:
     local = jax.shard_map(
       lambda x, s: smooth_last_axis(x, s, order), in_specs=(P(*spec), P()), out_specs=P(*spec)
     )
@@ -415,15 +410,6 @@ def _replicated(leaf: jax.Array) -> jax.Array:
 def _like(smoothed: jax.Array, leaf: jax.Array) -> jax.Array:
   spec = _explicit_spec(leaf)
   return smoothed if spec is None else jax.sharding.reshard(smoothed, P(*spec))
-
-
-def _check_float_leaves(tree) -> None:
-  for path, leaf in jax.tree.leaves_with_path(tree):
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
-      raise TypeError(
-        f"laplacian_smoothing: the leaf at {jax.tree_util.keystr(path) or '<root>'} has dtype "
-        f"{leaf.dtype}; smoothing is defined only for real floating-point arrays."
-      )
 
 
 def _check_order(owner: str, order) -> None:
@@ -512,7 +498,7 @@ def laplacian_smoothing(
   _check_mode(owner, mode)
 
   def init_fn(params):
-    _check_float_leaves(params)
+    _checks.check_float_leaves(params, owner, "smoothing")
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):

@@ -134,6 +134,63 @@ def test_nan_or_inf_gradients_never_trigger_a_perturbation(bad):
   np.testing.assert_array_equal(np.asarray(updates)[[0, 2, 3]], 0.0)
 
 
+@pytest.mark.parametrize(
+  "tx",
+  [
+    jaxsaddle.pgd(0.1, perturbation_radius=0.1, gradient_threshold=1.0, escape_steps=2),
+    jaxsaddle.noisy_gd(0.1, noise_scale=0.1),
+    jaxsaddle.perturbed_sgd(0.1, noise_scale=0.1),
+  ],
+  ids=["pgd", "noisy_gd", "perturbed_sgd"],
+)
+def test_an_empty_optimized_tree_is_fine(tx):
+  """optax.masked with an all-False mask hands the transform an empty tree."""
+  masked = optax.masked(tx, {"a": False, "b": False})
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  updates, _ = jax.jit(masked.update)(params, masked.init(params), params)
+  np.testing.assert_array_equal(updates["a"], params["a"])
+
+
+def test_a_non_scalar_value_is_rejected():
+  tx = jaxsaddle.pgd(0.1, perturbation_radius=0.1, gradient_threshold=1.0, escape_steps=2)
+  params = jnp.zeros(3)
+  with pytest.raises(ValueError, match="scalar loss"):
+    tx.update(params, tx.init(params), params, value=jnp.ones(4))
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "name"),
+  [
+    ({"escape_steps": True}, "escape_steps"),
+    ({"escape_steps": 2**31}, "escape_steps"),
+    ({"gradient_threshold": float("inf")}, "gradient_threshold"),
+    ({"perturbation_radius": jnp.ones(2)}, "perturbation_radius"),
+  ],
+)
+def test_pgd_rejects_unusable_values_naming_them(kwargs, name):
+  base = dict(perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps=10)
+  with pytest.raises(ValueError, match=name):
+    jaxsaddle.pgd(0.1, **(base | kwargs))
+
+
+def test_escape_check_never_uses_the_loss_of_an_older_perturbation():
+  tx = jaxsaddle.pgd(
+    0.1, perturbation_radius=1e-3, gradient_threshold=1.0, escape_steps=1, escape_threshold=0.5
+  )
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  grads = jnp.zeros(2)
+  _, state = tx.update(grads, state, params, value=5.0)  # perturbs, baseline 5
+  _, state = tx.update(grads, state, params, value=5.0)
+  _, state = tx.update(grads, state, params, value=4.0)  # the check: it fell by 1 > 0.5
+  assert not bool(state.second_order_stationary)
+  _, state = tx.update(grads, state, params)  # perturbs with no loss: baseline unknown
+  assert int(state.num_perturbations) == 2 and np.isnan(state.value_at_perturbation)
+  _, state = tx.update(grads, state, params, value=100.0)
+  _, state = tx.update(grads, state, params, value=100.0)  # the check: no baseline, no verdict
+  assert not bool(state.second_order_stationary)
+
+
 # --- step accounting --------------------------------------------------------------------------
 
 
