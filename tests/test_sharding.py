@@ -1,4 +1,4 @@
-"""Runs the multi-device checks of ``tests/sharding_check.py`` on 8 CPU devices.
+"""Runs the multi-device checks (``tests/*sharding_check.py``) on 8 CPU devices.
 
 JAX fixes the number of CPU devices when its backend starts, which has already happened in this
 process, so the checks run in a child pytest process that is given 8 devices from the start.
@@ -28,8 +28,9 @@ def _child_environment() -> dict:
   return env
 
 
-def test_sharding_checks_pass_on_8_cpu_devices():
-  command = [sys.executable, "-m", "pytest", "sharding_check.py", "-q", "-rfE"]
+@pytest.mark.parametrize("checks", ["sharding_check.py", "curvature_sharding_check.py"])
+def test_sharding_checks_pass_on_8_cpu_devices(checks):
+  command = [sys.executable, "-m", "pytest", checks, "-q", "-rfE"]
   command += ["-p", "no:cacheprovider"]
   result = subprocess.run(
     command,
