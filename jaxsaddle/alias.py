@@ -92,10 +92,11 @@ def noisy_gd(
     \xi_t \sim \mathcal U(r\,S^{d-1}),
 
   noise uniform on the sphere of radius :math:`r` = ``noise_scale`` over the
-  whole parameter vector, drawn afresh at every step. The paper's noise is
-  uniform on the unit sphere; ``noise_scale`` generalises it (``1.0`` is the
-  paper's choice). The sphere, unlike a Gaussian, gives every step the same
-  noise magnitude, which is what the paper's analysis bounds.
+  whole parameter vector, drawn afresh at every step. Descriptions of the
+  paper's Algorithm 1 give noise uniform on the unit sphere (the algorithm box
+  itself could not be checked), so ``noise_scale=1.0`` is that choice. The
+  sphere, unlike a Gaussian, gives every step the same noise magnitude; use
+  :func:`perturbed_sgd` for Gaussian noise.
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.
