@@ -23,6 +23,7 @@ test: $(INSTALLED)
 
 benchmark: $(INSTALLED)
 	$(BIN)/python -m benchmarks.perturbation
+	$(BIN)/python -m benchmarks.smoothing
 
 lint: $(INSTALLED)
 	$(BIN)/python -m ruff check .
