@@ -398,8 +398,10 @@ def _steps_to_minimum(tx, problem, start, max_steps):
 
 
 def test_octopus_gd_escape_time_grows_much_faster_with_dimension_than_pgds():
-  dims = range(3, 7) if FULL else range(3, 6)
-  seeds = range(3) if FULL else range(2)
+  # From d = 6 on, GD's trailing coordinates underflow float64 before it escapes, so its
+  # stall there would be a rounding artefact, not the exponential-time mechanism.
+  dims = range(3, 6)
+  seeds = range(5) if FULL else range(2)
   max_steps = 400_000
   gd_steps, pgd_steps = [], []
   with jax.enable_x64(True):
