@@ -1,0 +1,212 @@
+"""Cost of Hessian-vector products and of Lanczos on the MLP, against a gradient.
+
+Run with ``python -m benchmarks.curvature [--quick] [--json PATH]``.
+
+The operator is the Hessian of the training loss of a 784-512-512-10 ReLU MLP on
+a fixed batch of 128 random inputs with softmax cross-entropy, at fixed params.
+Every row is one jitted call whose output feeds the next call (see
+``benchmarks/_timing.py``), with that threaded input donated:
+
+- ``gradient``: ``params - lr * jax.grad(loss_fn)(params, batch)``, the baseline
+  (an SGD step; the update keeps each call dependent on the last);
+- ``hvp``: ``v = H v / ||H v||`` with ``jaxsaddle.hvp``, forward-over-reverse;
+- ``K hvps, ...``: the same ``K`` times in a ``lax.fori_loop`` inside one call,
+  each product fed the previous one (normalised), with ``jaxsaddle.hvp`` at
+  every step (``plain``) or with the operator from ``jaxsaddle.linearize_hvp``
+  built once before the loop (``linearized``); the cost Lanczos cannot go below;
+- ``lanczos, ...``: ``jaxsaddle.lanczos(matvec, v0, K)`` with or without
+  ``reorthogonalize`` and either matvec; the next call starts from the last
+  Lanczos vector of this one. Its ratio is to the ``K hvps`` row with the same
+  matvec, so it is the overhead of the recursion (inner products, the basis, the
+  reorthogonalisation) over the products themselves.
+
+After the timing, every Lanczos row is checked to have run all ``K`` steps
+(no breakdown, which would turn later products into products with zero) and
+every threaded output to be finite.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+import jaxsaddle
+from benchmarks import _mlp
+from benchmarks import _timing
+
+NUM_STEPS = 20  # K: Lanczos steps, and products in the loop rows
+LEARNING_RATE = 1e-2
+MATVECS = ("plain", "linearized")
+
+
+def _normalized(tree):
+  norm = jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(tree)))
+  return jax.tree.map(lambda leaf: leaf / norm, tree)
+
+
+def hessian_operator(params, batch, matvec: str):
+  """``v -> H v`` at ``params``; ``linearized`` runs the forward pass once, here."""
+  value_fn = lambda p: _mlp.loss_fn(p, batch)
+  if matvec == "plain":
+    return lambda tangent: jaxsaddle.hvp(value_fn, params, tangent)
+  _, operator = jaxsaddle.linearize_hvp(value_fn, params)
+  return operator
+
+
+class Loop:
+  """A timing candidate's step: ``state = step(state, params, batch)``, jitted, state donated.
+
+  ``state`` is whatever the next call needs from this one: params for the
+  gradient row, the tangent for the others.
+  """
+
+  def __init__(self, step, state, params, batch):
+    self._step = jax.jit(step, donate_argnums=0)
+    self.state = state
+    self._params = params
+    self._batch = batch
+
+  def __call__(self):
+    self.state = self._step(self.state, self._params, self._batch)
+    return self.state
+
+
+def gradient_step(params, unused_params, batch):
+  del unused_params
+  grads = jax.grad(_mlp.loss_fn)(params, batch)
+  return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
+
+
+def hvp_step(tangent, params, batch):
+  return _normalized(hessian_operator(params, batch, "plain")(tangent))
+
+
+def hvp_loop_step(matvec: str):
+  def step(tangent, params, batch):
+    operator = hessian_operator(params, batch, matvec)
+    return jax.lax.fori_loop(
+      0, NUM_STEPS, lambda _, v: _normalized(operator(v)), _normalized(tangent)
+    )
+
+  return step
+
+
+def lanczos_step(matvec: str, reorthogonalize: bool):
+  """``(start, params, batch) -> (next start, num_valid)``; the next start is the last vector."""
+
+  def step(state, params, batch):
+    start, _ = state
+    operator = hessian_operator(params, batch, matvec)
+    result = jaxsaddle.lanczos(operator, start, NUM_STEPS, reorthogonalize=reorthogonalize)
+    return jax.tree.map(lambda stacked: stacked[-1], result.basis), result.num_valid
+
+  return step
+
+
+def _loop_name(matvec: str) -> str:
+  return f"{NUM_STEPS} hvps, {matvec}"
+
+
+def _lanczos_name(matvec: str, reorthogonalize: bool) -> str:
+  return f"lanczos {NUM_STEPS}, {matvec}, reorthogonalize={reorthogonalize}"
+
+
+def check_loops(loops: dict[str, Loop]) -> None:
+  """Fails loudly if a row did not compute what its name says."""
+  for name, loop in loops.items():
+    if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(loop.state)):
+      raise RuntimeError(f"{name}: the threaded output is not finite at the end of the timing.")
+  for matvec in MATVECS:
+    for reorthogonalize in (True, False):
+      name = _lanczos_name(matvec, reorthogonalize)
+      _, num_valid = loops[name].state
+      if num_valid != NUM_STEPS:
+        raise RuntimeError(f"{name}: {num_valid} valid steps of {NUM_STEPS} (breakdown).")
+
+
+def time_curvature(settings: _timing.Settings) -> list[_timing.Timing]:
+  params_key, batch_key, tangent_key = jax.random.split(jax.random.key(0), 3)
+  params = _mlp.init_mlp(params_key)
+  batch = _mlp.random_batch(batch_key)
+  tangent = _normalized(_mlp.init_mlp(tangent_key))
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # each loop donates its own buffers
+
+  loops = {
+    "gradient": Loop(gradient_step, copy(params), params, batch),
+    "hvp": Loop(hvp_step, copy(tangent), params, batch),
+  }
+  baselines = {}
+  for matvec in MATVECS:
+    loops[_loop_name(matvec)] = Loop(hvp_loop_step(matvec), copy(tangent), params, batch)
+    baselines[_loop_name(matvec)] = "hvp"
+  for matvec in MATVECS:
+    for reorthogonalize in (True, False):
+      name = _lanczos_name(matvec, reorthogonalize)
+      state = (copy(tangent), jnp.zeros((), jnp.int32))
+      loops[name] = Loop(lanczos_step(matvec, reorthogonalize), state, params, batch)
+      baselines[name] = _loop_name(matvec)
+  timings = _timing.time_interleaved(
+    [_timing.Candidate(name, loop, baselines.get(name)) for name, loop in loops.items()],
+    settings,
+  )
+  check_loops(loops)
+  return timings
+
+
+def derived_ratios(median: dict[str, float]) -> dict[str, float]:
+  """Ratios computed from the medians ``median[name]`` of the rows."""
+  ratios = {"hvp / gradient (target: under 2)": median["hvp"] / median["gradient"]}
+  for matvec in MATVECS:
+    ratios[f"one of {_loop_name(matvec)} / gradient"] = (
+      median[_loop_name(matvec)] / NUM_STEPS / median["gradient"]
+    )
+  for matvec in MATVECS:
+    for reorthogonalize in (True, False):
+      name = _lanczos_name(matvec, reorthogonalize)
+      ratios[f"{name} / {_loop_name(matvec)} (target: at most 1.3)"] = (
+        median[name] / median[_loop_name(matvec)]
+      )
+  ratios[f"{_lanczos_name('linearized', True)} / {_loop_name('plain')}"] = (
+    median[_lanczos_name("linearized", True)] / median[_loop_name("plain")]
+  )
+  return ratios
+
+
+def main() -> None:
+  args = _timing.argument_parser(__doc__.splitlines()[0]).parse_args()
+  settings = _timing.settings_from(args)
+  load_at_start = os.getloadavg()[0]
+  timings = time_curvature(settings)
+  from_wall = derived_ratios({timing.name: timing.median for timing in timings})
+  from_cpu = derived_ratios({timing.name: timing.cpu_median for timing in timings})
+
+  print(
+    f"Hessian of the loss of {_mlp.description()}, float32; K = {NUM_STEPS}; "
+    f"{settings.rounds} interleaved rounds, medians over rounds; {jax.default_backend()}, "
+    f"{jax.device_count()} device(s), 1-minute load average {load_at_start:.1f} at the start, "
+    f"{os.getloadavg()[0]:.1f} at the end.\n"
+  )
+  print(_timing.markdown_table(timings))
+  print("\nDerived ratios, from wall-clock medians (from CPU-time medians):\n")
+  for name, value in from_wall.items():
+    print(f"- {name}: {value:.3f} ({from_cpu[name]:.3f})")
+
+  if args.json:
+    _timing.write_json(
+      args.json,
+      {
+        "benchmark": "curvature",
+        "environment": _timing.environment(),
+        "load_average_at_start": load_at_start,
+        "settings": dataclasses.asdict(settings),
+        "num_steps": NUM_STEPS,
+        "timings": _timing.as_json(timings),
+        "derived_from_wall_clock": from_wall,
+        "derived_from_cpu_time": from_cpu,
+      },
+    )
+
+
+if __name__ == "__main__":
+  main()
