@@ -24,6 +24,7 @@ test: $(INSTALLED)
 benchmark: $(INSTALLED)
 	$(BIN)/python -m benchmarks.perturbation
 	$(BIN)/python -m benchmarks.smoothing
+	$(BIN)/python -m benchmarks.curvature
 
 lint: $(INSTALLED)
 	$(BIN)/python -m ruff check .
