@@ -227,3 +227,29 @@ def write_json(path: str, payload: dict) -> None:
   with open(path, "w") as f:
     json.dump(payload, f, indent=2)
     f.write("\n")
+
+
+def print_report(
+  what: str,
+  settings: Settings,
+  load_at_start: float,
+  timings: Sequence[Timing],
+  derived_ratios: Callable[[dict[str, float]], dict[str, float]],
+) -> tuple[dict[str, float], dict[str, float]]:
+  """Prints the run's header, the table and the derived ratios; returns the ratios.
+
+  ``derived_ratios`` maps per-candidate medians (by name) to named ratios; it is
+  applied to the wall-clock and to the CPU-time medians.
+  """
+  from_wall = derived_ratios({timing.name: timing.median for timing in timings})
+  from_cpu = derived_ratios({timing.name: timing.cpu_median for timing in timings})
+  print(
+    f"{what}; {settings.rounds} interleaved rounds, medians over rounds; "
+    f"{jax.default_backend()}, {jax.device_count()} device(s), 1-minute load average "
+    f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n"
+  )
+  print(markdown_table(timings))
+  print("\nDerived ratios, from wall-clock medians (from CPU-time medians):\n")
+  for name, value in from_wall.items():
+    print(f"- {name}: {value:.3f} ({from_cpu[name]:.3f})")
+  return from_wall, from_cpu

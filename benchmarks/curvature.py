@@ -178,19 +178,13 @@ def main() -> None:
   settings = _timing.settings_from(args)
   load_at_start = os.getloadavg()[0]
   timings = time_curvature(settings)
-  from_wall = derived_ratios({timing.name: timing.median for timing in timings})
-  from_cpu = derived_ratios({timing.name: timing.cpu_median for timing in timings})
-
-  print(
-    f"Hessian of the loss of {_mlp.description()}, float32; K = {NUM_STEPS}; "
-    f"{settings.rounds} interleaved rounds, medians over rounds; {jax.default_backend()}, "
-    f"{jax.device_count()} device(s), 1-minute load average {load_at_start:.1f} at the start, "
-    f"{os.getloadavg()[0]:.1f} at the end.\n"
+  from_wall, from_cpu = _timing.print_report(
+    f"Hessian of the loss of {_mlp.description()}, float32; K = {NUM_STEPS}",
+    settings,
+    load_at_start,
+    timings,
+    derived_ratios,
   )
-  print(_timing.markdown_table(timings))
-  print("\nDerived ratios, from wall-clock medians (from CPU-time medians):\n")
-  for name, value in from_wall.items():
-    print(f"- {name}: {value:.3f} ({from_cpu[name]:.3f})")
 
   if args.json:
     _timing.write_json(

@@ -244,19 +244,13 @@ def main() -> None:
   load_at_start = os.getloadavg()[0]
   step_timings = time_training_steps(settings)
   noise_timings = time_noise(settings)
-  from_wall = derived_ratios({timing.name: timing.median for timing in step_timings})
-  from_cpu = derived_ratios({timing.name: timing.cpu_median for timing in step_timings})
-
-  print(
-    f"Training step of {_mlp.description()}, params and state donated; {settings.rounds} "
-    f"interleaved rounds, medians over rounds; {jax.default_backend()}, {jax.device_count()} "
-    f"device(s), 1-minute load average {load_at_start:.1f} at the start, "
-    f"{os.getloadavg()[0]:.1f} at the end.\n"
+  from_wall, from_cpu = _timing.print_report(
+    f"Training step of {_mlp.description()}, params and state donated",
+    settings,
+    load_at_start,
+    step_timings,
+    derived_ratios,
   )
-  print(_timing.markdown_table(step_timings))
-  print("\nDerived ratios, from wall-clock medians (from CPU-time medians):\n")
-  for name, value in from_wall.items():
-    print(f"- {name}: {value:.3f} ({from_cpu[name]:.3f})")
   print(
     "\nHow the pgd rows are made: 'test fails' has gradient_threshold 1e-12, so lax.cond "
     "never draws; 'forced' has a huge threshold and the step resets steps_since_perturbation "
