@@ -55,3 +55,27 @@ def check_float_leaves(tree, owner: str, operation: str = "noise") -> None:
 def compute_dtype(dtype) -> jnp.dtype:
   """float32, or float64 for float64 input: the precision internal sums and solves use."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def require_value_fn(owner: str, value_fn, params) -> None:
+  """Raises ValueError, saying how to pass them, unless ``value_fn`` and ``params`` are given.
+
+  Transforms that take Hessian-vector products read the loss as an extra argument of
+  ``update``; optax's ``GradientTransformationExtraArgs`` forwards it through ``optax.chain``
+  and ``nnx.Optimizer.update`` forwards keyword arguments to ``update``.
+  """
+  if value_fn is None:
+    raise ValueError(
+      f"{owner} takes Hessian-vector products of the loss and needs it as `value_fn`, a "
+      "function of the parameters returning the scalar loss: call "
+      "`tx.update(grads, state, params, value_fn=loss_fn)`, or with flax "
+      "`optimizer.update(model, grads, value_fn=jaxsaddle.flax.make_value_fn(model, loss, "
+      "*batch))`."
+    )
+  if not callable(value_fn):
+    raise ValueError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
+  if params is None:
+    raise ValueError(
+      f"{owner} needs the current parameters to take Hessian-vector products at them: call "
+      "`tx.update(grads, state, params, value_fn=loss_fn)`."
+    )
