@@ -5,14 +5,21 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# The benchmarks' peers (PyTorch, PyHessian, matfree) are large and only `make benchmark` needs them.
+BENCHMARK_PEERS := $(VENV)/.benchmark-peers
 
 .PHONY: demo test benchmark lint clean
 
 $(INSTALLED): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-	  -c requirements-lock.txt -e ".[test,experiments,benchmarks]"
+	  -c requirements-lock.txt -e ".[test,experiments]"
 	touch $(INSTALLED)
+
+$(BENCHMARK_PEERS): $(INSTALLED)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	  -c requirements-lock.txt -e ".[test,experiments,benchmarks]"
+	touch $(BENCHMARK_PEERS)
 
 demo: $(INSTALLED)
 	$(BIN)/python -m experiments escape
@@ -21,7 +28,7 @@ test: $(INSTALLED)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -n 2
 
-benchmark: $(INSTALLED)
+benchmark: $(BENCHMARK_PEERS)
 	$(BIN)/python -m benchmarks.perturbation
 	$(BIN)/python -m benchmarks.smoothing
 	$(BIN)/python -m benchmarks.curvature
