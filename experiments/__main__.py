@@ -24,7 +24,18 @@ EXPERIMENTS = {
     "experiments.escape",
     "GD, PGD, noisy GD and perturbed SGD started exactly at a saddle",
   ),
-  "attraction": ("experiments.attraction", "attraction-region dimension vs n: GD, LSGD, variants"),
+  "escape-toy": (
+    "experiments.escape_toy",
+    "escape time against dimension on quadratic saddles and the octopus, every method",
+  ),
+  "pgd-networks": (
+    "experiments.pgd_networks",
+    "PGD against GD across architectures and datasets, full- and mini-batch",
+  ),
+  "attraction-region": (
+    "experiments.attraction",
+    "attraction-region dimension vs n: GD, LSGD and mLSGD candidates",
+  ),
 }
 
 

@@ -28,6 +28,25 @@ def band_limits(values: np.ndarray, band: Band) -> tuple[np.ndarray, np.ndarray]
   raise ValueError(f"band must be 'minmax' or 'quantile', got {band!r}.")
 
 
+def _draw_curves(axes, curves: Mapping[str, np.ndarray], x: np.ndarray | None, band: Band) -> None:
+  """Per curve, the median over seeds (axis 0) as a line and the ``band`` as a shaded area."""
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for index, (label, values) in enumerate(curves.items()):
+    values = np.asarray(values, dtype=np.float64)
+    points = np.arange(values.shape[1]) if x is None else np.asarray(x)
+    color = colors[index % len(colors)]
+    lower, upper = band_limits(values, band)
+    axes.fill_between(points, lower, upper, color=color, alpha=0.2, linewidth=0)
+    axes.plot(
+      points,
+      np.nanmedian(values, axis=0),
+      color=color,
+      linestyle=_LINE_STYLES[index % len(_LINE_STYLES)],
+      linewidth=1.8,
+      label=f"{label} (n={values.shape[0]})",
+    )
+
+
 def plot_curves_over_seeds(
   curves: Mapping[str, np.ndarray],
   path: str | Path,
@@ -61,27 +80,101 @@ def plot_curves_over_seeds(
     # Drawn above the curves, so a method that stays at the saddle does not hide the level.
     style = _LEVEL_STYLES[index % len(_LEVEL_STYLES)]
     axes.axhline(level, color="0.25", linestyle=style, linewidth=1.0, label=label, zorder=3)
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  for index, (label, values) in enumerate(curves.items()):
-    values = np.asarray(values, dtype=np.float64)
-    steps = np.arange(values.shape[1])
-    color = colors[index % len(colors)]
-    lower, upper = band_limits(values, band)
-    axes.fill_between(steps, lower, upper, color=color, alpha=0.2, linewidth=0)
-    axes.plot(
-      steps,
-      np.nanmedian(values, axis=0),
-      color=color,
-      linestyle=_LINE_STYLES[index % len(_LINE_STYLES)],
-      linewidth=1.8,
-      label=f"{label} (n={values.shape[0]})",
-    )
+  _draw_curves(axes, curves, None, band)
   axes.set_yscale(yscale)
   axes.set_xlabel(xlabel)
   axes.set_ylabel(ylabel)
   axes.set_title(title)
   axes.grid(alpha=0.3)
   axes.legend(title=f"median over seeds, band {band_label}", fontsize="small")
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+  return path
+
+
+def plot_panels(
+  panels: Mapping[str, Mapping[str, np.ndarray]],
+  path: str | Path,
+  *,
+  title: str,
+  ylabel: str = "loss",
+  xlabel: str = "step",
+  x: np.ndarray | None = None,
+  band: Band = "minmax",
+  yscale: Literal["linear", "log", "symlog"] = "linear",
+  columns: int = 3,
+) -> Path:
+  """One panel per entry of ``panels``, each with a median line and a band over seeds per curve.
+
+  Args:
+    panels: panel title -> (curve label -> array of shape ``(num_seeds, num_points)``).
+    path: where to write the PNG.
+    title: the figure title.
+    ylabel: the y-axis label.
+    xlabel: the x-axis label.
+    x: the x coordinates of the points (default ``0, 1, ...``).
+    band: ``"minmax"`` for the range over seeds, ``"quantile"`` for 10–90%.
+    yscale: a matplotlib y scale.
+    columns: panels per row.
+
+  Returns:
+    The path of the PNG.
+  """
+  rows = -(-len(panels) // columns)
+  columns = min(columns, len(panels))
+  figure, grid = plt.subplots(
+    rows, columns, figsize=(4.2 * columns, 3.2 * rows), layout="constrained", squeeze=False
+  )
+  for axes, (panel_title, curves) in zip(grid.flat, panels.items(), strict=False):
+    _draw_curves(axes, curves, x, band)
+    axes.set_yscale(yscale)
+    axes.set_title(panel_title, fontsize="medium")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="x-small")
+  for axes in list(grid.flat)[len(panels) :]:
+    axes.set_visible(False)
+  band_label = "min–max" if band == "minmax" else "10–90%"
+  figure.suptitle(f"{title} (median over seeds, band {band_label})")
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+  return path
+
+
+def plot_advantage(
+  sizes: Sequence[int],
+  intervals: Sequence[tuple[float, float]],
+  groups: Sequence[str],
+  path: str | Path,
+  *,
+  title: str = "PGD's advantage (GD − PGD final loss) against model size",
+) -> Path:
+  """A scatter of mean paired differences with 95% error bars, one colour per group."""
+  figure, axes = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for index, group in enumerate(dict.fromkeys(groups)):
+    chosen = [i for i, g in enumerate(groups) if g == group]
+    axes.errorbar(
+      [sizes[i] for i in chosen],
+      [intervals[i][0] for i in chosen],
+      yerr=[intervals[i][1] for i in chosen],
+      fmt="o",
+      color=colors[index % len(colors)],
+      capsize=3,
+      label=group,
+    )
+  axes.axhline(0.0, color="0.25", linewidth=1.0)
+  axes.set_xscale("log")
+  axes.set_xlabel("parameters")
+  axes.set_ylabel("GD − PGD final training loss")
+  axes.set_title(title)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize="small")
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(path, dpi=120)

@@ -125,7 +125,7 @@ from experiments import _runner
 from jaxsaddle import analysis
 from jaxsaddle import problems
 
-NAME = "attraction"
+NAME = "attraction-region"
 MODIFICATIONS = (
   "lsgd_sigma_on_off",
   "lsgd_sigma_alternating",

@@ -1,4 +1,4 @@
-"""``python -m experiments attraction --quick`` end to end.
+"""``python -m experiments attraction-region --quick`` end to end.
 
 Acceptance check 8 (GD and constant-sigma LSGD keep an (n - 1)-dimensional
 attraction region), recomputed here independently from the recorded step sizes,
@@ -27,7 +27,7 @@ CANDIDATES = (*CONSTANT, *MODIFICATIONS)
 
 @pytest.fixture(scope="session", name="quick_run")
 def _quick_run(tmp_path_factory) -> Path:
-  return shared_quick_run("attraction", tmp_path_factory)
+  return shared_quick_run("attraction-region", tmp_path_factory)
 
 
 def dimension_records(run_dir: Path) -> list[dict]:
@@ -46,7 +46,7 @@ def quick_hessian(problem: str, n: int) -> np.ndarray:
 
 def test_quick_run_writes_config_metrics_figure_and_summary(quick_run):
   config = json.loads((quick_run / "config.json").read_text())
-  assert config["experiment"] == "attraction"
+  assert config["experiment"] == "attraction-region"
   assert tuple(config["config"]["dims"]) == QUICK_DIMS
 
   closing = {r["unit"]: r for r in read_metrics(quick_run) if r.get("kind") == "unit"}
@@ -150,7 +150,7 @@ def test_resume_recomputes_only_the_unit_that_was_not_finished(quick_run, tmp_pa
   assert last["kind"] == "unit"
   (copy / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
 
-  result = run_experiments("attraction", "--resume", str(copy))
+  result = run_experiments("attraction-region", "--resume", str(copy))
   assert f"computed 1 unit(s): {last['unit']}" in result.stdout
   before = [r for r in read_metrics(quick_run) if r.get("kind") != "unit"]
   after = [r for r in read_metrics(copy) if r.get("kind") != "unit"]
