@@ -15,6 +15,10 @@ from jaxsaddle.curvature import hvp
 from jaxsaddle.curvature import lanczos
 from jaxsaddle.curvature import linearize_hvp
 from jaxsaddle.curvature import ritz_pairs
+from jaxsaddle.negative_curvature import NegativeCurvatureDescentState
+from jaxsaddle.negative_curvature import PAGDState
+from jaxsaddle.negative_curvature import negative_curvature_descent
+from jaxsaddle.negative_curvature import pagd
 from jaxsaddle.perturbation import AddIsotropicNoiseState
 from jaxsaddle.perturbation import PerturbNearSaddleState
 from jaxsaddle.perturbation import add_isotropic_noise
@@ -26,6 +30,8 @@ __version__ = "0.1.0"
 __all__ = (
   "AddIsotropicNoiseState",
   "LanczosResult",
+  "NegativeCurvatureDescentState",
+  "PAGDState",
   "PGDHyperparameters",
   "PerturbNearSaddleState",
   "add_isotropic_noise",
@@ -37,7 +43,9 @@ __all__ = (
   "laplacian_smoothing",
   "linearize_hvp",
   "lsgd",
+  "negative_curvature_descent",
   "noisy_gd",
+  "pagd",
   "perturb_near_saddle",
   "perturbed_sgd",
   "pgd",

@@ -1,0 +1,458 @@
+r"""Saddle escape that exploits negative curvature.
+
+Two optimizers, both complete (they apply the learning rate themselves):
+
+- :func:`negative_curvature_descent` takes gradient steps and, where the gradient is small,
+  runs Lanczos on Hessian-vector products and steps along a direction of negative curvature
+  when it finds one (the negative-curvature step of Carmon et al. 2018).
+- :func:`pagd` is Nesterov's accelerated gradient descent with the perturbations and the
+  negative curvature exploitation of Jin, Netrapalli and Jordan (2018); it needs loss values
+  but no Hessian-vector products.
+
+Both read the loss as ``value_fn``, a function of the parameters returning the scalar loss,
+passed to ``update`` as an extra argument (``tx.update(grads, state, params,
+value_fn=loss_fn)``; with flax, ``optimizer.update(model, grads, value_fn=...)``). Put them
+*last* in a chain: on a curvature or perturbation step their output is a displacement of the
+parameters that nothing after them may rescale.
+
+Example::
+
+  import jax, jax.numpy as jnp, optax, jaxsaddle
+
+  # Hessian diag(1, 3 y^2 - 1), 6-Lipschitz for |y| <= 1.
+  value_fn = lambda p: 0.5 * p[0] ** 2 + 0.25 * p[1] ** 4 - 0.5 * p[1] ** 2
+  tx = jaxsaddle.negative_curvature_descent(
+      0.1, hessian_lipschitz=6.0, epsilon=1e-3, num_lanczos_steps=2)
+
+  @jax.jit  # run eagerly, every update would trace and compile the Lanczos branch again
+  def step(params, state):
+    grads = jax.grad(value_fn)(params)
+    updates, state = tx.update(grads, state, params, value_fn=value_fn)
+    return optax.apply_updates(params, updates), state
+
+  params = jnp.zeros(2)  # exactly at the strict saddle, where the gradient is zero
+  state = tx.init(params)
+  for _ in range(100):
+    params, state = step(params, state)
+  print(params, optax.tree.get(state, "num_curvature_steps"))  # near (0, +-1), 1
+"""
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsaddle import _checks
+from jaxsaddle import _random
+from jaxsaddle import curvature
+
+_NEVER = jnp.iinfo(jnp.int32).max
+
+PyTree = Any
+ValueFn = Callable[[PyTree], jax.Array]
+
+
+def _check_loop_length(owner: str, name: str, value) -> None:
+  """A Python int >= 1: it sets a loop length, so it cannot be traced."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(
+      f"{owner}: {name} sets a loop length and must be a Python int, got {value!r}; with "
+      f"optax.inject_hyperparams pass static_args=({name!r},)."
+    )
+  _checks.check_at_least_one(owner, name, value)
+
+
+def _step_size(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _scale(scalar, tree: PyTree) -> PyTree:
+  """``scalar * tree`` in each leaf's dtype, as ``optax.scale_by_learning_rate`` computes it."""
+  return jax.tree.map(lambda leaf: jnp.asarray(scalar, leaf.dtype) * leaf, tree)
+
+
+def _loss(value_fn: ValueFn, params: PyTree) -> jax.Array:
+  value = jnp.asarray(value_fn(params))
+  if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
+    raise ValueError(
+      f"value_fn must return the scalar floating-point loss, got {value.dtype} of shape "
+      f"{value.shape} (reduce per-example losses inside it)."
+    )
+  return value
+
+
+class NegativeCurvatureDescentState(NamedTuple):
+  """State of :func:`negative_curvature_descent`; the counters are escape diagnostics."""
+
+  count: jax.Array  # int32, number of updates
+  rng_key: jax.Array  # typed key, split at every update
+  smallest_eigenvalue: jax.Array  # the last Lanczos estimate of lambda_min; NaN before any
+  num_lanczos_calls: jax.Array  # int32, updates whose gradient was small enough to run Lanczos
+  num_curvature_steps: jax.Array  # int32, updates that stepped along negative curvature
+
+
+def negative_curvature_descent(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  hessian_lipschitz: float | jax.Array,
+  epsilon: float | jax.Array,
+  num_lanczos_steps: int,
+  gradient_threshold: float | jax.Array | None = None,
+  key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Gradient descent with Lanczos negative-curvature steps where the gradient is small.
+
+  With :math:`g_t` the incoming gradient at :math:`x_t`, :math:`\rho` =
+  ``hessian_lipschitz``, :math:`\varepsilon` = ``epsilon`` and :math:`g_{\rm thres}` =
+  ``gradient_threshold`` (default :math:`\varepsilon`), each call returns
+
+  .. math::
+
+    u_t = \begin{cases}
+      \sigma_t \dfrac{|\lambda_t|}{\rho}\, v_t
+        & \text{if } \|g_t\| \le g_{\rm thres} \text{ and } \lambda_t < -\sqrt{\rho\varepsilon}, \\
+      -\eta_t\, g_t & \text{otherwise,}
+    \end{cases}
+
+  where :math:`(\lambda_t, v_t)` is the smallest Ritz pair, :math:`\|v_t\| = 1`, of
+  ``num_lanczos_steps`` Lanczos steps on :math:`\nabla^2 f(x_t)` from a Gaussian start drawn
+  from the state's key, and :math:`\sigma_t = -\operatorname{sign}\langle \nabla f(x_t),
+  v_t\rangle`, with :math:`\nabla f(x_t)` the gradient of ``value_fn`` that the
+  linearisation for Lanczos yields anyway (not the incoming, possibly preprocessed,
+  :math:`g_t`). When that inner product is exactly zero (at a critical point, or where the
+  gradient is orthogonal to :math:`v_t`), :math:`\sigma_t` is the sign of the candidate
+  :math:`x_t \pm (|\lambda_t|/\rho) v_t` with the lower loss, :math:`+1` if they are equal.
+  Where the gradient is small but the curvature is not negative enough, :math:`x_t` is an
+  :math:`\varepsilon`-second-order stationary point up to the Lanczos error and the update is
+  the gradient step, so the iterates keep converging.
+
+  **Guaranteed decrease.** With a :math:`\rho`-Lipschitz Hessian and :math:`v^\top \nabla^2
+  f(x) v = \lambda < 0`, the sign choice makes the first-order term non-positive and
+
+  .. math::
+
+    f(x + \sigma \alpha v) \le f(x) + \tfrac12 \alpha^2 \lambda + \tfrac16 \rho \alpha^3
+    = f(x) - \frac{|\lambda|^3}{3 \rho^2} \quad\text{at } \alpha = |\lambda| / \rho,
+
+  so every curvature step lowers the loss by at least :math:`(\rho\varepsilon)^{3/2} /
+  (3\rho^2) = \sqrt{\varepsilon^3 / \rho} / 3`. The Ritz value equals the Rayleigh quotient
+  of its Ritz vector, so the bound holds for the estimate, however rough. A :math:`\rho`
+  that underestimates the Hessian's Lipschitz constant makes the step too long and voids the
+  guarantee.
+
+  The curvature step is the negative-curvature step of Carmon, Duchi, Hinder and Sidford,
+  *Accelerated Methods for Nonconvex Optimization*, SIAM J. Optim. 2018 (arXiv:1611.00756);
+  here it alternates with plain gradient descent rather than their accelerated solver of
+  almost-convex subproblems. Neon (Xu, Jin and Yang, NeurIPS 2018, arXiv:1711.01944) and
+  Neon2 (Allen-Zhu and Li, NeurIPS 2018, arXiv:1711.06673) find such directions from
+  gradient differences alone; this transform uses exact Hessian-vector products.
+
+  **Cost.** A Lanczos call linearises :math:`\nabla f` at :math:`x_t` once (about one
+  gradient) and takes ``num_lanczos_steps`` Hessian-vector products; the tie-break adds two
+  loss evaluations. :func:`jaxsaddle.extreme_eigenpairs` gives the number of steps that finds
+  :math:`\lambda_{\min}` to a given accuracy with a given probability. The call sits in a
+  ``lax.cond``, so updates with a large gradient pay nothing for it under ``jit``; under
+  ``jax.vmap`` the ``cond`` becomes a ``select`` and Lanczos runs at every update.
+
+  NaN or Inf gradients fail the small-gradient test and reach the update unchanged (scaled
+  by :math:`-\eta_t`).
+
+  Example::
+
+    tx = negative_curvature_descent(
+        0.1, hessian_lipschitz=6.0, epsilon=1e-3, num_lanczos_steps=10)
+    updates, state = tx.update(grads, state, params, value_fn=loss_fn)
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule of the update count.
+    hessian_lipschitz: :math:`\rho > 0`, a Lipschitz constant of :math:`\nabla^2 f`; sets the
+      curvature step's length and, with ``epsilon``, the curvature threshold.
+    epsilon: :math:`\varepsilon > 0`, the target accuracy: curvature steps are taken while
+      :math:`\lambda_{\min} < -\sqrt{\rho\varepsilon}`.
+    num_lanczos_steps: the number of Lanczos steps (Hessian-vector products) per call, a
+      Python int >= 1 (under ``optax.inject_hyperparams``, list it in ``static_args``).
+    gradient_threshold: :math:`g_{\rm thres} > 0`, or None for :math:`\varepsilon`.
+    key: a typed key, a raw uint32 key or an int seed (may be traced, e.g. under ``vmap``).
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and
+    ``value_fn``; without them it raises a ``ValueError`` that shows the call to make.
+    Integer, boolean or complex parameters are rejected by ``init`` with a ``TypeError``.
+  """
+  owner = "negative_curvature_descent"
+  _checks.check_positive(owner, "hessian_lipschitz", hessian_lipschitz)
+  _checks.check_positive(owner, "epsilon", epsilon)
+  _check_loop_length(owner, "num_lanczos_steps", num_lanczos_steps)
+  if gradient_threshold is None:
+    gradient_threshold = epsilon
+  else:
+    _checks.check_positive(owner, "gradient_threshold", gradient_threshold)
+
+  def init_fn(params):
+    _checks.check_float_leaves(params, owner, "a curvature step")
+    return NegativeCurvatureDescentState(
+      count=jnp.zeros([], jnp.int32),
+      rng_key=_random.canonicalize_key(key),
+      smallest_eigenvalue=jnp.full([], jnp.nan, curvature._compute_dtype(params)),
+      num_lanczos_calls=jnp.zeros([], jnp.int32),
+      num_curvature_steps=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del extra_args
+    _checks.require_value_fn(owner, value_fn, params)
+    gradient_step = _scale(-_step_size(learning_rate, state.count), updates)
+    small_gradient = _random.global_norm(updates) <= gradient_threshold
+    rng_key, lanczos_key = jax.random.split(state.rng_key)
+    dtype = state.smallest_eigenvalue.dtype
+
+    def curvature_step(gradient_step):
+      grad, hvp_fn = curvature.linearize_hvp(value_fn, params)
+      pairs = curvature.extreme_eigenpairs(
+        hvp_fn,
+        params,
+        num_steps=num_lanczos_steps,
+        key=lanczos_key,
+        which="smallest",
+        exact_residuals=False,
+      )
+      eigenvalue = pairs.eigenvalues[0]
+      direction = jax.tree.map(lambda stacked: stacked[0], pairs.eigenvectors)
+      threshold = jnp.sqrt(jnp.asarray(hessian_lipschitz * epsilon, dtype))
+      negative = eigenvalue < -threshold
+      step = _scale(-eigenvalue / hessian_lipschitz, direction)
+      slope = curvature._tree_vdot(grad, direction, dtype)
+
+      def lower_candidate():
+        plus = jax.tree.map(lambda p, s: p + s.astype(p.dtype), params, step)
+        minus = jax.tree.map(lambda p, s: p - s.astype(p.dtype), params, step)
+        lower = _loss(value_fn, minus) < _loss(value_fn, plus)
+        return jnp.where(lower, -1, 1).astype(dtype)
+
+      sign = jax.lax.cond(negative & (slope == 0), lower_candidate, lambda: -jnp.sign(slope))
+      new_updates = jax.tree.map(
+        lambda s, g: jnp.where(negative, (sign * s).astype(g.dtype), g), step, gradient_step
+      )
+      return new_updates, eigenvalue, negative
+
+    def gradient_only(gradient_step):
+      return gradient_step, state.smallest_eigenvalue, jnp.zeros([], jnp.bool_)
+
+    new_updates, eigenvalue, took_curvature_step = jax.lax.cond(
+      small_gradient, curvature_step, gradient_only, gradient_step
+    )
+    new_state = NegativeCurvatureDescentState(
+      count=optax.safe_increment(state.count),
+      rng_key=rng_key,
+      smallest_eigenvalue=eigenvalue,
+      num_lanczos_calls=state.num_lanczos_calls + small_gradient.astype(jnp.int32),
+      num_curvature_steps=state.num_curvature_steps + took_curvature_step.astype(jnp.int32),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class PAGDState(NamedTuple):
+  """State of :func:`pagd`; the counters are escape diagnostics."""
+
+  count: jax.Array  # int32, number of updates (perturbing ones included)
+  rng_key: jax.Array  # typed key, split at every update
+  velocity: PyTree  # v_t = x_t - x_{t-1}, like the params
+  steps_since_perturbation: jax.Array  # int32, accelerated steps since; int32 max if never
+  num_perturbations: jax.Array  # int32
+  num_exploitations: jax.Array  # int32, negative curvature exploitations
+
+
+def pagd(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float | jax.Array,
+  perturbation_radius: float | jax.Array,
+  gradient_threshold: float | jax.Array,
+  escape_steps: int | jax.Array,
+  exploitation_radius: float | jax.Array,
+  curvature_threshold: float | jax.Array | None = None,
+  key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Perturbed accelerated gradient descent with negative curvature exploitation.
+
+  Jin, Netrapalli and Jordan, *Accelerated Gradient Descent Escapes Saddle Points Faster than
+  Gradient Descent*, COLT 2018 (arXiv:1711.10456), Algorithm 2 (PAGD) with Algorithm 3
+  (NCE). With :math:`\eta` = ``learning_rate``, :math:`1 - \theta` = ``momentum``,
+  :math:`r` = ``perturbation_radius``, :math:`\epsilon` = ``gradient_threshold``,
+  :math:`T` = ``escape_steps``, :math:`s` = ``exploitation_radius`` and :math:`\gamma` =
+  ``curvature_threshold`` (default :math:`\theta^2/\eta`), and :math:`v_0 = 0`:
+
+  .. math::
+
+    &\text{if } \|\nabla f\| \le \epsilon \text{ and no perturbation in the last } T
+      \text{ steps: } x_t \leftarrow x_t + \xi_t,\ \xi_t \sim \mathcal U(B_0(r)); \\
+    &y_t = x_t + (1 - \theta) v_t, \quad x_{t+1} = y_t - \eta \nabla f(y_t), \quad
+      v_{t+1} = x_{t+1} - x_t; \\
+    &\text{if } f(x_t) \le f(y_t) + \langle \nabla f(y_t), x_t - y_t \rangle
+      - \tfrac{\gamma}{2} \|x_t - y_t\|^2: \quad
+      (x_{t+1}, v_{t+1}) = \mathrm{NCE}(x_t, v_t, s),
+
+  where :math:`\mathrm{NCE}(x, v, s) = (x, 0)` if :math:`\|v\| \ge s`, and otherwise
+  :math:`(\arg\min_{x \pm \delta} f, 0)` with :math:`\delta = s\, v / \|v\|` (:math:`x +
+  \delta` when the two losses are equal), and :math:`\xi_t` is uniform in the ball over the
+  whole concatenated parameter vector. The test finds :math:`f` more concave than
+  :math:`-\gamma` on the segment from :math:`y_t` to :math:`x_t`; NCE then either undoes the
+  step and drops the momentum, or moves a fixed distance along that direction.
+
+  **How the optax call maps onto the iterates.** The parameters handed to ``update`` are
+  :math:`y_t`, the point where the caller evaluates the gradient, and ``updates`` is taken to
+  be :math:`\nabla f(y_t)`. The state keeps :math:`v_t`, so :math:`x_t = y_t - (1 -
+  \theta) v_t`, and each call returns :math:`y_{t+1} - y_t`, that is
+  :math:`(1 - \theta) v_{t+1} - \eta \nabla f(y_t)` after an accelerated step (the iteration
+  of ``optax.sgd(eta, momentum=1 - theta, nesterov=True)``, up to rounding) and
+  :math:`x_{t+1} - y_t` after NCE, where :math:`v_{t+1} = 0` makes :math:`y_{t+1} = x_{t+1}`.
+  After training the parameters are :math:`y_T`, one momentum step from :math:`x_T`.
+
+  Departures from the algorithm as written, each to keep one gradient per call:
+
+  - The small-gradient test reads :math:`\|\nabla f(y_t)\|`, the gradient the caller computed,
+    instead of :math:`\|\nabla f(x_t)\|`; the two differ by at most
+    :math:`\ell (1 - \theta) \|v_t\|` for an :math:`\ell`-smooth :math:`f`.
+  - A perturbation is a call of its own: it returns :math:`\xi_t` (moving :math:`x_t` and
+    :math:`y_t` together, :math:`v_t` unchanged) and the accelerated step follows on the
+    next call, from the gradient at the perturbed point, as in
+    :func:`jaxsaddle.perturb_near_saddle`.
+  - With :math:`v_t = 0` the test reads :math:`f(x_t) \le f(x_t)` and NCE's direction is
+    undefined, so NCE is skipped; and the test must hold by more than the rounding error of
+    the losses, :math:`16\, \mathrm{eps} \cdot (|f(x_t)| + |f(y_t)|)` in the loss's dtype,
+    because near convergence both sides agree to rounding and a test decided by round-off
+    would throw the iterate a distance :math:`s`.
+
+  :math:`f(x_t)` and :math:`f(y_t)` both come from ``value_fn`` (two forward passes per
+  accelerated step; ``value=`` is not used, so both sides of the test come from one function
+  in one precision), and NCE adds two more when it moves along :math:`\pm\delta`. The
+  paper's analysis takes :math:`\gamma = \theta^2/\eta` and ties :math:`s`, :math:`r` and
+  :math:`T` to the smoothness :math:`\ell`, the Hessian-Lipschitz constant :math:`\rho` and
+  :math:`\epsilon`. Perturbations and NCE sit in ``lax.cond``; under ``jax.vmap`` they
+  become ``select`` and both branches run. NaN or Inf gradients never trigger a perturbation.
+
+  Example::
+
+    tx = pagd(0.1, momentum=0.9, perturbation_radius=1e-2, gradient_threshold=1e-3,
+              escape_steps=20, exploitation_radius=0.05)
+    updates, state = tx.update(grads_at_params, state, params, value_fn=loss_fn)
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule of the update count.
+    momentum: :math:`1 - \theta \in [0, 1)`.
+    perturbation_radius: :math:`r \ge 0`.
+    gradient_threshold: :math:`\epsilon > 0`.
+    escape_steps: :math:`T \ge 1`: a perturbation needs more than ``escape_steps``
+      accelerated steps since the last one.
+    exploitation_radius: :math:`s > 0`, NCE's step length.
+    curvature_threshold: :math:`\gamma > 0`, or None for :math:`\theta^2 / \eta` (with a
+      schedule, :math:`\eta` at the current count).
+    key: a typed key, a raw uint32 key or an int seed (may be traced, e.g. under ``vmap``).
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and
+    ``value_fn``; without them it raises a ``ValueError`` that shows the call to make.
+  """
+  owner = "pagd"
+  momentum_value = _checks.concrete_float(momentum, owner, "momentum")
+  if momentum_value is not None and not 0 <= momentum_value < 1:
+    raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum}.")
+  _checks.check_nonnegative(owner, "perturbation_radius", perturbation_radius)
+  _checks.check_positive(owner, "gradient_threshold", gradient_threshold)
+  _checks.check_at_least_one(owner, "escape_steps", escape_steps)
+  _checks.check_positive(owner, "exploitation_radius", exploitation_radius)
+  if curvature_threshold is not None:
+    _checks.check_positive(owner, "curvature_threshold", curvature_threshold)
+
+  def init_fn(params):
+    _checks.check_float_leaves(params, owner)
+    return PAGDState(
+      count=jnp.zeros([], jnp.int32),
+      rng_key=_random.canonicalize_key(key),
+      velocity=optax.tree.zeros_like(params),
+      steps_since_perturbation=jnp.asarray(_NEVER, jnp.int32),
+      num_perturbations=jnp.zeros([], jnp.int32),
+      num_exploitations=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del extra_args
+    _checks.require_value_fn(owner, value_fn, params)
+    near_saddle = (_random.global_norm(updates) <= gradient_threshold) & (
+      state.steps_since_perturbation > escape_steps
+    )
+    rng_key, noise_key = jax.random.split(state.rng_key)
+    dtype = curvature._compute_dtype(params)
+
+    def perturb(velocity):
+      noise = _random.sample_isotropic(noise_key, params, perturbation_radius, "ball")
+      return optax.tree.cast_like(noise, updates), velocity, jnp.zeros([], jnp.bool_)
+
+    def accelerate(velocity):
+      step_size = _step_size(learning_rate, state.count)
+      gradient_step = _scale(-step_size, updates)
+      # x_t = y_t - m v_t;  v_{t+1} = m v_t - eta g;  y_{t+1} - y_t = m v_{t+1} - eta g.
+      shrunk = _scale(momentum, velocity)
+      x = jax.tree.map(lambda y, mv: y - mv.astype(y.dtype), params, shrunk)
+      next_velocity = optax.tree.cast_like(optax.tree.add(shrunk, gradient_step), velocity)
+      agd_update = optax.tree.cast_like(
+        optax.tree.add(_scale(momentum, next_velocity), gradient_step), updates
+      )
+
+      loss_x, loss_y = _loss(value_fn, x), _loss(value_fn, params)
+      eps = jnp.finfo(jnp.result_type(loss_x, loss_y)).eps
+      loss_x, loss_y = loss_x.astype(dtype), loss_y.astype(dtype)
+      # <grad f(y), x - y> = -m <g, v> and ||x - y||^2 = m^2 ||v||^2.
+      slope = -momentum * curvature._tree_vdot(updates, velocity, dtype)
+      squared_norm = curvature._tree_vdot(velocity, velocity, dtype)
+      gamma = (
+        (1 - momentum) ** 2 / step_size if curvature_threshold is None else curvature_threshold
+      )
+      gap = loss_y + slope - 0.5 * gamma * momentum**2 * squared_norm - loss_x
+      rounding = 16 * eps * (jnp.abs(loss_x) + jnp.abs(loss_y))
+      too_nonconvex = (squared_norm > 0) & (gap >= rounding)
+      velocity_norm = jnp.sqrt(squared_norm)
+
+      def exploit():
+        def move_along():
+          scale = exploitation_radius / velocity_norm
+          delta = _scale(scale, velocity)
+          plus = optax.tree.add(x, delta)
+          minus = optax.tree.sub(x, delta)
+          lower = _loss(value_fn, minus) < _loss(value_fn, plus)
+          return _scale(jnp.where(lower, -scale, scale), velocity)
+
+        shift = jax.lax.cond(
+          velocity_norm < exploitation_radius, move_along, lambda: optax.tree.zeros_like(velocity)
+        )
+        # x_{t+1} - y_t = (x_t + shift) - (x_t + m v_t).
+        exploit_update = optax.tree.cast_like(optax.tree.sub(shift, shrunk), updates)
+        return exploit_update, optax.tree.zeros_like(velocity)
+
+      new_updates, new_velocity = jax.lax.cond(
+        too_nonconvex, exploit, lambda: (agd_update, next_velocity)
+      )
+      return new_updates, new_velocity, too_nonconvex
+
+    new_updates, velocity, exploited = jax.lax.cond(
+      near_saddle, perturb, accelerate, state.velocity
+    )
+    new_state = PAGDState(
+      count=optax.safe_increment(state.count),
+      rng_key=rng_key,
+      velocity=velocity,
+      steps_since_perturbation=jnp.where(
+        near_saddle, 0, optax.safe_increment(state.steps_since_perturbation)
+      ),
+      num_perturbations=state.num_perturbations + near_saddle.astype(jnp.int32),
+      num_exploitations=state.num_exploitations + exploited.astype(jnp.int32),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

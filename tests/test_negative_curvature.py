@@ -1,0 +1,449 @@
+"""Negative-curvature descent and PAGD: closed-form steps, escapes, counters, vmap, errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsaddle import problems
+from jaxsaddle.negative_curvature import negative_curvature_descent
+from jaxsaddle.negative_curvature import pagd
+
+# --- a cubic saddle with a known Hessian-Lipschitz constant ----------------------------------
+#
+# f(x) = 1/2 sum_i c_i z_i^2 + (rho/6) |z_0|^3 with z = Q^T x. Its Hessian is
+# Q diag(c_0 + rho |z_0|, c_1, ...) Q^T, and ||H(a) - H(b)|| = rho | |z_0(a)| - |z_0(b)| |
+# <= rho ||a - b||, so rho is its Hessian-Lipschitz constant. The origin is a strict saddle
+# with lambda_min = c_0 = -1; along q_0 the minimum is at |z_0| = 2 |c_0| / rho.
+
+RHO = 2.0
+CURVATURES = np.array([-1.0, 0.5, 1.0, 2.0, 3.0])
+EPSILON = 1e-2
+
+
+def _rotation():
+  gaussian = np.random.default_rng(0).standard_normal((5, 5))
+  return np.linalg.qr(gaussian)[0]
+
+
+def _cubic_saddle(rotation):
+  def value_fn(x):
+    z = jnp.asarray(rotation, x.dtype).T @ x
+    curvatures = jnp.asarray(CURVATURES, x.dtype)
+    return 0.5 * jnp.sum(curvatures * z**2) + RHO / 6 * jnp.abs(z[0]) ** 3
+
+  return value_fn
+
+
+def _ncd(**overrides):
+  kwargs = dict(
+    learning_rate=0.2, hessian_lipschitz=RHO, epsilon=EPSILON, num_lanczos_steps=5, key=0
+  )
+  return negative_curvature_descent(**(kwargs | overrides))
+
+
+def _step(tx, value_fn):
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(value_fn)(params)
+    updates, state = tx.update(grads, state, params, value_fn=value_fn)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+@functools.cache
+def _cubic_saddle_step():
+  """One jitted NCD step on the cubic saddle, shared so that it compiles once per dtype."""
+  tx = _ncd()
+  step = _step(tx, _cubic_saddle(_rotation()))
+  return lambda params: step(params, tx.init(params))
+
+
+def _run(tx, value_fn, params, num_steps):
+  """``num_steps`` updates in a scan; returns the final params and state and the grad norms."""
+
+  def body(carry, _):
+    params, state = carry
+    grads = jax.grad(value_fn)(params)
+    updates, state = tx.update(grads, state, params, value_fn=value_fn)
+    return (optax.apply_updates(params, updates), state), optax.tree.norm(grads)
+
+  (params, state), grad_norms = jax.lax.scan(body, (params, tx.init(params)), length=num_steps)
+  return params, state, grad_norms
+
+
+# --- negative_curvature_descent ----------------------------------------------------------------
+
+
+def test_ncd_leaves_an_exact_saddle_in_one_curvature_step_with_the_guaranteed_decrease():
+  with jax.enable_x64(True):
+    rotation = _rotation()
+    value_fn = _cubic_saddle(rotation)
+    params = jnp.zeros(5)
+    new_params, state = _cubic_saddle_step()(params)
+
+    eigenvalue = float(state.smallest_eigenvalue)
+    np.testing.assert_allclose(eigenvalue, CURVATURES[0], rtol=1e-10)
+    assert int(state.num_lanczos_calls) == int(state.num_curvature_steps) == 1
+    # The step is |lambda| / rho along the eigenvector +-q_0 (either sign: f is even in z_0).
+    z = rotation.T @ np.asarray(new_params)
+    np.testing.assert_allclose(abs(z[0]), abs(eigenvalue) / RHO, rtol=1e-10)
+    np.testing.assert_allclose(z[1:], 0.0, atol=1e-10)
+    decrease = float(value_fn(params) - value_fn(new_params))
+    bound = abs(eigenvalue) ** 3 / (3 * RHO**2)
+    # On this function the cubic bound is attained: -1/2 a^2 + rho/6 a^3 at a = 1/rho.
+    np.testing.assert_allclose(decrease, 1 / (3 * RHO**2), rtol=1e-10)
+    assert decrease >= bound * (1 - 1e-10)
+
+
+@pytest.mark.parametrize("z0", [1e-3, -1e-3])
+def test_ncd_steps_against_the_gradient_along_the_ritz_vector(z0):
+  with jax.enable_x64(True):
+    rotation = _rotation()
+    value_fn = _cubic_saddle(rotation)
+    start_z = np.array([z0, 2e-3, 0.0, 0.0, 0.0])
+    params = jnp.asarray(rotation @ start_z)
+    assert float(optax.tree.norm(jax.grad(value_fn)(params))) < EPSILON
+    new_params, state = _cubic_saddle_step()(params)
+
+    # Hessian at z: diag(c_0 + rho |z_0|, ...), so lambda_min = -1 + rho |z0|.
+    expected_eigenvalue = CURVATURES[0] + RHO * abs(z0)
+    np.testing.assert_allclose(float(state.smallest_eigenvalue), expected_eigenvalue, rtol=1e-9)
+    # The gradient along q_0 is c_0 z0 + rho/2 z0 |z0|, of the sign of -z0: the step moves z_0
+    # away from 0, whichever sign Lanczos gave the Ritz vector.
+    step_length = abs(expected_eigenvalue) / RHO
+    expected_z = start_z + np.array([np.sign(z0) * step_length, 0, 0, 0, 0])
+    np.testing.assert_allclose(rotation.T @ np.asarray(new_params), expected_z, atol=1e-10)
+    decrease = float(value_fn(params) - value_fn(new_params))
+    assert decrease >= abs(expected_eigenvalue) ** 3 / (3 * RHO**2)
+    wrong_way = jnp.asarray(rotation @ (start_z - (expected_z - start_z)))
+    assert float(value_fn(wrong_way)) > float(value_fn(new_params))
+
+
+def test_ncd_with_a_large_gradient_is_gradient_descent_exactly():
+  value_fn = _cubic_saddle(_rotation())
+  schedule = optax.exponential_decay(0.2, transition_steps=1, decay_rate=0.9)
+  tx = _ncd(learning_rate=schedule)
+  sgd = optax.sgd(schedule)
+
+  def run(params):
+    def body(carry, _):
+      params, state, sgd_state = carry
+      grads = jax.grad(value_fn)(params)
+      updates, state = tx.update(grads, state, params, value_fn=value_fn)
+      sgd_updates, sgd_state = sgd.update(grads, sgd_state, params)
+      carry = (optax.apply_updates(params, updates), state, sgd_state)
+      return carry, (updates, sgd_updates, optax.tree.norm(grads))
+
+    init = (params, tx.init(params), sgd.init(params))
+    return jax.lax.scan(body, init, length=3)
+
+  (_, state, _), (updates, sgd_updates, grad_norms) = jax.jit(run)(
+    jnp.array([1.0, -0.5, 0.3, 0.2, -0.1])
+  )
+  assert float(jnp.min(grad_norms)) > EPSILON
+  np.testing.assert_array_equal(updates, sgd_updates)
+  assert int(state.count) == 3
+  assert int(state.num_lanczos_calls) == int(state.num_curvature_steps) == 0
+  assert np.isnan(float(state.smallest_eigenvalue))
+
+
+def test_ncd_counters_over_an_escape_to_the_minimum():
+  rotation = _rotation()
+  value_fn = _cubic_saddle(rotation)
+  tx = _ncd()
+  params, state, grad_norms = jax.jit(lambda p: _run(tx, value_fn, p, 80))(jnp.zeros(5))
+
+  # One curvature step at the saddle, then gradient descent to z = (+-2 |c_0| / rho, 0, ...).
+  assert int(state.count) == 80
+  assert int(state.num_curvature_steps) == 1
+  small = np.asarray(grad_norms) <= EPSILON
+  assert small[0] and not small[1:10].any() and small[-1]
+  assert int(state.num_lanczos_calls) == int(small.sum())
+  z = rotation.T @ np.asarray(params)
+  np.testing.assert_allclose(np.abs(z), [2 * abs(CURVATURES[0]) / RHO, 0, 0, 0, 0], atol=1e-3)
+  # There the Hessian is diag(-1 + rho * 1, 0.5, 1, 2, 3): the last estimate is its minimum.
+  np.testing.assert_allclose(float(state.smallest_eigenvalue), 0.5, rtol=1e-4)
+
+
+def test_ncd_vmap_over_8_keys_equals_a_python_loop():
+  value_fn = _cubic_saddle(_rotation())
+
+  def run(key):
+    # Two Lanczos steps in five dimensions: the Ritz pair depends on the random start.
+    tx = _ncd(num_lanczos_steps=2, key=key)
+    params, state, _ = _run(tx, value_fn, jnp.zeros(5), 6)
+    return params, state.smallest_eigenvalue, state.num_curvature_steps
+
+  keys = jax.random.split(jax.random.key(1), 8)
+  batched = jax.jit(jax.vmap(run))(keys)
+  single = jax.jit(run)
+  for i, key in enumerate(keys):
+    for b, s in zip(batched, single(key), strict=True):
+      np.testing.assert_allclose(b[i], s, rtol=1e-5, atol=1e-6)
+  assert len({tuple(row) for row in np.asarray(batched[0]).round(5)}) == 8
+
+
+def test_ncd_under_inject_hyperparams_matches_the_plain_transform():
+  value_fn = _cubic_saddle(_rotation())
+  kwargs = dict(learning_rate=0.2, hessian_lipschitz=RHO, epsilon=EPSILON, num_lanczos_steps=5)
+  plain = negative_curvature_descent(**kwargs)
+  injected = optax.inject_hyperparams(
+    negative_curvature_descent, static_args=("num_lanczos_steps",)
+  )(**kwargs)
+  params = jnp.asarray(_rotation() @ np.array([1e-3, 2e-3, 0, 0, 0]), jnp.float32)
+  grads = jax.grad(value_fn)(params)
+  updates, _ = jax.jit(lambda g, s, p: plain.update(g, s, p, value_fn=value_fn))(
+    grads, plain.init(params), params
+  )
+  update = jax.jit(lambda g, s, p: injected.update(g, s, p, value_fn=value_fn))
+  injected_updates, injected_state = update(grads, injected.init(params), params)
+  np.testing.assert_allclose(injected_updates, updates, rtol=1e-5, atol=1e-7)
+  assert int(injected_state.inner_state.num_curvature_steps) == 1
+
+  traced_steps = optax.inject_hyperparams(negative_curvature_descent)(**kwargs)
+  with pytest.raises(TypeError, match="static_args"):
+    traced_steps.init(params)
+
+
+# --- pagd ----------------------------------------------------------------------------------------
+
+_PAGD = dict(
+  momentum=0.9,
+  perturbation_radius=1e-2,
+  gradient_threshold=1e-3,
+  escape_steps=20,
+  exploitation_radius=0.05,
+)
+
+
+def test_pagd_away_from_saddles_is_nesterov_momentum():
+  # A convex quadratic: the nonconvexity test never fires, and the gradient stays large.
+  curvatures = jnp.array([1.0, 3.0, 10.0])
+  value_fn = lambda x: 0.5 * jnp.sum(curvatures * x**2)
+  tx = pagd(0.05, **(_PAGD | dict(momentum=0.8, gradient_threshold=1e-9)))
+  reference = optax.sgd(0.05, momentum=0.8, nesterov=True)
+  params = ref_params = jnp.array([1.0, -2.0, 0.5])
+  state, ref_state = tx.init(params), reference.init(params)
+  step = _step(tx, value_fn)
+  for _ in range(40):
+    params, state = step(params, state)
+    grads = jax.grad(value_fn)(ref_params)
+    updates, ref_state = reference.update(grads, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, updates)
+  np.testing.assert_allclose(params, ref_params, rtol=1e-5, atol=1e-7)
+  assert float(optax.tree.norm(ref_params)) < 0.1  # it really moved
+  assert int(state.num_exploitations) == int(state.num_perturbations) == 0
+
+
+def _indefinite_quadratic(p):
+  return 0.5 * p[0] ** 2 - 0.5 * p[1] ** 2 + 0.3 * p[1]
+
+
+_NCE = dict(learning_rate=0.1, momentum=0.9, exploitation_radius=0.5)
+
+
+@functools.cache
+def _nce_step(default_threshold: bool):
+  """One PAGD call at y = (0.4, 0.2) from a given velocity, compiled once per threshold kind."""
+
+  def step(velocity, curvature_threshold):
+    if default_threshold:
+      curvature_threshold = None  # theta^2 / eta = 0.01 / 0.1
+    tx = pagd(**(_PAGD | _NCE | dict(curvature_threshold=curvature_threshold)))
+    params = jnp.array([0.4, 0.2])
+    state = tx.init(params)._replace(velocity=velocity)
+    grads = jax.grad(_indefinite_quadratic)(params)
+    return tx.update(grads, state, params, value_fn=_indefinite_quadratic)
+
+  return jax.jit(step)
+
+
+@pytest.mark.parametrize(
+  ("velocity", "curvature_threshold", "fires"),
+  [
+    ((0.0, 0.2), None, True),  # along the -1 direction, shorter than s: move by s
+    ((0.0, 0.8), None, True),  # longer than s: back to x_t
+    ((0.2, 0.0), None, False),  # along the +1 direction
+    ((0.2, 0.2), None, False),  # Rayleigh quotient 0 > -gamma
+    ((0.0, 0.2), 0.9, True),  # curvature -1 <= -gamma
+    ((0.0, 0.2), 1.1, False),  # curvature -1 > -gamma
+  ],
+)
+def test_pagd_negative_curvature_exploitation_moves_as_specified(
+  velocity, curvature_threshold, fires
+):
+  learning_rate, momentum, radius = (_NCE[k] for k in _NCE)
+  step = _nce_step(curvature_threshold is None)
+  v = np.array(velocity)
+  updates, state = step(jnp.asarray(v, jnp.float32), jnp.float32(curvature_threshold or 0.0))
+
+  y = np.array([0.4, 0.2])
+  g = np.array([y[0], -y[1] + 0.3])
+  x = y - momentum * v
+  if fires:
+    if np.linalg.norm(v) >= radius:
+      x_next = x
+    else:
+      delta = radius * v / np.linalg.norm(v)
+      x_next = min([x + delta, x - delta], key=_indefinite_quadratic)
+    expected_update, expected_velocity = x_next - y, np.zeros(2)
+  else:
+    expected_velocity = momentum * v - learning_rate * g
+    expected_update = momentum * expected_velocity - learning_rate * g
+  np.testing.assert_allclose(updates, expected_update, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(state.velocity, expected_velocity, rtol=1e-6, atol=1e-7)
+  assert int(state.num_exploitations) == int(fires)
+  assert int(state.num_perturbations) == 0
+
+
+def test_pagd_round_off_in_the_loss_never_triggers_exploitation():
+  # Near the minimum of a convex loss far from zero, f(x_t) and its linearisation agree to
+  # round-off; a test decided by round-off would throw the iterate a distance s (it did,
+  # 28 times in this run, before the test demanded more than the rounding error).
+  curvatures = jnp.array([1.0, 3.0, 10.0])
+  value_fn = lambda x: 100.0 + 0.5 * jnp.sum(curvatures * x**2)
+  tx = pagd(0.05, **(_PAGD | dict(momentum=0.8, perturbation_radius=1e-3, exploitation_radius=0.1)))
+  params, state, _ = jax.jit(lambda p: _run(tx, value_fn, p, 400))(jnp.array([1.0, -2.0, 0.5]))
+  assert int(state.num_exploitations) == 0
+  assert int(state.num_perturbations) > 0  # it reached the small-gradient region
+  assert float(optax.tree.norm(params)) < 1e-3
+
+
+def test_pagd_perturbs_on_the_papers_schedule():
+  problem = problems.strict_saddle()
+  escape_steps = 3
+  # A large gamma keeps NCE from throwing the iterate out of the small-gradient region.
+  overrides = dict(perturbation_radius=1e-6, escape_steps=escape_steps, curvature_threshold=10.0)
+  tx = pagd(0.1, **(_PAGD | overrides))
+
+  def body(carry, _):
+    params, state = carry
+    grads = jax.grad(problem.value_fn)(params)
+    updates, new_state = tx.update(grads, state, params, value_fn=problem.value_fn)
+    perturbed = new_state.num_perturbations > state.num_perturbations
+    moved = optax.tree.norm(updates)
+    return (optax.apply_updates(params, updates), new_state), (perturbed, moved, grads)
+
+  params = jnp.zeros(2)
+  (_, state), (perturbed, moved, grads) = jax.jit(
+    lambda p: jax.lax.scan(body, (p, tx.init(p)), length=12)
+  )(params)
+  assert float(jnp.max(jnp.abs(grads))) < 1e-3  # the gradient stayed below the threshold
+  # More than escape_steps accelerated steps between perturbations: calls 0, 5, 10.
+  np.testing.assert_array_equal(np.flatnonzero(perturbed), [0, 5, 10])
+  assert float(moved[0]) <= 1e-6  # the first call is the draw from the ball, nothing else
+  assert int(state.num_perturbations) == 3
+
+
+def test_pagd_escapes_an_exact_saddle_where_nesterov_momentum_stays():
+  problem = problems.strict_saddle()
+  saddle = jnp.asarray(problem.critical_points[0].point, jnp.float32)
+  agd = optax.sgd(0.1, momentum=0.9, nesterov=True)
+  agd_params, _, _ = jax.jit(lambda p: _run_plain(agd, problem.value_fn, p, 300))(saddle)
+  np.testing.assert_array_equal(agd_params, saddle)
+
+  tx = pagd(0.1, **_PAGD)
+  params, state, _ = jax.jit(lambda p: _run(tx, problem.value_fn, p, 300))(saddle)
+  assert float(problem.value_fn(params)) < problem.minimum_value + 1e-4
+  np.testing.assert_allclose(np.abs(np.asarray(params)), [0.0, 1.0], atol=1e-2)
+  assert int(state.num_perturbations) >= 1
+
+
+def _run_plain(tx, value_fn, params, num_steps):
+  def body(carry, _):
+    params, state = carry
+    updates, state = tx.update(jax.grad(value_fn)(params), state, params)
+    return (optax.apply_updates(params, updates), state), None
+
+  (params, state), _ = jax.lax.scan(body, (params, tx.init(params)), length=num_steps)
+  return params, state, None
+
+
+def test_pagd_vmap_over_8_keys_equals_a_python_loop():
+  value_fn = problems.strict_saddle().value_fn
+
+  def run(key):
+    params, state, _ = _run(pagd(0.1, **_PAGD, key=key), value_fn, jnp.zeros(2), 60)
+    return params, state.velocity, state.num_perturbations, state.num_exploitations
+
+  keys = jax.random.split(jax.random.key(2), 8)
+  batched = jax.jit(jax.vmap(run))(keys)
+  single = jax.jit(run)
+  for i, key in enumerate(keys):
+    for b, s in zip(batched, single(key), strict=True):
+      np.testing.assert_allclose(b[i], s, rtol=1e-5, atol=1e-6)
+  assert len({tuple(row) for row in np.asarray(batched[0]).round(5)}) == 8
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "tx",
+  [_ncd(), pagd(0.1, **_PAGD)],
+  ids=["negative_curvature_descent", "pagd"],
+)
+def test_a_missing_value_fn_or_params_raises_saying_how_to_pass_it(tx):
+  params = jnp.zeros(5)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="value_fn"):
+    tx.update(params, state, params)
+  with pytest.raises(ValueError, match="value_fn"):
+    jax.jit(lambda g, s, p: tx.update(g, s, p))(params, state, params)
+  with pytest.raises(ValueError, match="current parameters"):
+    tx.update(params, state, value_fn=lambda p: jnp.sum(p**2))
+
+
+def test_a_non_scalar_value_fn_is_rejected():
+  tx = pagd(0.1, **_PAGD)
+  params = jnp.ones(3)
+  with pytest.raises(ValueError, match="scalar"):
+    tx.update(params, tx.init(params), params, value_fn=lambda p: p**2)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "name", "error"),
+  [
+    ({"hessian_lipschitz": 0.0}, "hessian_lipschitz", ValueError),
+    ({"hessian_lipschitz": -1.0}, "hessian_lipschitz", ValueError),
+    ({"epsilon": 0.0}, "epsilon", ValueError),
+    ({"epsilon": float("nan")}, "epsilon", ValueError),
+    ({"gradient_threshold": -1e-3}, "gradient_threshold", ValueError),
+    ({"num_lanczos_steps": 0}, "num_lanczos_steps", ValueError),
+    ({"num_lanczos_steps": 2.5}, "num_lanczos_steps", TypeError),
+    ({"num_lanczos_steps": jnp.array(3)}, "num_lanczos_steps", TypeError),
+  ],
+)
+def test_ncd_rejects_bad_hyperparameters_naming_them(kwargs, name, error):
+  with pytest.raises(error, match=name):
+    _ncd(**kwargs)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "name"),
+  [
+    ({"momentum": 1.0}, "momentum"),
+    ({"momentum": -0.1}, "momentum"),
+    ({"perturbation_radius": -1e-2}, "perturbation_radius"),
+    ({"gradient_threshold": 0.0}, "gradient_threshold"),
+    ({"escape_steps": 0}, "escape_steps"),
+    ({"exploitation_radius": 0.0}, "exploitation_radius"),
+    ({"curvature_threshold": -1.0}, "curvature_threshold"),
+  ],
+)
+def test_pagd_rejects_bad_hyperparameters_naming_them(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    pagd(0.1, **(_PAGD | kwargs))
+
+
+@pytest.mark.parametrize(
+  "tx", [_ncd(), pagd(0.1, **_PAGD)], ids=["negative_curvature_descent", "pagd"]
+)
+def test_integer_parameters_are_rejected_with_their_path(tx):
+  with pytest.raises(TypeError, match=r"\['count'\].*int32"):
+    tx.init({"w": jnp.zeros(3), "count": jnp.zeros((), jnp.int32)})
