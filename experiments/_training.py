@@ -1,0 +1,150 @@
+"""Training classifiers for many seeds and learning rates in one vmapped jit.
+
+:func:`train_classifier` is what the network experiments share: the seeds and
+the learning rates are both ``jax.vmap``-ped, training runs in chunks of
+``log_every`` steps (one compiled ``lax.scan``, called again and again, so the
+wall time at each log is real), and every log holds the full-batch training loss
+and gradient norm and the optimizer's counters read with ``optax.tree.get``.
+Initialisation and mini-batches depend only on the seed, so every method and
+learning rate sees the same ones.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments import data
+from experiments import models
+
+# The optimizer-state fields logged when the optimizer has them (0 otherwise).
+COUNTERS = ("num_perturbations", "num_curvature_steps")
+
+
+class TrainingResult(NamedTuple):
+  """Logs of shape ``(learning_rates, seeds, logs)`` and end-of-training results.
+
+  ``counters`` maps each name of :data:`COUNTERS` to its logs; ``wall`` holds
+  the seconds since the start at each log; ``params`` are the final parameters
+  with leading ``(learning_rates, seeds)`` axes, for ``nnx.merge(graphdef, ...)``.
+  """
+
+  loss: np.ndarray
+  grad_norm: np.ndarray
+  counters: dict[str, np.ndarray]
+  wall: list[float]
+  test_loss: np.ndarray
+  test_accuracy: np.ndarray
+  num_params: int
+  oracle_per_step: float
+  graphdef: Any
+  params: Any
+
+
+def train_classifier(
+  dataset: data.Dataset,
+  build_model: Callable[[jax.Array], nnx.Module],
+  make_optimizer: Callable[[jax.Array, jax.Array], optax.GradientTransformationExtraArgs],
+  *,
+  learning_rates,
+  seeds: int,
+  steps: int,
+  log_every: int,
+  batch_size: int | None,
+) -> TrainingResult:
+  """Trains ``build_model(key)`` by ``make_optimizer(learning_rate, key)`` on cross-entropy.
+
+  Args:
+    dataset: the data; the whole training set is the full batch.
+    build_model: a model from a PRNG key (traced: it is vmapped over seeds).
+    make_optimizer: an optax transformation from a learning rate and a key
+      (both traced). Its ``update`` receives ``value=`` the batch loss and
+      ``value_fn=`` the batch loss as a function of the parameters.
+    learning_rates: the candidates, all trained.
+    seeds: seeds ``0 .. seeds - 1``; the seed keys the initialisation, the
+      batches and the optimizer.
+    steps: optimizer steps, a multiple of ``log_every``.
+    log_every: steps between logs.
+    batch_size: mini-batch size (drawn with replacement, so every step's batch
+      is an independent draw), or None for full-batch gradients.
+  """
+  x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+  num_examples = x.shape[0]
+  batch_size = num_examples if batch_size is None else min(batch_size, num_examples)
+  graphdef, example_params = nnx.split(build_model(jax.random.key(0)))
+  learning_rates = jnp.asarray(learning_rates, jnp.float32)
+
+  def loss_fn(params, inputs, labels):
+    return models.cross_entropy_loss(nnx.merge(graphdef, params), inputs, labels)
+
+  def log_values(carry):
+    params, state, _ = carry
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    counters = [optax.tree.get(state, name, default=jnp.int32(0)) for name in COUNTERS]
+    return loss, optax.tree.norm(grads), counters
+
+  def init(learning_rate, seed):
+    model_key, optimizer_key, batch_key = jax.random.split(jax.random.key(seed), 3)
+    _, params = nnx.split(build_model(model_key))
+    state = make_optimizer(learning_rate, optimizer_key).init(params)
+    carry = params, state, batch_key
+    return carry, log_values(carry)
+
+  def run_chunk(learning_rate, carry):
+    # The key only seeds ``init``; updates read the key kept in the state.
+    tx = make_optimizer(learning_rate, jax.random.key(0))
+
+    def step(carry, _):
+      params, state, batch_key = carry
+      batch_key, draw_key = jax.random.split(batch_key)
+      if batch_size == num_examples:
+        inputs, labels = x, y
+      else:
+        index = jax.random.randint(draw_key, (batch_size,), 0, num_examples)
+        inputs, labels = x[index], y[index]
+      batch_loss = lambda p: loss_fn(p, inputs, labels)  # noqa: E731
+      value, grads = jax.value_and_grad(batch_loss)(params)
+      updates, state = tx.update(grads, state, params, value=value, value_fn=batch_loss)
+      return (optax.apply_updates(params, updates), state, batch_key), None
+
+    carry, _ = jax.lax.scan(step, carry, length=log_every)
+    return carry, log_values(carry)
+
+  def test_metrics(params):
+    model = nnx.merge(graphdef, params)
+    x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
+    return models.cross_entropy_loss(model, x_test, y_test), models.accuracy(model, x_test, y_test)
+
+  over_rates_and_seeds = lambda fn, axes: jax.vmap(jax.vmap(fn, axes[1]), axes[0])  # noqa: E731
+  start = time.perf_counter()
+  carry, first = jax.jit(over_rates_and_seeds(init, ((0, None), (None, 0))))(
+    learning_rates, jnp.arange(seeds)
+  )
+  logs, wall = [first], [time.perf_counter() - start]
+  chunk = jax.jit(over_rates_and_seeds(run_chunk, ((0, 0), (None, 0))))
+  for _ in range(steps // log_every):
+    carry, values = chunk(learning_rates, carry)
+    logs.append(jax.block_until_ready(values))
+    wall.append(time.perf_counter() - start)
+  loss, grad_norm, counters = (
+    jax.tree.map(lambda *v: np.stack(v, axis=-1), *parts) for parts in zip(*logs, strict=True)
+  )
+  test_loss, test_accuracy = jax.jit(jax.vmap(jax.vmap(test_metrics)))(carry[0])
+  return TrainingResult(
+    loss=loss,
+    grad_norm=grad_norm,
+    counters=dict(zip(COUNTERS, counters, strict=True)),
+    wall=wall,
+    test_loss=np.asarray(test_loss),
+    test_accuracy=np.asarray(test_accuracy),
+    num_params=int(sum(leaf.size for leaf in jax.tree.leaves(example_params))),
+    oracle_per_step=batch_size / num_examples,
+    graphdef=graphdef,
+    params=carry[0],
+  )
