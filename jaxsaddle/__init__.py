@@ -23,19 +23,26 @@ from jaxsaddle.perturbation import AddIsotropicNoiseState
 from jaxsaddle.perturbation import PerturbNearSaddleState
 from jaxsaddle.perturbation import add_isotropic_noise
 from jaxsaddle.perturbation import perturb_near_saddle
+from jaxsaddle.second_order import CubicRegularizationState
+from jaxsaddle.second_order import SaddleFreeNewtonState
+from jaxsaddle.second_order import cubic_regularization
+from jaxsaddle.second_order import saddle_free_newton
 from jaxsaddle.smoothing import laplacian_smoothing
 
 __version__ = "0.1.0"
 
 __all__ = (
   "AddIsotropicNoiseState",
+  "CubicRegularizationState",
   "LanczosResult",
   "NegativeCurvatureDescentState",
   "PAGDState",
   "PGDHyperparameters",
   "PerturbNearSaddleState",
+  "SaddleFreeNewtonState",
   "add_isotropic_noise",
   "analysis",
+  "cubic_regularization",
   "curvature",
   "extreme_eigenpairs",
   "hvp",
@@ -52,4 +59,5 @@ __all__ = (
   "pgd_hyperparameters",
   "problems",
   "ritz_pairs",
+  "saddle_free_newton",
 )
