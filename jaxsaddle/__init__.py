@@ -3,6 +3,7 @@
 from jaxsaddle import analysis
 from jaxsaddle import curvature
 from jaxsaddle import problems
+from jaxsaddle import spectrum
 from jaxsaddle.alias import PGDHyperparameters
 from jaxsaddle.alias import lsgd
 from jaxsaddle.alias import noisy_gd
@@ -28,6 +29,8 @@ from jaxsaddle.second_order import SaddleFreeNewtonState
 from jaxsaddle.second_order import cubic_regularization
 from jaxsaddle.second_order import saddle_free_newton
 from jaxsaddle.smoothing import laplacian_smoothing
+from jaxsaddle.spectrum import MonitorCurvatureState
+from jaxsaddle.spectrum import monitor_curvature
 
 __version__ = "0.1.0"
 
@@ -35,6 +38,7 @@ __all__ = (
   "AddIsotropicNoiseState",
   "CubicRegularizationState",
   "LanczosResult",
+  "MonitorCurvatureState",
   "NegativeCurvatureDescentState",
   "PAGDState",
   "PGDHyperparameters",
@@ -49,6 +53,7 @@ __all__ = (
   "lanczos",
   "laplacian_smoothing",
   "linearize_hvp",
+  "monitor_curvature",
   "lsgd",
   "negative_curvature_descent",
   "noisy_gd",
@@ -60,4 +65,5 @@ __all__ = (
   "problems",
   "ritz_pairs",
   "saddle_free_newton",
+  "spectrum",
 )

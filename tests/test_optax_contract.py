@@ -41,6 +41,20 @@ def _perturbed_adam(
   )
 
 
+def _monitored_sgd(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  every: int | jax.Array,
+  num_lanczos_steps: int,
+  key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """sgd followed by ``monitor_curvature``, as a factory that inject_hyperparams can rebuild."""
+  return optax.chain(
+    optax.sgd(learning_rate),
+    jaxsaddle.monitor_curvature(every=every, num_lanczos_steps=num_lanczos_steps, key=key),
+  )
+
+
 class Alias(NamedTuple):
   """One optimizer under contract."""
 
@@ -68,10 +82,59 @@ ALIASES = [
     "perturb_near_saddle_adam", _perturbed_adam, dict(learning_rate=1e-2, **_ESCAPE), ("value",)
   ),
   Alias("lsgd", jaxsaddle.lsgd, dict(learning_rate=1.5e-3, sigma=1.0, order=1), (), ("order",)),
+  Alias(
+    "negative_curvature_descent",
+    jaxsaddle.negative_curvature_descent,
+    dict(learning_rate=1.5e-3, hessian_lipschitz=1.0, epsilon=1e-3, num_lanczos_steps=3),
+    ("value_fn",),
+    ("num_lanczos_steps",),
+  ),
+  Alias(
+    "pagd",
+    jaxsaddle.pagd,
+    dict(
+      learning_rate=1e-3,
+      momentum=0.5,
+      exploitation_radius=1e-3,
+      perturbation_radius=1e-3,
+      gradient_threshold=1e-3,
+      escape_steps=10,
+    ),
+    ("value_fn",),
+  ),
+  Alias(
+    "saddle_free_newton",
+    jaxsaddle.saddle_free_newton,
+    dict(learning_rate=1.0, num_lanczos_steps=2, damping=1e-3),
+    ("value_fn",),
+    ("num_lanczos_steps",),
+  ),
+  Alias(
+    "cubic_regularization",
+    jaxsaddle.cubic_regularization,
+    dict(
+      learning_rate=1.0,
+      hessian_lipschitz=1e3,
+      smoothness=1e3,
+      epsilon=1e-6,
+      subsolver_steps=5,
+      subsolver_learning_rate=1.5e-3,
+    ),
+    ("value_fn",),
+    ("subsolver_steps",),
+  ),
+  Alias(
+    "monitor_curvature_sgd",
+    _monitored_sgd,
+    dict(learning_rate=1.5e-3, every=100, num_lanczos_steps=3),
+    ("value_fn",),
+    ("num_lanczos_steps",),
+  ),
 ]
 
-# Only lsgd needs static_args: its ``order`` picks the solver and sizes it in Python
-# (a traced ``sigma`` is fine: it switches to the FFT solver). In the others,
+# static_args are the hyperparameters that size something in Python: lsgd's ``order``
+# picks the solver and sizes it (a traced ``sigma`` is fine: it switches to the FFT
+# solver), and the Lanczos and subsolver step counts are loop lengths. In the others,
 # escape_steps is only compared with int32 counters (never a shape or a loop
 # length), the radii and thresholds only scale or compare numbers,
 # ``distribution`` is a string and so static anyway, and ``key`` is read only by
@@ -86,9 +149,19 @@ def _make(alias: Alias, **overrides) -> optax.GradientTransformation:
   return alias.factory(**(alias.kwargs | overrides))
 
 
-def _extra_args(alias: Alias, value) -> dict[str, Any]:
-  available = {"value": value}
+def _sum_of_squares(params):
+  return optax.tree.norm(params, squared=True)
+
+
+def _extra_args(alias: Alias, value, value_fn=_sum_of_squares) -> dict[str, Any]:
+  """The extra arguments the alias reads: the loss, and the loss as a function (``value_fn``)."""
+  available = {"value": value, "value_fn": value_fn}
   return {name: available[name] for name in alias.extra_args}
+
+
+def _jit_update(opt):
+  """``jax.jit(opt.update)``; a ``value_fn`` is a function, so it must be a static argument."""
+  return jax.jit(opt.update, static_argnames="value_fn")
 
 
 def _unwrap(tree):
@@ -146,7 +219,8 @@ TARGETS = [_setup_parabola, _setup_rosenbrock, _setup_matrix_parabola, _setup_mi
 def _make_step(opt, obj_fn, alias: Alias, **update_kwargs):
   def step(params, state):
     value, grads = jax.value_and_grad(obj_fn)(params)
-    updates, state = opt.update(grads, state, params, **_extra_args(alias, value), **update_kwargs)
+    extra_args = _extra_args(alias, value, obj_fn)
+    updates, state = opt.update(grads, state, params, **extra_args, **update_kwargs)
     return optax.apply_updates(params, updates), state
 
   return jax.jit(step)
@@ -199,7 +273,7 @@ def test_inject_hyperparams_matches_plain_transform(alias):
   extra_args = _extra_args(alias, jnp.array(1.0))
   state = opt.init(params)
   state_inject = jax.jit(opt_inject.init)(params)
-  update, update_inject = jax.jit(opt.update), jax.jit(opt_inject.update)
+  update, update_inject = _jit_update(opt), _jit_update(opt_inject)
 
   numeric_kwargs = {name for name, value in alias.kwargs.items() if not isinstance(value, bool)}
   assert numeric_kwargs - set(alias.static_args) <= set(state_inject.hyperparams)
@@ -218,7 +292,7 @@ def test_inject_hyperparams_matches_plain_transform(alias):
 def test_updates_keep_params_dtype(alias, dtype):
   opt = _make(alias)
   obj_fn = lambda x: jnp.sum(x**2)
-  update = jax.jit(opt.update)
+  update = _jit_update(opt)
   # At the minimum the gradient is zero, so pgd-like aliases return a perturbation.
   for params in [jnp.array([1.0, 2.0], dtype=dtype), jnp.zeros(2, dtype=dtype)]:
     value, grads = jax.value_and_grad(obj_fn)(params)
@@ -233,7 +307,7 @@ def test_multi_steps_accumulates(alias):
   # bfloat16 is where a silent promotion to float32 would break MultiSteps' cond.
   params = jnp.array([1.0, 2.0], dtype=jnp.bfloat16)
   value, grads = jax.value_and_grad(obj_fn)(params)
-  update = jax.jit(opt.update)
+  update = _jit_update(opt)
   state = opt.init(params)
 
   for _ in range(3):
@@ -264,7 +338,7 @@ def test_state_shape_dtype_stable_under_cond(alias, dtype):
       take_update = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
       updates, state = jax.lax.cond(
         take_update,
-        lambda: opt.update(grads, state, params, **_extra_args(alias, value)),
+        lambda: opt.update(grads, state, params, **_extra_args(alias, value, obj_fn)),
         lambda: (params, state),
       )
       return optax.apply_updates(params, updates), state
@@ -318,7 +392,7 @@ def _all_named(tree, name: str) -> list[np.ndarray]:
 @alias_parametrize
 def test_apply_if_finite_skips_nan_gradients(alias):
   opt = optax.apply_if_finite(_make(alias), max_consecutive_errors=2)
-  update = jax.jit(opt.update)
+  update = _jit_update(opt)
   # A finite gradient below the escape threshold: pgd-like aliases perturb, noisy ones move
   # by their noise and deterministic ones (lsgd) by their step; all of them move the params.
   params = jnp.zeros(3)

@@ -1,0 +1,580 @@
+"""Tests for the Hessian-spectrum diagnostics, against dense eigh on small problems."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jaxsaddle.flax
+from jaxsaddle import curvature
+from jaxsaddle import spectrum
+
+FULL = os.environ.get("JAXSADDLE_FULL") == "1"
+
+
+def _rotated(eigenvalues, seed: int) -> np.ndarray:
+  """A float64 symmetric matrix with the given spectrum and a random orthogonal eigenbasis."""
+  eigenvalues = np.asarray(eigenvalues, np.float64)
+  rotation, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((eigenvalues.size,) * 2))
+  matrix = (rotation * eigenvalues) @ rotation.T
+  return (matrix + matrix.T) / 2
+
+
+def _goe(n: int, seed: int) -> np.ndarray:
+  """A GOE matrix scaled so that its spectrum fills the semicircle of radius 2."""
+  gaussian = np.random.default_rng(seed).standard_normal((n, n))
+  return (gaussian + gaussian.T) / np.sqrt(2 * n)
+
+
+def _quadratic(matrix):
+  """``0.5 x^T A x``, whose Hessian is ``A`` everywhere."""
+  return lambda x: 0.5 * x @ matrix @ x
+
+
+# One compilation per function and shape, reused across tests: matrices are arguments, not
+# constants baked into the program.
+@jax.jit
+def _extremes(matrix, key):
+  return spectrum.hessian_extreme_eigenvalues(
+    _quadratic(matrix),
+    jnp.zeros(matrix.shape[0], matrix.dtype),
+    num_steps=60,
+    key=key,
+    k=3,
+    which="both",
+  )
+
+
+@jax.jit
+def _density(matrix, key):
+  return spectrum.hessian_density(
+    _quadratic(matrix),
+    jnp.zeros(matrix.shape[0], matrix.dtype),
+    key=key,
+    num_probes=32,
+    num_steps=30,
+  )
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def _trace_estimates(matrix, keys, method):
+  def estimate(key):
+    return spectrum.hessian_trace(
+      _quadratic(matrix),
+      jnp.zeros(matrix.shape[0], matrix.dtype),
+      key=key,
+      num_probes=30,
+      method=method,
+    )
+
+  return jax.vmap(estimate)(keys)
+
+
+def test_extreme_eigenvalues_match_eigh_on_prescribed_spectra():
+  with jax.enable_x64(True):
+    spectra = [
+      np.concatenate([[-5.0, -4.0, -3.0], np.linspace(-1.0, 1.0, 114), [2.0, 3.5, 6.0]]),
+      # As in networks: a null space, a bulk near zero and outliers, two of them close.
+      np.concatenate([np.zeros(60), np.geomspace(0.01, 0.2, 54), [5, 5.5, 6, 20, 21, 40.0]]),
+    ]
+    for seed, eigenvalues in enumerate(spectra):
+      matrix = _rotated(eigenvalues, seed)
+      pairs = _extremes(jnp.asarray(matrix), jax.random.key(seed))
+      expected = np.linalg.eigvalsh(matrix)
+      np.testing.assert_allclose(pairs.eigenvalues[3:], expected[::-1][:3], rtol=1e-4)
+      # The residual bounds the error, and for these well separated ends it is small.
+      assert float(jnp.max(pairs.residual_norms[3:])) < 1e-3 * expected[-1]
+      vector = jax.tree.map(lambda leaf: leaf[3], pairs.eigenvectors)
+      np.testing.assert_allclose(matrix @ vector, expected[-1] * vector, atol=1e-3)
+    # Distinct smallest eigenvalues are all found; a multiple one (the null space) only once,
+    # as a Krylov space holds one vector of each eigenspace.
+    np.testing.assert_allclose(pairs.eigenvalues[0], 0.0, atol=1e-10)
+    first = _extremes(jnp.asarray(_rotated(spectra[0], 0)), jax.random.key(0))
+    np.testing.assert_allclose(first.eigenvalues[:3], [-5.0, -4.0, -3.0], rtol=1e-4)
+
+
+def test_hessian_trace_is_within_its_standard_error_across_seeds():
+  with jax.enable_x64(True):
+    matrix = _rotated(np.random.default_rng(3).normal(0.5, 1.0, 100), 4)
+    trace = np.trace(matrix)
+    keys = jax.random.split(jax.random.key(5), 200)
+    # Hutchinson's variance per Rademacher probe: 2 (||A||_F^2 - sum_i A_ii^2).
+    variance = 2 * (np.sum(matrix**2) - np.sum(np.diag(matrix) ** 2))
+    for method in ("hutchinson", "hutch++"):
+      estimates = _trace_estimates(jnp.asarray(matrix), keys, method)
+      z_scores = (np.asarray(estimates.value) - trace) / np.asarray(estimates.standard_error)
+      # A t-statistic: mean 0, standard deviation a little above 1 (29 or 9 degrees of freedom).
+      assert abs(np.mean(z_scores)) < 0.25, method
+      assert 0.8 < np.std(z_scores) < 1.45, method
+      assert np.mean(np.abs(z_scores) < 2) > 0.88, method
+    hutchinson = _trace_estimates(jnp.asarray(matrix), keys, "hutchinson")
+    np.testing.assert_allclose(
+      np.mean(np.asarray(hutchinson.standard_error) ** 2), variance / 30, rtol=0.15
+    )
+
+
+def test_hutch_plus_plus_has_lower_variance_on_low_rank_plus_small():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(6)
+    spectrum_values = np.concatenate([np.geomspace(10.0, 100.0, 8), rng.uniform(0, 0.05, 92)])
+    matrix = jnp.asarray(_rotated(spectrum_values, 7))
+    trace = float(np.sum(spectrum_values))
+    keys = jax.random.split(jax.random.key(8), 200)
+    hutchinson = _trace_estimates(matrix, keys, "hutchinson")
+    hutch_plus_plus = _trace_estimates(matrix, keys, "hutch++")
+    # The rank-8 part fits in the 10-vector sketch, so only the small part is sampled.
+    assert np.var(hutch_plus_plus.value) < 1e-3 * np.var(hutchinson.value)
+    assert abs(np.mean(hutch_plus_plus.value) - trace) < 3 * np.std(hutch_plus_plus.value) / 14
+    assert float(np.median(hutch_plus_plus.standard_error)) < 0.05 * float(
+      np.median(hutchinson.standard_error)
+    )
+
+
+def test_slq_density_integrates_to_one_and_its_moments_match_traces():
+  eigenvalues = np.random.default_rng(9).gamma(2.0, 1.0, 400) - 1.5
+  matrix = _rotated(eigenvalues, 10)
+  density = _density(jnp.asarray(matrix, jnp.float32), jax.random.key(11))
+  np.testing.assert_allclose(jnp.sum(density.weights, axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(jnp.trapezoid(density.density, density.grid), 1.0, atol=1e-3)
+  for power in (1, 2):
+    moment = spectrum.spectral_moment(density, power)
+    expected = np.mean(eigenvalues**power)
+    assert abs(float(moment.value) - expected) < 4 * float(moment.standard_error), power
+    # The error bar is informative: well below the moment itself.
+    assert float(moment.standard_error) < 0.1 * abs(expected)
+  # Most of the kernel mass lies where the eigenvalues are.
+  inside = (density.grid >= eigenvalues.min()) & (density.grid <= eigenvalues.max())
+  assert float(jnp.trapezoid(jnp.where(inside, density.density, 0), density.grid)) > 0.95
+
+
+def test_density_options_batching_gaussian_probes_and_user_grid():
+  eigenvalues = np.linspace(-1.0, 2.0, 30)
+  grid = jnp.linspace(-2.0, 3.0, 101)
+
+  @jax.jit
+  def densities(matrix, key):
+    def density(**kwargs):
+      return spectrum.hessian_density(
+        _quadratic(matrix), jnp.zeros(30), key=key, num_probes=6, num_steps=8, **kwargs
+      )
+
+    return (
+      density(),
+      density(probe_batch_size=4),
+      density(distribution="gaussian", grid=grid, broadening=0.2),
+    )
+
+  whole, batched, gaussian = densities(jnp.asarray(_rotated(eigenvalues, 27), jnp.float32), 28)
+  for field in ("nodes", "weights", "density"):
+    np.testing.assert_allclose(getattr(batched, field), getattr(whole, field), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gaussian.grid, grid)
+  assert float(gaussian.broadening) == pytest.approx(0.2)
+  kernel = np.exp(-0.5 * ((grid[:, None] - gaussian.nodes.reshape(-1)) / 0.2) ** 2)
+  expected = kernel @ (gaussian.weights.reshape(-1) / 6) / (np.sqrt(2 * np.pi) * 0.2)
+  np.testing.assert_allclose(gaussian.density, expected, rtol=1e-4, atol=1e-6)
+  moment = spectrum.spectral_moment(gaussian, 1)
+  assert abs(float(moment.value) - eigenvalues.mean()) < 4 * float(moment.standard_error)
+  # Gaussian probes differ from the Rademacher ones.
+  assert not np.allclose(gaussian.weights, whole.weights)
+
+
+def test_degeneracy_and_negative_mass_match_true_fractions():
+  rng = np.random.default_rng(12)
+  eigenvalues = np.concatenate(
+    [np.zeros(120), rng.uniform(-3.0, -0.5, 80), rng.uniform(0.5, 4.0, 200)]
+  )
+  exact = spectrum.degeneracy(jnp.asarray(eigenvalues))
+  np.testing.assert_allclose([exact.near_zero_mass, exact.negative_mass], [0.3, 0.2], atol=1e-6)
+  assert float(exact.threshold) == pytest.approx(1e-3 * eigenvalues.max(), rel=1e-6)
+
+  density = _density(jnp.asarray(_rotated(eigenvalues, 13), jnp.float32), jax.random.key(14))
+  mass = spectrum.degeneracy(density)
+  assert abs(float(mass.near_zero_mass) - 0.3) < 0.02
+  assert abs(float(mass.negative_mass) - 0.2) < 0.02
+  # The same from the (nodes, weights) pair.
+  pair_mass = spectrum.degeneracy((density.nodes, density.weights))
+  np.testing.assert_allclose(pair_mass.near_zero_mass, mass.near_zero_mass, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "n", [400, pytest.param(2000, marks=pytest.mark.skipif(not FULL, reason="JAXSADDLE_FULL"))]
+)
+def test_goe_spectrum_fits_the_semicircle(n):
+  matrix = _goe(n, 15)
+  fit = spectrum.semicircle_fit(jnp.asarray(np.linalg.eigvalsh(matrix)))
+  assert abs(float(fit.center)) < 0.03
+  assert abs(float(fit.radius) - 2.0) < 0.05
+  assert float(fit.ks_distance) < 0.02
+  assert float(fit.outlier_mass) == 0.0
+  assert bool(jnp.all(jnp.isnan(fit.outliers)))
+
+  density = _density(jnp.asarray(matrix, jnp.float32), jax.random.key(16))
+  slq_fit = spectrum.semicircle_fit(density)
+  assert abs(float(slq_fit.center)) < 0.05
+  assert abs(float(slq_fit.radius) - 2.0) < 0.1
+  assert float(slq_fit.ks_distance) < 0.04
+  assert float(slq_fit.outlier_mass) < 0.01
+
+
+def test_spiked_spectrum_does_not_fit_and_its_outliers_are_found():
+  n, num_spikes = 400, 20
+  rng = np.random.default_rng(17)
+  spikes, _ = np.linalg.qr(rng.standard_normal((n, num_spikes)))
+  strengths = np.linspace(3.0, 6.0, num_spikes)
+  matrix = _goe(n, 18) + (spikes * strengths) @ spikes.T
+  eigenvalues = np.linalg.eigvalsh(matrix)
+  fit = spectrum.semicircle_fit(jnp.asarray(eigenvalues))
+  goe_fit = spectrum.semicircle_fit(jnp.asarray(np.linalg.eigvalsh(_goe(n, 18))))
+
+  assert abs(float(fit.radius) - 2.0) < 0.1  # the bulk is still the semicircle
+  assert float(fit.bulk_ks_distance) < 0.02
+  assert float(fit.ks_distance) > 0.04 > 2 * float(goe_fit.ks_distance)
+  outliers = np.sort(np.asarray(fit.outliers)[~np.isnan(np.asarray(fit.outliers))])
+  np.testing.assert_allclose(outliers, eigenvalues[-num_spikes:], rtol=1e-6)
+  assert float(fit.outlier_mass) == pytest.approx(num_spikes / n)
+  # Beyond the BBP threshold a spike of strength theta sits near theta + 1/theta.
+  np.testing.assert_allclose(outliers, strengths + 1 / strengths, atol=0.3)
+
+
+_TWO_DIMENSIONAL = {
+  "(w1 w2 - 1)^2": (lambda w: (w[0] * w[1] - 1.0) ** 2, "strict saddle"),
+  "x^2 + y^2": (lambda w: w[0] ** 2 + w[1] ** 2, "minimum"),
+  "x^2 + y^4": (lambda w: w[0] ** 2 + w[1] ** 4, "minimum"),
+  "x^2 - y^4": (lambda w: w[0] ** 2 - w[1] ** 4, "degenerate saddle"),
+  "(x - 1)^2 + y^2": (lambda w: (w[0] - 1.0) ** 2 + w[1] ** 2, "not critical"),
+  "-x^2 - y^2": (lambda w: -(w[0] ** 2) - w[1] ** 2, "strict saddle"),
+}
+
+
+def _classify(value_fns, dimension, key):
+  """classify_critical_point at 0 for every function, in one compilation (a lax.switch)."""
+
+  def classify(case):
+    def value_fn(w):
+      return jax.lax.switch(case, value_fns, w)
+
+    return spectrum.classify_critical_point(
+      value_fn,
+      jnp.zeros(dimension),
+      gradient_tol=1e-4,
+      eigenvalue_tol=1e-3,
+      num_steps=3,
+      key=key,
+    )
+
+  return jax.jit(jax.vmap(classify))(jnp.arange(len(value_fns)))
+
+
+def test_classify_critical_points():
+  cases = list(_TWO_DIMENSIONAL.values())
+  reports = _classify([value_fn for value_fn, _ in cases], 2, jax.random.key(19))
+  kinds = [spectrum.CRITICAL_POINT_KINDS[int(kind)] for kind in reports.kind]
+  assert kinds == [kind for _, kind in cases]
+  # (w1 w2 - 1)^2 at 0: Hessian [[0, -2], [-2, 0]], eigenvalues -2 and 2, index 1/2.
+  np.testing.assert_allclose(reports.smallest_eigenvalue[0], -2.0, rtol=1e-5)
+  np.testing.assert_allclose(reports.largest_eigenvalue[0], 2.0, rtol=1e-5)
+  np.testing.assert_allclose(reports.index[0], 0.5)
+  # x^2 +- y^4: Hessian diag(2, 0), half of the spectrum is degenerate.
+  np.testing.assert_allclose(reports.degeneracy[2:4], 0.5)
+  np.testing.assert_allclose(reports.gradient_norm[4], 2.0, rtol=1e-6)
+  assert float(reports.probe_decrease[2]) <= 0 < float(reports.probe_decrease[3])
+
+  # (w1 w2 w3 - 1)^2 at 0: zero Hessian, f = 1 above its minimum 0, descent of order r^3.
+  report = jax.jit(
+    lambda params: spectrum.classify_critical_point(
+      lambda w: (w[0] * w[1] * w[2] - 1.0) ** 2,
+      params,
+      gradient_tol=1e-4,
+      eigenvalue_tol=1e-3,
+      num_steps=3,
+      key=jax.random.key(20),
+    )
+  )(jnp.zeros(3))
+  assert report.kind_name == "degenerate saddle"
+  np.testing.assert_allclose([report.smallest_eigenvalue, report.largest_eigenvalue], 0.0)
+  assert float(report.degeneracy) == 1.0 and float(report.index) == 0.0
+
+
+def _tree_value(params):
+  hidden = jnp.tanh(params["a"] @ params["c"]["d"][:4] + params["b"][:3])
+  return jnp.sum(jnp.sin(hidden)) + 0.1 * jnp.sum(params["b"] ** 4) + jnp.prod(params["c"]["d"])
+
+
+def _tree_params():
+  keys = jax.random.split(jax.random.key(21), 3)
+  return {
+    "a": jax.random.normal(keys[0], (3, 4), jnp.float64),
+    "b": jax.random.normal(keys[1], (5,), jnp.float64),
+    "c": {"d": jax.random.normal(keys[2], (6,), jnp.float64)},
+  }
+
+
+def test_restriction_is_the_dense_block_of_the_hessian():
+  selections = {
+    "a": slice(0, 12),  # ravel_pytree orders the leaves a (12), b (5), c/d (6)
+    ("c", "d"): slice(17, 23),
+    # A filter picking two leaves gives the Hessian of the two blocks together.
+    lambda path, leaf: leaf.shape != (5,): np.r_[0:12, 17:23],
+  }
+
+  @jax.jit
+  def hessians(params):
+    flat, unravel = ravel_pytree(params)
+    full = jax.hessian(lambda x: _tree_value(unravel(x)))(flat)
+    blocks = []
+    for select in selections:
+      value_fn, sub_params = spectrum.restrict(_tree_value, params, select)
+      sub_flat, sub_unravel = ravel_pytree(sub_params)
+      blocks.append(jax.hessian(lambda x, f=value_fn, u=sub_unravel: f(u(x)))(sub_flat))
+    pairs = spectrum.hessian_extreme_eigenvalues(
+      value_fn, sub_params, num_steps=18, key=jax.random.key(22), which="both"
+    )
+    return full, blocks, pairs
+
+  with jax.enable_x64(True):
+    full, blocks, pairs = hessians(_tree_params())
+    full = np.asarray(full)
+    for block, (select, index) in zip(blocks, selections.items(), strict=True):
+      expected = full[np.ix_(np.r_[index], np.r_[index])]
+      np.testing.assert_allclose(block, expected, rtol=1e-12, atol=1e-12, err_msg=str(select))
+    expected = np.linalg.eigvalsh(expected)
+    np.testing.assert_allclose(pairs.eigenvalues, [expected[0], expected[-1]], rtol=1e-8)
+
+
+def test_dataset_value_fn_hvp_equals_full_batch_hvp():
+  with jax.enable_x64(True):
+    params = _tree_params()
+    keys = jax.random.split(jax.random.key(23), 2)
+    inputs = jax.random.normal(keys[0], (4, 8, 6), jnp.float64)
+    targets = jax.random.normal(keys[1], (4, 8), jnp.float64)
+
+    def loss_fn(params, batch):
+      inputs, targets = batch
+      hidden = jnp.tanh(inputs[:, :4] @ params["a"].T + params["b"][:3])
+      outputs = hidden @ params["c"]["d"][:3] + inputs @ params["c"]["d"]
+      return jnp.mean((outputs - targets) ** 2)
+
+    @jax.jit
+    def values_and_products(params, tangent):
+      value_fn = spectrum.dataset_value_fn(loss_fn, (inputs, targets))
+      full_batch = lambda params: loss_fn(params, (inputs.reshape(32, 6), targets.reshape(32)))
+      return [
+        (f(params), ravel_pytree(curvature.hvp(f, params, tangent))[0])
+        for f in (value_fn, full_batch)
+      ]
+
+    tangent = jax.tree.map(lambda leaf: jnp.cos(jnp.arange(leaf.size).reshape(leaf.shape)), params)
+    (value, product), (expected_value, expected) = values_and_products(params, tangent)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-13)
+    np.testing.assert_allclose(product, expected, rtol=1e-11)
+    assert float(jnp.max(jnp.abs(expected))) > 0.1
+
+    with pytest.raises(ValueError, match="leading axis"):
+      spectrum.dataset_value_fn(loss_fn, (inputs, targets[:3]))
+
+
+def test_monitor_curvature_passes_updates_and_records_eigenvalues_at_the_right_steps():
+  with jax.enable_x64(True):
+    matrix = jnp.asarray(_rotated(np.linspace(-1.0, 3.0, 6), 24))
+
+    def value_fn(x):
+      return 0.5 * x @ matrix @ x + 0.25 * jnp.sum(x**4)
+
+    def hessian(x):
+      return np.asarray(matrix) + 3 * np.diag(np.asarray(x) ** 2)
+
+    monitor = spectrum.monitor_curvature(every=3, num_lanczos_steps=6, key=25)
+    tx = optax.chain(optax.sgd(0.05), monitor)
+    plain = optax.sgd(0.05)
+
+    @jax.jit
+    def step(params, state, plain_state):
+      grads = jax.grad(value_fn)(params)
+      updates, state = tx.update(grads, state, params, value_fn=value_fn)
+      plain_updates, plain_state = plain.update(grads, plain_state, params)
+      passed, _ = monitor.update(grads, state[1], params, value_fn=value_fn)
+      return updates, state, plain_state, plain_updates, passed, grads
+
+    params = jnp.linspace(-1.0, 1.0, 6)
+    state, plain_state = tx.init(params), plain.init(params)
+    assert np.isnan(optax.tree.get(state, "smallest_eigenvalue"))
+    recorded = {}
+    for count in range(7):
+      updates, state, plain_state, plain_updates, passed, grads = step(params, state, plain_state)
+      np.testing.assert_array_equal(updates, plain_updates)  # bitwise
+      np.testing.assert_array_equal(passed, grads)
+      taken_at = int(optax.tree.get(state, "eigenvalue_step"))
+      assert taken_at == count - count % 3
+      if taken_at == count:
+        recorded[count] = np.linalg.eigvalsh(hessian(params))
+      expected = recorded[taken_at]
+      np.testing.assert_allclose(
+        [optax.tree.get(state, "smallest_eigenvalue"), optax.tree.get(state, "largest_eigenvalue")],
+        [expected[0], expected[-1]],
+        rtol=1e-8,
+      )
+      params = optax.apply_updates(params, updates)
+    assert sorted(recorded) == [0, 3, 6]
+    assert not np.allclose(recorded[0], recorded[6])  # the Hessian moved
+
+    with pytest.raises(ValueError, match="value_fn"):
+      monitor.update(params, monitor.init(params), params)
+
+
+def test_top_eigenvalues_of_digits_mlp_match_dense_hessian():
+  datasets = pytest.importorskip("sklearn.datasets")
+  from flax import nnx
+
+  # The first 500 of the 1797 images keep the dense Hessian cheap.
+  digits = datasets.load_digits()
+  inputs = jnp.asarray(digits.data[:500] / 16.0, jnp.float32)
+  labels = jnp.asarray(digits.target[:500])
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(64, 8, rngs=rngs)
+      self.output = nnx.Linear(8, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.output(jnp.tanh(self.hidden(x)))
+
+  def loss_fn(model, inputs, labels):
+    logits = model(inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  model = MLP(nnx.Rngs(0))
+  value_fn = jaxsaddle.flax.make_value_fn(model, loss_fn, inputs, labels)
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def train(params):
+    def body(_, carry):
+      params, state = carry
+      updates, state = tx.update(jax.grad(value_fn)(params), state, params)
+      return optax.apply_updates(params, updates), state
+
+    return jax.lax.fori_loop(0, 100, body, (params, tx.init(params)))[0]
+
+  params = train(nnx.state(model, nnx.Param))
+  assert float(value_fn(params)) < 0.5  # trained well past the initial ln(10)
+
+  flat, unravel = ravel_pytree(params)
+  assert flat.size == 64 * 8 + 8 + 8 * 10 + 10
+  dense = np.asarray(jax.jit(jax.hessian(lambda x: value_fn(unravel(x))))(flat), np.float64)
+  expected = np.linalg.eigvalsh((dense + dense.T) / 2)[::-1][:3]
+
+  pairs = jax.jit(
+    lambda params, key: spectrum.hessian_extreme_eigenvalues(
+      value_fn, params, num_steps=40, key=key, k=3
+    )
+  )(params, jax.random.key(26))
+  np.testing.assert_allclose(pairs.eigenvalues, expected, rtol=1e-3)
+  assert float(jnp.max(pairs.residual_norms)) < 1e-2 * expected[0]
+
+  # restrict on an nnx.State: the output layer's kernel and bias, the rest held fixed.
+  layer_fn, layer_params = spectrum.restrict(value_fn, params, "output")
+  assert [leaf.shape for leaf in jax.tree.leaves(layer_params)] == [(10,), (8, 10)]
+  # Not a constant shift: softmax ignores those in the output layer.
+  shift = lambda leaf: leaf + 0.1 * jnp.cos(jnp.arange(leaf.size)).reshape(leaf.shape)
+  moved = jax.tree.map(shift, layer_params)
+  shifted = jax.tree_util.tree_map_with_path(
+    lambda path, leaf: shift(leaf) if path[0].key == "output" else leaf, params
+  )
+  np.testing.assert_allclose(layer_fn(moved), value_fn(shifted), rtol=1e-6)
+  assert abs(float(value_fn(shifted)) - float(value_fn(params))) > 1e-3
+
+
+def test_non_finite_loss_raises_eagerly_and_gives_nan_under_jit():
+  def nan_below_zero(x):
+    return jnp.sum(x**2) + jnp.log(x[0])  # -inf at x[0] = 0, NaN below
+
+  params = jnp.array([-1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    spectrum.hessian_trace(nan_below_zero, params, key=0, num_probes=2)
+
+  @jax.jit
+  def under_jit(params):
+    # Three parameters and two steps: classify_critical_point takes its Lanczos and SLQ path.
+    return (
+      spectrum.hessian_extreme_eigenvalues(nan_below_zero, params, num_steps=2, key=0),
+      spectrum.hessian_trace(nan_below_zero, params, key=0, num_probes=4, method="hutch++"),
+      spectrum.hessian_density(nan_below_zero, params, key=0, num_probes=2, num_steps=2),
+      spectrum.classify_critical_point(
+        nan_below_zero, params, gradient_tol=1.0, eigenvalue_tol=1e-3, num_steps=2, key=0
+      ),
+    )
+
+  *spectra, report = under_jit(params)
+  for output in jax.tree.leaves(spectra) + list(report[1:]):
+    assert bool(jnp.all(jnp.isnan(output)))
+  assert spectrum.CRITICAL_POINT_KINDS[int(report.kind)] == "not critical"
+
+  # At (1, 3, 3) the same function is finite, with Hessian diag(1, 2, 2).
+  *spectra, report = under_jit(params + 2)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(spectra) + list(report))
+  np.testing.assert_allclose(spectra[0].eigenvalues, 2.0, rtol=1e-5)
+  np.testing.assert_allclose(
+    [report.smallest_eigenvalue, report.largest_eigenvalue, report.gradient_norm],
+    [1.0, 2.0, 9.0],
+    rtol=1e-5,
+  )
+  assert float(report.index) == 0.0 and float(report.degeneracy) == 0.0
+  assert report.kind_name == "not critical"
+
+  nan_mass = spectrum.degeneracy(jnp.array([1.0, jnp.nan]))
+  assert np.isnan(nan_mass.near_zero_mass) and np.isnan(nan_mass.negative_mass)
+
+
+def test_bad_input_raises():
+  params = jnp.ones(3)
+  vector_valued = lambda x: x**2
+  quadratic = lambda x: jnp.sum(x**2)
+  with pytest.raises(ValueError, match="scalar"):
+    spectrum.hessian_extreme_eigenvalues(vector_valued, params, num_steps=3, key=0)
+  with pytest.raises(ValueError, match="scalar"):
+    spectrum.hessian_density(lambda x: (jnp.sum(x), x), params, key=0, num_probes=1, num_steps=2)
+  with pytest.raises(ValueError, match="num_steps"):
+    spectrum.hessian_extreme_eigenvalues(quadratic, params, num_steps=0, key=0)
+  with pytest.raises(ValueError, match="num_steps"):
+    spectrum.hessian_density(quadratic, params, key=0, num_probes=2, num_steps=0)
+  with pytest.raises(ValueError, match="num_probes"):
+    spectrum.hessian_density(quadratic, params, key=0, num_probes=0, num_steps=2)
+  with pytest.raises(ValueError, match="num_probes"):
+    spectrum.hessian_trace(quadratic, params, key=0, num_probes=0)
+  with pytest.raises(ValueError, match="hutch\\+\\+ needs"):
+    spectrum.hessian_trace(quadratic, params, key=0, num_probes=2, method="hutch++")
+  with pytest.raises(ValueError, match="method"):
+    spectrum.hessian_trace(quadratic, params, key=0, num_probes=2, method="exact")
+  with pytest.raises(ValueError, match="which"):
+    spectrum.hessian_extreme_eigenvalues(quadratic, params, num_steps=3, key=0, which="top")
+  with pytest.raises(ValueError, match="distribution"):
+    spectrum.hessian_density(
+      quadratic, params, key=0, num_probes=1, num_steps=2, distribution="uniform"
+    )
+  with pytest.raises(TypeError, match="dtype int32"):
+    spectrum.hessian_trace(quadratic, jnp.ones(3, jnp.int32), key=0, num_probes=2)
+  with pytest.raises(ValueError, match="probe_radii"):
+    spectrum.classify_critical_point(
+      quadratic,
+      params,
+      gradient_tol=1e-3,
+      eigenvalue_tol=1e-3,
+      num_steps=2,
+      key=0,
+      probe_radii=(0.1, -1.0),
+    )
+  with pytest.raises(ValueError, match="selects no parameter"):
+    spectrum.restrict(quadratic, {"a": params}, "b")
+  with pytest.raises(ValueError, match="1-D array"):
+    spectrum.degeneracy(jnp.ones((2, 2)))
+  with pytest.raises(ValueError, match="one shape"):
+    spectrum.semicircle_fit((jnp.ones((2, 3)), jnp.ones((2, 2))))
+  with pytest.raises(ValueError, match="power"):
+    spectrum.spectral_moment((jnp.ones((2, 3)), jnp.ones((2, 3))), -1)
+  with pytest.raises(ValueError, match="every"):
+    spectrum.monitor_curvature(every=0, num_lanczos_steps=3)
