@@ -1,0 +1,91 @@
+"""``python -m experiments pgd-networks --quick`` end to end, and its config rules."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _experiment_runs import assert_is_figure
+from _experiment_runs import read_metrics
+from _experiment_runs import shared_quick_run
+
+from experiments import _runner
+from experiments import pgd_networks
+
+
+@pytest.fixture(scope="session", name="quick_run")
+def _quick_run(tmp_path_factory) -> Path:
+  return shared_quick_run("pgd-networks", tmp_path_factory)
+
+
+def test_quick_run_records_every_rate_seed_and_log(quick_run):
+  saved = json.loads((quick_run / "config.json").read_text())["config"]
+  config = _runner.config_from_dict(pgd_networks.Config, saved)
+  records = read_metrics(quick_run)
+  closing = {r["unit"]: r for r in records if r.get("kind") == "unit"}
+  assert sorted(closing) == sorted(pgd_networks.unit_names(config))
+  logs = config.steps // config.log_every + 1
+  for unit, record in closing.items():
+    steps = [r for r in records if r["unit"] == unit and "step" in r]
+    assert len(steps) == logs * len(config.learning_rates)
+    for step in steps:
+      assert len(step["loss"]) == len(step["grad_norm"]) == config.seeds
+      assert step["oracle_calls"] >= 0 and step["wall_time"] >= 0
+    # The reported rate is the candidate with the lowest median final loss.
+    by_rate = record["final_loss_by_rate"]
+    assert record["learning_rate"] == float(min(by_rate, key=by_rate.get))
+    chosen = [s for s in steps if s["learning_rate"] == record["learning_rate"]]
+    assert chosen[-1]["loss"] == record["final_loss"]
+    assert all(0 <= a <= 1 for a in record["test_accuracy"])
+    # Training reduces the loss for the chosen rate on most settings; at least it is finite.
+    assert np.all(np.isfinite(record["final_loss"]))
+
+
+def test_methods_share_initialisations_and_batches(quick_run):
+  records = read_metrics(quick_run)
+  first = {(r["unit"], r["learning_rate"]): r["loss"] for r in records if r.get("step") == 0}
+  pairs = [(u, rate) for (u, rate) in first if u.endswith("/gd")]
+  assert pairs
+  for unit, rate in pairs:
+    assert first[(unit, rate)] == first[(unit[: -len("gd")] + "pgd", rate)]
+
+
+def test_quick_summary_states_the_comparison(quick_run):
+  summary = (quick_run / "summary.md").read_text()
+  assert "| dataset | architecture | regime | params |" in summary
+  assert "## What the numbers say" in summary
+  assert "significantly lower than GD's" in summary
+  for png in (quick_run / "figures").glob("*.png"):
+    assert_is_figure(png, taller_than=200, wider_than=300)
+  assert (quick_run / "figures" / "advantage.png").exists()
+  assert (quick_run / "figures" / "digits-full-small.png").exists()
+
+
+def test_cifar10_is_skipped_without_a_path_and_kept_with_one():
+  config = pgd_networks.Config(datasets=("digits", "cifar10"), architectures=("logistic",))
+  assert all(not u.startswith("cifar10/") for u in pgd_networks.unit_names(config))
+  with_path = dataclasses.replace(config, cifar10_path="/somewhere")
+  assert any(u.startswith("cifar10/") for u in pgd_networks.unit_names(with_path))
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (dict(architectures=("resnet",)), "unknown architecture"),
+    (dict(regimes=("full/huge",)), "unknown regime"),
+    (dict(learning_rates=(0.1, -1.0)), "learning_rates"),
+    (dict(steps=10, log_every=3), "multiple of log_every"),
+    (dict(datasets=("imagenet",)), "unknown datasets"),
+  ],
+)
+def test_bad_configs_are_rejected(change, message):
+  with pytest.raises(ValueError, match=message):
+    pgd_networks.check_config(dataclasses.replace(pgd_networks.Config(), **change))
+
+
+def test_confidence_interval_matches_student_t():
+  mean, half = pgd_networks.confidence_interval([1.0, 2.0, 3.0, 4.0])
+  # t_{0.975, 3} = 3.182446; sample std of 1..4 is sqrt(5/3).
+  assert mean == pytest.approx(2.5)
+  assert half == pytest.approx(3.182446 * np.sqrt(5 / 3) / 2, rel=1e-5)
