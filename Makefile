@@ -1,5 +1,5 @@
 # Two entry points, each working on a fresh machine with only Python 3.11+:
-#   make demo   runs the saddle-escape demo (writes runs/escape/<timestamp>/)
+#   make demo   runs the quick version of the four experiments (writes runs/<name>/<timestamp>/)
 #   make test   runs ruff and the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -22,7 +22,11 @@ $(BENCHMARK_PEERS): $(INSTALLED)
 	touch $(BENCHMARK_PEERS)
 
 demo: $(INSTALLED)
-	$(BIN)/python -m experiments escape
+	$(BIN)/python -m experiments escape-toy --quick
+	$(BIN)/python -m experiments pgd-networks --quick
+	$(BIN)/python -m experiments saddles-good-enough --quick
+	$(BIN)/python -m experiments attraction-region --quick
+	@echo "summaries (newest first):" && ls -1t runs/*/*/summary.md | head -n 4
 
 test: $(INSTALLED)
 	$(BIN)/python -m ruff check .
