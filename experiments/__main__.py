@@ -32,6 +32,10 @@ EXPERIMENTS = {
     "experiments.pgd_networks",
     "PGD against GD across architectures and datasets, full- and mini-batch",
   ),
+  "saddles-good-enough": (
+    "experiments.saddles_good_enough",
+    "the Hessian spectrum where GD, SGD, PGD and NC descent end: degenerate saddles?",
+  ),
   "attraction-region": (
     "experiments.attraction",
     "attraction-region dimension vs n: GD, LSGD and mLSGD candidates",

@@ -180,3 +180,36 @@ def plot_advantage(
   figure.savefig(path, dpi=120)
   plt.close(figure)
   return path
+
+
+def plot_densities(
+  panels: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
+  path: str | Path,
+  *,
+  title: str,
+  columns: int = 2,
+) -> Path:
+  """One panel per entry, one line per ``(grid, density)`` (a seed), on a log density axis."""
+  rows = -(-len(panels) // columns)
+  columns = min(columns, len(panels))
+  figure, grid = plt.subplots(
+    rows, columns, figsize=(4.8 * columns, 3.4 * rows), layout="constrained", squeeze=False
+  )
+  for axes, (panel_title, lines) in zip(grid.flat, panels.items(), strict=False):
+    for index, (points, density) in enumerate(lines):
+      # A density is zero far from the nodes; the floor keeps the log axis finite.
+      axes.plot(points, np.maximum(density, 1e-8), linewidth=1.0, label=f"seed {index}")
+    axes.set_yscale("log")
+    axes.set_title(panel_title, fontsize="medium")
+    axes.set_xlabel("eigenvalue")
+    axes.set_ylabel("density")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="x-small")
+  for axes in list(grid.flat)[len(panels) :]:
+    axes.set_visible(False)
+  figure.suptitle(title)
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+  return path

@@ -1,0 +1,361 @@
+r"""Escape time against dimension on toy saddles, for every escape method in jaxsaddle.
+
+Two problems in float64, each in dimensions ``dims``:
+
+- ``quadratic``: :math:`f(x) = \tfrac12 x^\top \Lambda x + c \sum_i x_i^4` with
+  :math:`\Lambda = \mathrm{diag}(-1, 1, \dots, 1)` (quartic confinement gives it
+  minima; the origin stays a strict saddle with value 0). A seed has escaped at
+  the first step whose loss is below ``-escape_drop``.
+- ``octopus``: the function of Du et al. (2017), on which gradient descent needs
+  time exponential in :math:`d` to pass its chain of :math:`d` saddles. A seed
+  has escaped when every :math:`|x_j|` is within 0.1 of :math:`4\tau` (the global
+  minimum, after the last saddle).
+
+Every method starts from the same points: the saddle at the origin plus a
+uniform draw from the box :math:`[-s, s]^d` (``start_spread``, per problem;
+Du et al. start the octopus in :math:`[-1, 1]^d`), one per seed. The seed also
+keys the method's noise. Each unit is one (problem, dimension, method) with the
+seeds vmapped inside one ``jit``; the loop stops when every seed has escaped or
+after ``max_steps`` steps, and a seed that has not escaped by then is *censored*
+(reported as "> max_steps"). Oracle calls count a Hessian-vector product as one
+gradient and a Lanczos step as one product: that is what ``oracle_calls`` in the
+closing records holds, beside the steps.
+
+Methods: ``gd`` (``optax.sgd``), ``pgd``, ``noisy_gd``, ``perturbed_sgd``,
+``lsgd`` (Laplacian smoothing, deterministic), ``ncd``
+(:func:`jaxsaddle.negative_curvature_descent`) and ``sfn``
+(:func:`jaxsaddle.saddle_free_newton`), all with the same learning rate per
+problem except ``sfn``, whose step :math:`|H|^{-1} g` is already scaled by the
+curvature and takes ``sfn_learning_rate``.
+"""
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxsaddle
+from experiments import _plots
+from experiments import _runner
+from jaxsaddle import problems
+
+NAME = "escape-toy"
+METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd", "lsgd", "ncd", "sfn")
+PROBLEMS = ("quadratic", "octopus")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Escape time against dimension.
+
+  The learning rates are ``1 / (4 L)`` with ``L`` the largest Hessian
+  eigenvalue at the saddle (1 for the quadratic, ``2e`` for the octopus), which
+  keeps float64 GD on the octopus from underflowing its trailing coordinates in
+  the dimensions where it can escape at all.
+  """
+
+  seeds: int = 8
+  steps: int = 100_000  # the most steps per seed (censoring)
+  dims: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)
+  problems: tuple[str, ...] = PROBLEMS
+  methods: tuple[str, ...] = METHODS
+  quadratic_start_spread: float = 1e-6
+  quadratic_quartic: float = 0.25
+  octopus_start_spread: float = 1.0
+  escape_drop: float = 1e-2
+  pgd_radius_factor: float = 0.1  # radius = factor * length scale (1 or tau)
+  pgd_gradient_threshold: float = 1e-2
+  pgd_escape_time: float = 10.0  # escape_steps = escape_time / learning_rate
+  noise_scale: float = 0.1
+  lsgd_sigma: float = 1.0
+  hessian_lipschitz: float = 1.0
+  ncd_epsilon: float = 1e-2
+  sfn_damping: float = 0.1
+  sfn_learning_rate: float = 0.5  # a damped Newton step: |H|^-1 sets its scale, not 1 / L
+
+
+def default_config(quick: bool = False) -> Config:
+  """The full sweep, or a CI-sized one (d = 2, 4, 6, fewer seeds and steps) when ``quick``."""
+  if quick:
+    return Config(seeds=3, steps=20_000, dims=(2, 4, 6))
+  return Config()
+
+
+class ToyProblem:
+  """A problem at one dimension: its value, start box, step size and escape test."""
+
+  def __init__(self, name: str, dim: int, config: Config):
+    self.name, self.dim = name, dim
+    if name == "quadratic":
+      eigenvalues = np.concatenate([[-1.0], np.ones(dim - 1)])
+      quadratic = problems.quadratic_saddle(eigenvalues)
+      quartic = config.quadratic_quartic
+      self.value_fn = lambda x: quadratic.value_fn(x) + quartic * jnp.sum(x**4)
+      self.spread, self.scale, smoothness = config.quadratic_start_spread, 1.0, 1.0
+      self.saddle_value = 0.0
+      self.minimum = None
+    elif name == "octopus":
+      octopus = problems.octopus(dim)
+      self.value_fn = octopus.value_fn
+      self.spread, self.scale = config.octopus_start_spread, math.e
+      smoothness = float(np.max(octopus.critical_points[0].hessian_eigenvalues))
+      self.saddle_value = float(octopus.critical_points[0].value)
+      self.minimum = np.abs(octopus.critical_points[-1].point)
+    else:
+      raise ValueError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}.")
+    self.learning_rate = 1 / (4 * smoothness)
+    self.escape_drop = config.escape_drop
+
+  def escaped(self, x: jax.Array) -> jax.Array:
+    if self.minimum is None:
+      return self.value_fn(x) < self.saddle_value - self.escape_drop
+    return jnp.max(jnp.abs(jnp.abs(x) - self.minimum)) <= 0.1
+
+
+def make_optimizer(method: str, problem: ToyProblem, key, config: Config):
+  """The optimizer of ``method`` and its oracle cost per step (gradients + products)."""
+  rate, dim = problem.learning_rate, problem.dim
+  if method == "gd":
+    return optax.with_extra_args_support(optax.sgd(rate)), 1
+  if method == "pgd":
+    tx = jaxsaddle.pgd(
+      rate,
+      perturbation_radius=config.pgd_radius_factor * problem.scale,
+      gradient_threshold=config.pgd_gradient_threshold,
+      escape_steps=max(1, round(config.pgd_escape_time / rate)),
+      key=key,
+    )
+    return tx, 1
+  if method == "noisy_gd":
+    return jaxsaddle.noisy_gd(rate, noise_scale=config.noise_scale, key=key), 1
+  if method == "perturbed_sgd":
+    return jaxsaddle.perturbed_sgd(rate, noise_scale=config.noise_scale, key=key), 1
+  if method == "lsgd":
+    return jaxsaddle.lsgd(rate, sigma=config.lsgd_sigma), 1
+  if method == "ncd":
+    tx = jaxsaddle.negative_curvature_descent(
+      rate,
+      hessian_lipschitz=config.hessian_lipschitz,
+      epsilon=config.ncd_epsilon,
+      num_lanczos_steps=dim,
+      key=key,
+    )
+    return tx, None  # counted from the state: a gradient per step plus Lanczos on curvature steps
+  if method == "sfn":
+    # Deterministic: it needs no key, and from an exact saddle (zero gradient) it does not move.
+    tx = jaxsaddle.saddle_free_newton(
+      config.sfn_learning_rate, num_lanczos_steps=dim, damping=config.sfn_damping
+    )
+    return tx, 1 + dim
+  raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
+
+
+def escape_steps(problem: ToyProblem, method: str, config: Config) -> dict[str, np.ndarray]:
+  """Runs every seed until all escaped or ``config.steps``; returns per-seed steps and costs."""
+  value_and_grad = jax.value_and_grad(problem.value_fn)
+
+  def run_seed(seed):
+    key = jax.random.key(seed)
+    start_key, optimizer_key = jax.random.split(key)
+    start = jax.random.uniform(
+      start_key, (problem.dim,), jnp.float64, -problem.spread, problem.spread
+    )
+    tx, _ = make_optimizer(method, problem, optimizer_key, config)
+    return start, tx.init(start)
+
+  def step(params, state):
+    tx, _ = make_optimizer(method, problem, 0, config)
+    value, grads = value_and_grad(params)
+    updates, state = tx.update(grads, state, params, value=value, value_fn=problem.value_fn)
+    return optax.apply_updates(params, updates), state
+
+  def run_all(seeds):
+    params, state = jax.vmap(run_seed)(seeds)
+    done = jax.vmap(problem.escaped)(params)
+    steps = jnp.where(done, 0, -1)
+
+    def unfinished(carry):
+      _, _, steps, count = carry
+      return jnp.any(steps < 0) & (count < config.steps)
+
+    def body(carry):
+      params, state, steps, count = carry
+      params, state = jax.vmap(step)(params, state)
+      count = count + 1
+      steps = jnp.where((steps < 0) & jax.vmap(problem.escaped)(params), count, steps)
+      return params, state, steps, count
+
+    params, state, steps, _ = jax.lax.while_loop(unfinished, body, (params, state, steps, 0))
+    curvature_steps = optax.tree.get(state, "num_curvature_steps", default=None)
+    return steps, jax.vmap(problem.value_fn)(params), curvature_steps
+
+  with jax.enable_x64(True):
+    steps, final_values, curvature_steps = jax.jit(run_all)(jnp.arange(config.seeds))
+    steps, final_values = np.asarray(steps), np.asarray(final_values)
+  _, per_step = make_optimizer(method, problem, 0, config)
+  taken = np.where(steps < 0, config.steps, steps)
+  if per_step is None:  # NCD: one gradient per step, and each curvature step runs Lanczos
+    oracle = taken + problem.dim * np.asarray(curvature_steps)
+  else:
+    oracle = taken * per_step
+  return {"steps": steps, "final_value": final_values, "oracle_calls": oracle}
+
+
+def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]:
+  problem_name, dim, method = unit.split("/")
+  problem = ToyProblem(problem_name, int(dim), config)
+  start = time.perf_counter()
+  result = escape_steps(problem, method, config)
+  steps = [None if s < 0 else int(s) for s in result["steps"]]
+  closing = {
+    "problem": problem_name,
+    "dim": int(dim),
+    "method": method,
+    "learning_rate": problem.learning_rate,
+    "escape_step": steps,
+    "escaped_fraction": sum(s is not None for s in steps) / len(steps),
+    "median_escape_step": _median(steps),
+    "oracle_calls": [int(c) for c in result["oracle_calls"]],
+    "final_value": _runner.to_json_floats(result["final_value"]),
+    "seconds": round(time.perf_counter() - start, 3),
+  }
+  records = [
+    {
+      "seed": seed,
+      "escape_step": step,
+      "oracle_calls": closing["oracle_calls"][seed],
+      "final_value": closing["final_value"][seed],
+    }
+    for seed, step in enumerate(steps)
+  ]
+  return records, closing
+
+
+def _median(steps: list[int | None]) -> float | None:
+  median = float(np.median([math.inf if s is None else s for s in steps]))
+  return None if math.isinf(median) else median
+
+
+def unit_names(config: Config) -> list[str]:
+  return [f"{p}/{d}/{m}" for p in config.problems for d in config.dims for m in config.methods]
+
+
+def censored(steps: list[int | None], limit: int) -> np.ndarray:
+  return np.asarray([limit if s is None else s for s in steps], np.float64)
+
+
+def make_figure(run: _runner.RunDirectory, config: Config) -> str:
+  units = run.finished_units()
+  panels = {
+    problem: {
+      method: np.stack(
+        [
+          censored(units[f"{problem}/{d}/{method}"]["escape_step"], config.steps)
+          for d in config.dims
+        ],
+        axis=1,
+      )
+      for method in config.methods
+    }
+    for problem in config.problems
+  }
+  path = _plots.plot_panels(
+    panels,
+    run.figures / "escape_time.png",
+    title=f"escape time against dimension (censored at {config.steps} steps)",
+    ylabel="steps to escape",
+    xlabel="dimension d",
+    x=np.asarray(config.dims),
+    yscale="log",
+    columns=2,
+  )
+  return str(path.relative_to(run.path))
+
+
+def summary_table(run: _runner.RunDirectory, config: Config) -> str:
+  units = run.finished_units()
+  header = ["problem", "method", *[f"d={d}" for d in config.dims]]
+  rows = []
+  for problem in config.problems:
+    for method in config.methods:
+      cells = []
+      for d in config.dims:
+        closing = units[f"{problem}/{d}/{method}"]
+        median = closing["median_escape_step"]
+        escaped = sum(s is not None for s in closing["escape_step"])
+        shown = f">{config.steps}" if median is None else f"{median:g}"
+        cells.append(f"{shown} ({escaped}/{config.seeds})")
+      rows.append([problem, method, *cells])
+  return _runner.markdown_table(header, rows)
+
+
+def growth(run: _runner.RunDirectory, config: Config, problem: str, method: str) -> float | None:
+  """The least-squares slope of log(median escape step) against d, over uncensored dims."""
+  units = run.finished_units()
+  points = [(d, units[f"{problem}/{d}/{method}"]["median_escape_step"]) for d in config.dims]
+  points = [(d, m) for d, m in points if m is not None and m > 0]
+  if len(points) < 2:
+    return None
+  dims, medians = np.asarray(points, np.float64).T
+  return float(np.polyfit(dims, np.log(medians), 1)[0])
+
+
+def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
+  units = run.finished_units()
+  lines = []
+  for problem in config.problems:
+    for method in config.methods:
+      stuck = [
+        d for d in config.dims if units[f"{problem}/{d}/{method}"]["median_escape_step"] is None
+      ]
+      slope = growth(run, config, problem, method)
+      slope_text = (
+        "n/a" if slope is None else f"{slope:+.2f} (x{math.exp(slope):.2f} per dimension)"
+      )
+      lines.append(
+        f"- {problem}, {method}: log-escape-time slope {slope_text}; median censored at "
+        f"d = {stuck or 'none'}."
+      )
+  return lines
+
+
+def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
+  lines = [
+    "# Escape time against dimension",
+    "",
+    f"{config.seeds} seeds per (problem, dimension, method), float64, at most {config.steps} "
+    "steps. Cells: median escape step over seeds (a censored seed counts as infinitely late) "
+    "and the number of seeds that escaped. Oracle calls per seed (a Hessian-vector product "
+    "counted as one gradient) are in each unit's closing record.",
+    "",
+    summary_table(run, config),
+    "",
+    "## What the numbers say",
+    "",
+    "Du et al. (2017) prove that GD can need time exponential in d on the octopus function "
+    "while perturbed GD needs polynomial time. The slope of log(median escape time) against d, "
+    "fitted where the median is not censored:",
+    "",
+    *verdict(run, config),
+    "",
+    f"![{figure}]({figure})",
+    "",
+  ]
+  return "\n".join(lines)
+
+
+def run(run_dir: _runner.RunDirectory) -> str:
+  config: Config = run_dir.config
+  _runner.check_seeds_and_steps(config)
+  if min(config.dims) < 2:
+    raise ValueError(f"dims must be at least 2 (a saddle needs two directions), got {config.dims}.")
+  _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
+  figure = make_figure(run_dir, config)
+  run_dir.write_summary(summary(run_dir, config, figure))
+  return summary_table(run_dir, config)

@@ -1,0 +1,489 @@
+r"""Where does training end? The Hessian spectrum after GD, SGD, PGD and NC descent.
+
+Sankar and Balasubramanian, "Are saddles good enough for deep learning?"
+(arXiv:1706.02052), report that networks trained by gradient methods end at
+saddle points with a highly degenerate Hessian ("good saddles"), that escape
+methods end there too, and that the spectrum's bulk follows Wigner's semicircle
+law. This experiment trains each method (learning rate tuned per method on a
+small grid, every candidate recorded) and then measures, per seed, at the final
+parameters and on the whole training set:
+
+- the spectral density by stochastic Lanczos quadrature
+  (:func:`jaxsaddle.spectrum.hessian_density`), plotted per method;
+- the ``top_k`` largest and the smallest eigenvalues by Lanczos, with residuals;
+- the degeneracy (mass with :math:`|\lambda| \le` ``relative_tol``
+  :math:`\cdot \lambda_{\max}`) and the negative mass (the index);
+- the semicircle fit of :func:`jaxsaddle.spectrum.semicircle_fit` (KS distance)
+  and the number of top eigenvalues outside the fitted bulk, set against the
+  number of classes (Sagun et al. and Papyan find about one outlier per class);
+- the classification of :func:`jaxsaddle.spectrum.classify_critical_point`, with
+  ``gradient_tol`` for "critical" and the eigenvalue tolerance above.
+
+When the model has at most ``dense_check_params`` parameters the top and bottom
+eigenvalues of seed 0 are checked against the dense Hessian (``jax.hessian`` and
+``eigh``), and the difference is reported.
+
+Oracle calls: one gradient per step for GD, SGD (a mini-batch gradient counts as
+its fraction of the data) and PGD; NC descent adds ``num_lanczos_steps``
+Hessian-vector products, each counted as one gradient, per curvature step, which
+the closing records report, so its budget is not capped to the others'.
+"""
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+import jaxsaddle
+from experiments import _plots
+from experiments import _runner
+from experiments import _training
+from experiments import data
+from experiments import models
+from jaxsaddle import spectrum
+
+NAME = "saddles-good-enough"
+METHODS = ("gd", "sgd", "pgd", "ncd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Training and spectrum settings.
+
+  ``gradient_tol`` decides "critical" for :func:`classify_critical_point`: a
+  network trained for a finite budget never has a zero gradient, so it is the
+  gradient norm below which training is considered finished (the summary
+  reports every seed's norm). The eigenvalue tolerance is ``relative_tol``
+  times the largest eigenvalue.
+  """
+
+  seeds: int = 8
+  steps: int = 3000
+  datasets: tuple[str, ...] = ("digits", "mnist")
+  width: int = 32
+  methods: tuple[str, ...] = METHODS
+  learning_rates: tuple[float, ...] = (0.1, 0.3, 1.0)
+  batch_size: int = 64
+  log_every: int = 100
+  max_train_examples: int = 2000
+  pgd_perturbation_radius: float = 0.1
+  pgd_gradient_threshold: float = 1e-3
+  pgd_escape_steps: int = 100
+  ncd_hessian_lipschitz: float = 1.0
+  ncd_epsilon: float = 1e-3
+  ncd_lanczos_steps: int = 10
+  num_probes: int = 8
+  lanczos_steps: int = 80
+  top_k: int = 12
+  relative_tol: float = 1e-3
+  gradient_tol: float = 1e-2
+  dense_check_params: int = 1500
+
+
+def default_config(quick: bool = False) -> Config:
+  """The full study, or a CI-sized one (digits, a width-8 MLP, few steps) when ``quick``."""
+  if quick:
+    return Config(
+      seeds=2,
+      steps=200,
+      datasets=("digits",),
+      width=8,
+      learning_rates=(0.3, 1.0),
+      log_every=50,
+      max_train_examples=500,
+      num_probes=2,
+      lanczos_steps=30,
+    )
+  return Config()
+
+
+def check_config(config: Config) -> None:
+  _runner.check_seeds_and_steps(config)
+  unknown = set(config.methods) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}.")
+  if config.log_every < 1 or config.steps % config.log_every:
+    raise ValueError(f"steps ({config.steps}) must be a multiple of log_every.")
+
+
+@functools.cache
+def load_dataset(name: str, config: Config) -> data.Dataset:
+  dataset = data.load(name)
+  keep = min(config.max_train_examples, dataset.x_train.shape[0])
+  return dataset._replace(x_train=dataset.x_train[:keep], y_train=dataset.y_train[:keep])
+
+
+def build_model(dataset: data.Dataset, config: Config, key) -> nnx.Module:
+  return models.make_model(
+    "mlp",
+    input_shape=dataset.input_shape,
+    num_classes=dataset.num_classes,
+    width=config.width,
+    rngs=nnx.Rngs(key),
+  )
+
+
+def make_optimizer(method: str, learning_rate, key, config: Config):
+  if method in ("gd", "sgd"):
+    return optax.with_extra_args_support(optax.sgd(learning_rate))
+  if method == "pgd":
+    return jaxsaddle.pgd(
+      learning_rate,
+      perturbation_radius=config.pgd_perturbation_radius,
+      gradient_threshold=config.pgd_gradient_threshold,
+      escape_steps=config.pgd_escape_steps,
+      key=key,
+    )
+  return jaxsaddle.negative_curvature_descent(
+    learning_rate,
+    hessian_lipschitz=config.ncd_hessian_lipschitz,
+    epsilon=config.ncd_epsilon,
+    num_lanczos_steps=config.ncd_lanczos_steps,
+    key=key,
+  )
+
+
+@functools.cache
+def measure_spectrum(dataset_name: str, config: Config):
+  """A jitted ``(params, key) -> measurements`` on the full-training-set loss.
+
+  Cached per dataset, so every method's unit reuses one compiled measurement.
+  """
+  dataset = load_dataset(dataset_name, config)
+  graphdef, _ = nnx.split(build_model(dataset, config, jax.random.key(0)))
+  x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+
+  def value_fn(params):
+    return models.cross_entropy_loss(nnx.merge(graphdef, params), x, y)
+
+  def measure(params, key):
+    density_key, top_key, bottom_key, classify_key = jax.random.split(key, 4)
+    density = spectrum.hessian_density(
+      value_fn,
+      params,
+      key=density_key,
+      num_probes=config.num_probes,
+      num_steps=config.lanczos_steps,
+    )
+    top = spectrum.hessian_extreme_eigenvalues(
+      value_fn, params, num_steps=config.lanczos_steps, key=top_key, k=config.top_k
+    )
+    bottom = spectrum.hessian_extreme_eigenvalues(
+      value_fn,
+      params,
+      num_steps=config.lanczos_steps,
+      key=bottom_key,
+      k=1,
+      which="smallest",
+    )
+    largest = jnp.nanmax(top.eigenvalues)
+    tolerance = config.relative_tol * largest
+    mass = spectrum.degeneracy(density, tol=0.0, atol=tolerance)
+    fit = spectrum.semicircle_fit(density)
+    bulk_edge = fit.center + fit.radius * 1.1
+    report = spectrum.classify_critical_point(
+      value_fn,
+      params,
+      gradient_tol=config.gradient_tol,
+      eigenvalue_tol=tolerance,
+      num_steps=config.lanczos_steps,
+      key=classify_key,
+    )
+    return {
+      "grid": density.grid,
+      "density": density.density,
+      "top_eigenvalues": top.eigenvalues,
+      "top_residuals": top.residual_norms,
+      "smallest_eigenvalue": bottom.eigenvalues[0],
+      "near_zero_mass": mass.near_zero_mass,
+      "negative_mass": mass.negative_mass,
+      "semicircle_ks": fit.ks_distance,
+      "semicircle_bulk_ks": fit.bulk_ks_distance,
+      "outliers_above_bulk": jnp.sum(top.eigenvalues > bulk_edge),
+      "kind": report.kind,
+      "gradient_norm": report.gradient_norm,
+      "probe_decrease": report.probe_decrease,
+    }
+
+  return jax.jit(measure), value_fn
+
+
+def dense_extremes(value_fn, params) -> tuple[float, float]:
+  """The smallest and largest eigenvalue of the dense Hessian, in float64 numpy."""
+  flat, unravel = ravel_pytree(params)
+  hessian = jax.jit(jax.hessian(lambda v: value_fn(unravel(v))))(flat)
+  eigenvalues = np.linalg.eigvalsh(np.asarray(hessian, np.float64))
+  return float(eigenvalues[0]), float(eigenvalues[-1])
+
+
+def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]:
+  dataset_name, method = unit.split("/")
+  dataset = load_dataset(dataset_name, config)
+  start = time.perf_counter()
+  result = _training.train_classifier(
+    dataset,
+    lambda key: build_model(dataset, config, key),
+    lambda rate, key: make_optimizer(method, rate, key, config),
+    learning_rates=config.learning_rates,
+    seeds=config.seeds,
+    steps=config.steps,
+    log_every=config.log_every,
+    batch_size=config.batch_size if method == "sgd" else None,
+  )
+  final = result.loss[:, :, -1]
+  best = int(np.argmin(np.nanmedian(np.where(np.isfinite(final), final, np.inf), axis=1)))
+  records = [
+    {
+      "learning_rate": rate,
+      "step": log * config.log_every,
+      "oracle_calls": log * config.log_every * result.oracle_per_step,
+      "wall_time": round(wall, 4),
+      "loss": _runner.to_json_floats(result.loss[i, :, log]),
+      "grad_norm": _runner.to_json_floats(result.grad_norm[i, :, log]),
+      **{name: values[i, :, log].tolist() for name, values in result.counters.items()},
+    }
+    for i, rate in enumerate(config.learning_rates)
+    for log, wall in enumerate(result.wall)
+  ]
+
+  measure, value_fn = measure_spectrum(dataset_name, config)
+  seed_params = [
+    jax.tree.map(lambda leaf, s=seed: leaf[best, s], result.params) for seed in range(config.seeds)
+  ]
+  measured = [
+    jax.tree.map(np.asarray, measure(params, jax.random.key(1000 + seed)))
+    for seed, params in enumerate(seed_params)
+  ]
+  curvature_steps = result.counters["num_curvature_steps"][best, :, -1]
+  oracle = config.steps * result.oracle_per_step + config.ncd_lanczos_steps * curvature_steps
+  closing = {
+    "dataset": dataset_name,
+    "method": method,
+    "num_params": result.num_params,
+    "num_classes": dataset.num_classes,
+    "learning_rate": config.learning_rates[best],
+    "final_loss_by_rate": {
+      str(rate): float(np.median(final[i])) for i, rate in enumerate(config.learning_rates)
+    },
+    "final_loss": _runner.to_json_floats(result.loss[best, :, -1]),
+    "test_accuracy": _runner.to_json_floats(result.test_accuracy[best]),
+    "oracle_calls": oracle.tolist(),
+    "num_perturbations": result.counters["num_perturbations"][best, :, -1].tolist(),
+    "num_curvature_steps": curvature_steps.tolist(),
+    "density": [
+      {"grid": _runner.to_json_floats(m["grid"]), "density": _runner.to_json_floats(m["density"])}
+      for m in measured
+    ],
+    **{
+      name: [_runner.to_json_floats(m[name]) for m in measured]
+      for name in (
+        "top_eigenvalues",
+        "top_residuals",
+        "smallest_eigenvalue",
+        "near_zero_mass",
+        "negative_mass",
+        "semicircle_ks",
+        "semicircle_bulk_ks",
+        "gradient_norm",
+        "probe_decrease",
+      )
+    },
+    "outliers_above_bulk": [int(m["outliers_above_bulk"]) for m in measured],
+    "classification": [spectrum.CRITICAL_POINT_KINDS[int(m["kind"])] for m in measured],
+  }
+  if result.num_params <= config.dense_check_params:
+    smallest, largest = dense_extremes(value_fn, seed_params[0])
+    closing["dense_check"] = {
+      "smallest": smallest,
+      "largest": largest,
+      "lanczos_smallest": float(measured[0]["smallest_eigenvalue"]),
+      "lanczos_largest": float(np.nanmax(measured[0]["top_eigenvalues"])),
+    }
+  closing["seconds"] = round(time.perf_counter() - start, 3)
+  return records, closing
+
+
+def unit_names(config: Config) -> list[str]:
+  return [f"{dataset}/{method}" for dataset in config.datasets for method in config.methods]
+
+
+def _mean(values) -> str:
+  values = np.asarray(values, np.float64)
+  return f"{np.nanmean(values):.3g}"
+
+
+def _outliers(closing: dict, config: Config) -> str:
+  """The median outlier count; all ``top_k`` outside the bulk means there may be more."""
+  median = float(np.median(closing["outliers_above_bulk"]))
+  return f"{'≥' if median >= config.top_k else ''}{median:g}"
+
+
+def summary_table(run: _runner.RunDirectory, config: Config) -> str:
+  units = run.finished_units()
+  header = [
+    "dataset",
+    "method",
+    "lr",
+    "final loss",
+    "gradient norm",
+    "λ_max",
+    "λ_min",
+    "degeneracy",
+    "negative mass",
+    "semicircle KS (bulk)",
+    "outliers / classes",
+    "classification",
+  ]
+  rows = []
+  for unit in unit_names(config):
+    c = units[unit]
+    kinds = {kind: c["classification"].count(kind) for kind in dict.fromkeys(c["classification"])}
+    rows.append(
+      [
+        c["dataset"],
+        c["method"],
+        f"{c['learning_rate']:g}",
+        _mean(c["final_loss"]),
+        _mean(c["gradient_norm"]),
+        _mean([np.nanmax(t) for t in c["top_eigenvalues"]]),
+        _mean(c["smallest_eigenvalue"]),
+        _mean(c["near_zero_mass"]),
+        _mean(c["negative_mass"]),
+        f"{_mean(c['semicircle_ks'])} ({_mean(c['semicircle_bulk_ks'])})",
+        f"{_outliers(c, config)} / {c['num_classes']}",
+        ", ".join(f"{n}× {kind}" for kind, n in kinds.items()),
+      ]
+    )
+  return _runner.markdown_table(header, rows)
+
+
+def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
+  units = [run.finished_units()[u] for u in unit_names(config)]
+  lines = []
+  for c in units:
+    seeds = len(c["classification"])
+    saddles = sum(kind.endswith("saddle") for kind in c["classification"])
+    degenerate = sum(kind == "degenerate saddle" for kind in c["classification"])
+    critical = sum(kind != "not critical" for kind in c["classification"])
+    lines.append(
+      f"- {c['dataset']}, {c['method']}: {critical}/{seeds} seeds end within the gradient "
+      f"tolerance {config.gradient_tol:g}; {saddles}/{seeds} are classified saddles "
+      f"({degenerate} degenerate); on average {float(np.mean(c['near_zero_mass'])):.0%} of "
+      f"the spectral mass is within {config.relative_tol:g}·λ_max of zero and "
+      f"{float(np.mean(c['negative_mass'])):.1%} is negative; the median number of top "
+      f"eigenvalues outside the semicircle bulk is {_outliers(c, config)} "
+      f"for {c['num_classes']} classes."
+    )
+  escape = [c for c in units if c["method"] in ("pgd", "ncd")]
+  if escape:
+    mean_degeneracy = float(np.mean([np.mean(c["near_zero_mass"]) for c in escape]))
+    negative = float(np.mean([np.mean(c["negative_mass"]) for c in escape]))
+    lines.append(
+      f"- The escape methods (PGD, NC descent) end with {mean_degeneracy:.0%} of the mass near "
+      f"zero and {negative:.1%} negative on average: "
+      + (
+        "they too end where the spectrum is highly degenerate, with a small negative part, "
+        "as Sankar and Balasubramanian report."
+        if mean_degeneracy > 0.5
+        else "this run does not show the high degeneracy Sankar and Balasubramanian report."
+      )
+    )
+  ks = float(np.mean([np.mean(c["semicircle_bulk_ks"]) for c in units]))
+  lines.append(
+    f"- The semicircle fits the bulk with a mean KS distance of {ks:.2f} "
+    + (
+      "(close: the semicircle law is plausible for the bulk)."
+      if ks < 0.1
+      else "(far: the bulk is not a semicircle here; it is dominated by the near-zero mass)."
+    )
+  )
+  return lines
+
+
+def make_figures(run: _runner.RunDirectory, config: Config) -> list[str]:
+  units = run.finished_units()
+  paths = []
+  for dataset in config.datasets:
+    panels = {
+      f"{m} (lr {units[f'{dataset}/{m}']['learning_rate']:g})": [
+        (np.asarray(d["grid"]), np.asarray(d["density"]))
+        for d in units[f"{dataset}/{m}"]["density"]
+      ]
+      for m in config.methods
+    }
+    path = _plots.plot_densities(
+      panels, run.figures / f"{dataset}-spectrum.png", title=f"{dataset}: Hessian density (SLQ)"
+    )
+    paths.append(str(path.relative_to(run.path)))
+    curves = {}
+    for m in config.methods:
+      rate = units[f"{dataset}/{m}"]["learning_rate"]
+      rows = sorted(
+        (r["step"], r["loss"])
+        for r in run.records()
+        if r.get("unit") == f"{dataset}/{m}" and "step" in r and r["learning_rate"] == rate
+      )
+      curves[m] = np.asarray([loss for _, loss in rows]).T
+    steps = np.arange(config.steps // config.log_every + 1) * config.log_every
+    path = _plots.plot_panels(
+      {dataset: curves},
+      run.figures / f"{dataset}-loss.png",
+      title=f"{dataset}: training loss",
+      x=steps,
+      yscale="log",
+      columns=1,
+    )
+    paths.append(str(path.relative_to(run.path)))
+  return paths
+
+
+def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> str:
+  units = run.finished_units()
+  checks = []
+  for unit in unit_names(config):
+    check = units[unit].get("dense_check")
+    if check:
+      checks.append(
+        f"- {unit}: dense λ_min {check['smallest']:.5g}, λ_max {check['largest']:.5g}; "
+        f"Lanczos λ_min {check['lanczos_smallest']:.5g}, λ_max {check['lanczos_largest']:.5g} "
+        f"(seed 0)."
+      )
+  lines = [
+    "# Are saddles good enough? The Hessian at the end of training",
+    "",
+    f"MLP with one hidden layer of {config.width} tanh units; {config.seeds} seeds x "
+    f"{config.steps} steps per method; learning rate per method from "
+    f"{list(config.learning_rates)} by the lowest median final training loss. Spectra on the "
+    f"whole training set: {config.num_probes} SLQ probes x {config.lanczos_steps} Lanczos "
+    f"steps; degeneracy and index with the tolerance {config.relative_tol:g}·λ_max; "
+    f"'critical' means gradient norm <= {config.gradient_tol:g}. Means over seeds.",
+    "",
+    summary_table(run, config),
+    "",
+    "## What the numbers say",
+    "",
+    *verdict(run, config),
+    "",
+    *(["## Dense check", "", *checks, ""] if checks else []),
+    "## Figures",
+    "",
+    *[f"![{path}]({path})" for path in figures],
+    "",
+  ]
+  return "\n".join(lines)
+
+
+def run(run_dir: _runner.RunDirectory) -> str:
+  config: Config = run_dir.config
+  check_config(config)
+  _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
+  figures = make_figures(run_dir, config)
+  run_dir.write_summary(summary(run_dir, config, figures))
+  return summary_table(run_dir, config)

@@ -1,0 +1,82 @@
+"""``python -m experiments escape-toy --quick`` end to end."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _experiment_runs import assert_is_figure
+from _experiment_runs import read_metrics
+from _experiment_runs import shared_quick_run
+
+from experiments import _runner
+from experiments import escape_toy
+
+
+@pytest.fixture(scope="session", name="quick_run")
+def _quick_run(tmp_path_factory) -> Path:
+  return shared_quick_run("escape-toy", tmp_path_factory)
+
+
+@pytest.fixture(scope="session", name="closing")
+def _closing(quick_run) -> tuple[escape_toy.Config, dict[str, dict]]:
+  saved = json.loads((quick_run / "config.json").read_text())["config"]
+  config = _runner.config_from_dict(escape_toy.Config, saved)
+  return config, {r["unit"]: r for r in read_metrics(quick_run) if r.get("kind") == "unit"}
+
+
+def test_every_method_problem_and_dimension_is_recorded(closing):
+  config, units = closing
+  assert sorted(units) == sorted(escape_toy.unit_names(config))
+  assert set(config.methods) == set(escape_toy.METHODS)
+  for record in units.values():
+    steps = record["escape_step"]
+    assert len(steps) == config.seeds
+    escaped = [s for s in steps if s is not None]
+    assert record["escaped_fraction"] == len(escaped) / config.seeds
+    assert all(0 <= s <= config.steps for s in escaped)
+    median = np.median([math.inf if s is None else s for s in steps])
+    assert record["median_escape_step"] == (None if math.isinf(median) else median)
+    assert all(c >= s for c, s in zip(record["oracle_calls"], escaped, strict=False))
+
+
+def test_metrics_hold_one_line_per_seed(quick_run, closing):
+  config, units = closing
+  records = read_metrics(quick_run)
+  for unit, record in units.items():
+    seeds = sorted(
+      (r["seed"], r["escape_step"]) for r in records if r["unit"] == unit and "seed" in r
+    )
+    assert seeds == list(enumerate(record["escape_step"]))
+    assert len(seeds) == config.seeds
+
+
+def test_curvature_methods_escape_the_quadratic_saddle_at_once(closing):
+  config, units = closing
+  for dim in config.dims:
+    ncd = units[f"quadratic/{dim}/ncd"]
+    gd = units[f"quadratic/{dim}/gd"]
+    # One Lanczos step finds the negative direction; GD must amplify a 1e-6 start.
+    assert ncd["escaped_fraction"] == 1 and ncd["median_escape_step"] <= 2
+    assert gd["median_escape_step"] > 10 * ncd["median_escape_step"]
+
+
+def test_octopus_gd_slows_down_with_dimension_faster_than_pgd(closing):
+  config, units = closing
+  low, high = config.dims[0], config.dims[-1]
+
+  def median(method, dim):
+    value = units[f"octopus/{dim}/{method}"]["median_escape_step"]
+    return config.steps if value is None else value
+
+  gd_growth = median("gd", high) / median("gd", low)
+  pgd_growth = median("pgd", high) / median("pgd", low)
+  assert gd_growth > 3 * pgd_growth
+
+
+def test_summary_and_figure(quick_run):
+  summary = (quick_run / "summary.md").read_text()
+  assert "| problem | method | d=2 |" in summary
+  assert "log-escape-time slope" in summary
+  assert_is_figure(quick_run / "figures" / "escape_time.png", taller_than=200, wider_than=300)
