@@ -385,14 +385,22 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
   if escape:
     mean_degeneracy = float(np.mean([np.mean(c["near_zero_mass"]) for c in escape]))
     negative = float(np.mean([np.mean(c["negative_mass"]) for c in escape]))
+    critical = sum(k != "not critical" for c in escape for k in c["classification"])
+    seeds = sum(len(c["classification"]) for c in escape)
     lines.append(
       f"- The escape methods (PGD, NC descent) end with {mean_degeneracy:.0%} of the mass near "
       f"zero and {negative:.1%} negative on average: "
       + (
-        "they too end where the spectrum is highly degenerate, with a small negative part, "
-        "as Sankar and Balasubramanian report."
+        "the spectrum where they stop is highly degenerate, with a small negative part, as "
+        "Sankar and Balasubramanian report"
         if mean_degeneracy > 0.5
-        else "this run does not show the high degeneracy Sankar and Balasubramanian report."
+        else "this run does not show the high degeneracy Sankar and Balasubramanian report"
+      )
+      + f"; {critical} of their {seeds} final points are within the gradient tolerance, so "
+      + (
+        "the classification above says which of those are saddles."
+        if critical
+        else "none is a critical point yet by that standard: training had not converged."
       )
     )
   ks = float(np.mean([np.mean(c["semicircle_bulk_ks"]) for c in units]))

@@ -55,7 +55,7 @@ def test_quick_summary_states_the_comparison(quick_run):
   summary = (quick_run / "summary.md").read_text()
   assert "| dataset | architecture | regime | params |" in summary
   assert "## What the numbers say" in summary
-  assert "significantly lower than GD's" in summary
+  assert "interval of the paired difference above zero" in summary
   for png in (quick_run / "figures").glob("*.png"):
     assert_is_figure(png, taller_than=200, wider_than=300)
   assert (quick_run / "figures" / "advantage.png").exists()
@@ -89,3 +89,30 @@ def test_confidence_interval_matches_student_t():
   # t_{0.975, 3} = 3.182446; sample std of 1..4 is sqrt(5/3).
   assert mean == pytest.approx(2.5)
   assert half == pytest.approx(3.182446 * np.sqrt(5 / 3) / 2, rel=1e-5)
+
+
+def _row(architecture, advantage, size):
+  return dict(
+    dataset="digits",
+    architecture=architecture,
+    regime="full/standard",
+    num_params=size,
+    advantage=advantage,
+    pgd_escaped=0,
+    gd_escaped=0,
+  )
+
+
+def test_verdict_counts_only_differences_beyond_noise_and_round_off():
+  identical = [_row("shallow-8", (1e-7, 0.0), 100), _row("deep-3x16", (0.0, 0.0), 1000)]
+  text = pgd_networks.verdict(identical, min_effect=1e-3)
+  assert "above zero in 0 of 2 settings, and higher in 0" in text
+  rows = [
+    _row("shallow-8", (0.05, 0.01), 100),
+    _row("shallow-32", (0.02, 0.01), 400),
+    _row("deep-3x16", (0.0, 0.01), 1000),
+    _row("deep-5x32", (-0.03, 0.01), 5000),
+  ]
+  text = pgd_networks.verdict(rows, min_effect=1e-3)
+  assert "above zero in 2 of 4 settings, and higher in 1" in text
+  assert "every setting where PGD helps is a shallow model" in text
