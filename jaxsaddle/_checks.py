@@ -40,6 +40,21 @@ def check_at_least_one(owner: str, name: str, value) -> None:
     raise ValueError(f"{owner}: {name} must be an integer in [1, 2**31 - 1), got {value!r}.")
 
 
+def check_loop_length(owner: str, name: str, value) -> None:
+  """Raises unless ``value`` is a Python int >= 1: it sets a loop length, so it cannot be traced."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(
+      f"{owner}: {name} sets a loop length and must be a Python int, got {value!r}; with "
+      f"optax.inject_hyperparams pass static_args=({name!r},)."
+    )
+  check_at_least_one(owner, name, value)
+
+
+def learning_rate_at(learning_rate, count: jax.Array):
+  """The step size at step ``count`` of a float or an optax schedule."""
+  return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
 def check_float_leaves(tree, owner: str, operation: str = "noise") -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array."""
   for path, leaf in jax.tree.leaves_with_path(tree):

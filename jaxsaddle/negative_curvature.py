@@ -43,7 +43,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxsaddle import _checks
@@ -54,20 +53,6 @@ _NEVER = jnp.iinfo(jnp.int32).max
 
 PyTree = Any
 ValueFn = Callable[[PyTree], jax.Array]
-
-
-def _check_loop_length(owner: str, name: str, value) -> None:
-  """A Python int >= 1: it sets a loop length, so it cannot be traced."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(
-      f"{owner}: {name} sets a loop length and must be a Python int, got {value!r}; with "
-      f"optax.inject_hyperparams pass static_args=({name!r},)."
-    )
-  _checks.check_at_least_one(owner, name, value)
-
-
-def _step_size(learning_rate: optax.ScalarOrSchedule, count: jax.Array):
-  return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
 def _scale(scalar, tree: PyTree) -> PyTree:
@@ -186,7 +171,7 @@ def negative_curvature_descent(
   owner = "negative_curvature_descent"
   _checks.check_positive(owner, "hessian_lipschitz", hessian_lipschitz)
   _checks.check_positive(owner, "epsilon", epsilon)
-  _check_loop_length(owner, "num_lanczos_steps", num_lanczos_steps)
+  _checks.check_loop_length(owner, "num_lanczos_steps", num_lanczos_steps)
   if gradient_threshold is None:
     gradient_threshold = epsilon
   else:
@@ -205,7 +190,7 @@ def negative_curvature_descent(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    gradient_step = _scale(-_step_size(learning_rate, state.count), updates)
+    gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
     small_gradient = _random.global_norm(updates) <= gradient_threshold
     rng_key, lanczos_key = jax.random.split(state.rng_key)
     dtype = state.smallest_eigenvalue.dtype
@@ -395,7 +380,7 @@ def pagd(
       return optax.tree.cast_like(noise, updates), velocity, jnp.zeros([], jnp.bool_)
 
     def accelerate(velocity):
-      step_size = _step_size(learning_rate, state.count)
+      step_size = _checks.learning_rate_at(learning_rate, state.count)
       gradient_step = _scale(-step_size, updates)
       # x_t = y_t - m v_t;  v_{t+1} = m v_t - eta g;  y_{t+1} - y_t = m v_{t+1} - eta g.
       shrunk = _scale(momentum, velocity)

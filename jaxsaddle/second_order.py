@@ -44,10 +44,6 @@ from jaxsaddle import curvature
 PyTree = Any
 
 
-def _learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-  return learning_rate(count) if callable(learning_rate) else learning_rate
-
-
 def _hessian_operator(
   value_fn: Callable[[PyTree], jax.Array], params: PyTree, like: PyTree
 ) -> Callable[[PyTree], PyTree]:
@@ -168,7 +164,7 @@ def saddle_free_newton(
     last step, an estimate of the most negative curvature seen from the gradient.
   """
   owner = "saddle_free_newton"
-  _checks.check_at_least_one(owner, "num_lanczos_steps", num_lanczos_steps)
+  _checks.check_loop_length(owner, "num_lanczos_steps", num_lanczos_steps)
   _checks.check_nonnegative(owner, "damping", damping)
 
   def init_fn(params):
@@ -184,11 +180,11 @@ def saddle_free_newton(
     _checks.require_value_fn(owner, value_fn, params)
     gradient = optax.tree.cast(updates, curvature._compute_dtype(updates))
     matvec = _hessian_operator(value_fn, params, gradient)
-    result = curvature.lanczos(matvec, gradient, int(num_lanczos_steps))
+    result = curvature.lanczos(matvec, gradient, num_lanczos_steps)
     column, smallest = _absolute_inverse_first_column(result, damping)
     # Scaling by ||g|| after the masking keeps a NaN gradient NaN (Lanczos sees no start).
-    coefficients = -_learning_rate_at(learning_rate, state.count) * _random.global_norm(gradient)
-    coefficients = coefficients * column
+    step_size = _checks.learning_rate_at(learning_rate, state.count)
+    coefficients = -step_size * _random.global_norm(gradient) * column
     step = jax.tree.map(
       lambda stacked: jnp.tensordot(
         coefficients.astype(stacked.dtype), stacked, axes=1, precision=jax.lax.Precision.HIGHEST
@@ -316,7 +312,7 @@ def cubic_regularization(
   _checks.check_positive(owner, "hessian_lipschitz", hessian_lipschitz)
   _checks.check_positive(owner, "smoothness", smoothness)
   _checks.check_positive(owner, "epsilon", epsilon)
-  _checks.check_at_least_one(owner, "subsolver_steps", subsolver_steps)
+  _checks.check_loop_length(owner, "subsolver_steps", subsolver_steps)
   if subsolver_learning_rate is None:
     subsolver_learning_rate = 1 / (20 * smoothness)
   _checks.check_positive(owner, "subsolver_learning_rate", subsolver_learning_rate)
@@ -371,7 +367,7 @@ def cubic_regularization(
         return step, matvec(step)
 
       zeros = optax.tree.zeros_like(gradient)
-      step, hessian_step = jax.lax.fori_loop(0, int(subsolver_steps), body, (zeros, zeros))
+      step, hessian_step = jax.lax.fori_loop(0, subsolver_steps, body, (zeros, zeros))
       return step, hessian_step, jnp.asarray(subsolver_steps, jnp.int32)
 
     step, hessian_step, num_hvps = jax.lax.cond(
@@ -390,7 +386,7 @@ def cubic_regularization(
       model_decrease=(-model_change).astype(state.model_decrease.dtype),
       second_order_stationary=model_change >= -stopping_decrease,
     )
-    step = optax.tree.scale(_learning_rate_at(learning_rate, state.count), step)
+    step = optax.tree.scale(_checks.learning_rate_at(learning_rate, state.count), step)
     return optax.tree.cast_like(step, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

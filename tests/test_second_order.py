@@ -464,15 +464,16 @@ def test_a_missing_value_fn_or_params_is_explained(tx):
 
 
 @pytest.mark.parametrize(
-  ("kwargs", "name"),
+  ("kwargs", "name", "error"),
   [
-    ({"damping": -0.1}, "damping"),
-    ({"num_lanczos_steps": 0}, "num_lanczos_steps"),
-    ({"num_lanczos_steps": 2.5}, "num_lanczos_steps"),
+    ({"damping": -0.1}, "damping", ValueError),
+    ({"num_lanczos_steps": 0}, "num_lanczos_steps", ValueError),
+    # A loop length cannot be a float (or traced): static_args under inject_hyperparams.
+    ({"num_lanczos_steps": 2.5}, "num_lanczos_steps.*static_args", TypeError),
   ],
 )
-def test_sfn_rejects_bad_hyperparameters_naming_them(kwargs, name):
-  with pytest.raises(ValueError, match=name):
+def test_sfn_rejects_bad_hyperparameters_naming_them(kwargs, name, error):
+  with pytest.raises(error, match=name):
     saddle_free_newton(**(dict(num_lanczos_steps=3, damping=0.0) | kwargs))
 
 
@@ -484,13 +485,14 @@ def test_sfn_rejects_bad_hyperparameters_naming_them(kwargs, name):
     ({"smoothness": 0.0}, "smoothness"),
     ({"epsilon": -1e-3}, "epsilon"),
     ({"subsolver_steps": 0}, "subsolver_steps"),
+    ({"subsolver_steps": 2.0}, "subsolver_steps"),
     ({"subsolver_learning_rate": 0.0}, "subsolver_learning_rate"),
     ({"perturbation_scale": -1.0}, "perturbation_scale"),
   ],
 )
 def test_cubic_rejects_bad_hyperparameters_naming_them(kwargs, name):
   base = dict(hessian_lipschitz=1.0, smoothness=1.0, epsilon=1e-3, subsolver_steps=3)
-  with pytest.raises(ValueError, match=name):
+  with pytest.raises((ValueError, TypeError), match=name):
     cubic_regularization(**(base | kwargs))
 
 
