@@ -226,8 +226,10 @@ def run_units(
     print(f"resuming {run.path}: {len(done)} finished unit(s) kept: {', '.join(done)}")
   computed = []
   progress = tqdm.tqdm(todo, desc=run.experiment, unit="unit", dynamic_ncols=True)
+  # Every experiment's config has seeds and steps; each unit runs all seeds at once.
+  workload = f"{run.config.seeds} seeds x {run.config.steps} steps"
   for unit in progress:
-    progress.set_postfix_str(unit)
+    progress.set_postfix_str(f"{unit}, {workload}")
     records, closing = compute(unit)
     run.write_unit(unit, records, closing)
     computed.append(unit)
