@@ -19,6 +19,30 @@ _LINE_STYLES = ("-", "--", "-.", ":")
 _LEVEL_STYLES = ("--", ":", "-.")
 
 
+def _save(figure, path: str | Path, dpi: int) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=dpi)
+  plt.close(figure)
+  return path
+
+
+def _panel_grid(count: int, columns: int, panel_size: tuple[float, float]):
+  """A figure with ``count`` panels in rows of ``columns``; the unused cells are hidden."""
+  rows = -(-count // columns)
+  columns = min(columns, count)
+  figure, grid = plt.subplots(
+    rows,
+    columns,
+    figsize=(panel_size[0] * columns, panel_size[1] * rows),
+    layout="constrained",
+    squeeze=False,
+  )
+  for axes in list(grid.flat)[count:]:
+    axes.set_visible(False)
+  return figure, grid
+
+
 def band_limits(values: np.ndarray, band: Band) -> tuple[np.ndarray, np.ndarray]:
   """The lower and upper edge over seeds (axis 0): min–max or the 10–90% quantiles."""
   if band == "minmax":
@@ -87,11 +111,7 @@ def plot_curves_over_seeds(
   axes.set_title(title)
   axes.grid(alpha=0.3)
   axes.legend(title=f"median over seeds, band {band_label}", fontsize="small")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
-  return path
+  return _save(figure, path, dpi=120)
 
 
 def plot_panels(
@@ -122,11 +142,7 @@ def plot_panels(
   Returns:
     The path of the PNG.
   """
-  rows = -(-len(panels) // columns)
-  columns = min(columns, len(panels))
-  figure, grid = plt.subplots(
-    rows, columns, figsize=(4.2 * columns, 3.2 * rows), layout="constrained", squeeze=False
-  )
+  figure, grid = _panel_grid(len(panels), columns, (4.2, 3.2))
   for axes, (panel_title, curves) in zip(grid.flat, panels.items(), strict=False):
     _draw_curves(axes, curves, x, band)
     axes.set_yscale(yscale)
@@ -135,15 +151,9 @@ def plot_panels(
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     axes.legend(fontsize="x-small")
-  for axes in list(grid.flat)[len(panels) :]:
-    axes.set_visible(False)
   band_label = "min–max" if band == "minmax" else "10–90%"
   figure.suptitle(f"{title} (median over seeds, band {band_label})")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
-  return path
+  return _save(figure, path, dpi=110)
 
 
 def plot_advantage(
@@ -175,11 +185,7 @@ def plot_advantage(
   axes.set_title(title)
   axes.grid(alpha=0.3)
   axes.legend(fontsize="small")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
-  return path
+  return _save(figure, path, dpi=120)
 
 
 def plot_densities(
@@ -190,11 +196,7 @@ def plot_densities(
   columns: int = 2,
 ) -> Path:
   """One panel per entry, one line per ``(grid, density)`` (a seed), on a log density axis."""
-  rows = -(-len(panels) // columns)
-  columns = min(columns, len(panels))
-  figure, grid = plt.subplots(
-    rows, columns, figsize=(4.8 * columns, 3.4 * rows), layout="constrained", squeeze=False
-  )
+  figure, grid = _panel_grid(len(panels), columns, (4.8, 3.4))
   for axes, (panel_title, lines) in zip(grid.flat, panels.items(), strict=False):
     for index, (points, density) in enumerate(lines):
       # A density is zero far from the nodes; the floor keeps the log axis finite.
@@ -205,11 +207,5 @@ def plot_densities(
     axes.set_ylabel("density")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="x-small")
-  for axes in list(grid.flat)[len(panels) :]:
-    axes.set_visible(False)
   figure.suptitle(title)
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
-  return path
+  return _save(figure, path, dpi=110)
