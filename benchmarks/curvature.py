@@ -18,11 +18,19 @@ Every row is one jitted call whose output feeds the next call (see
   ``reorthogonalize`` and either matvec; the next call starts from the last
   Lanczos vector of this one. Its ratio is to the ``K hvps`` row with the same
   matvec, so it is the overhead of the recursion (inner products, the basis, the
-  reorthogonalisation) over the products themselves.
+  reorthogonalisation) over the products themselves;
+- ``matfree, ...``: the same for matfree's Lanczos tridiagonalisation,
+  ``matfree.decomp.tridiag_sym(K, reortho=...)`` with ``reortho="full"`` (two
+  Gram-Schmidt passes against the whole basis every step) or ``"none"``.
+  matfree works on flat vectors: the operator it gets is the same matvec
+  wrapped in ``jax.flatten_util.ravel_pytree`` (unravel the vector, apply,
+  ravel the product), and its start vector is the ravelled one.
 
-After the timing, every Lanczos row is checked to have run all ``K`` steps
-(no breakdown, which would turn later products into products with zero) and
-every threaded output to be finite.
+Every Lanczos row returns its whole decomposition (basis and coefficients) as
+an output of the jitted call, as a caller that uses the Ritz vectors would, so
+XLA cannot skip writing the basis. After the timing, every Lanczos row of
+jaxsaddle is checked to have run all ``K`` steps (no breakdown, which would turn
+later products into products with zero) and every threaded output to be finite.
 """
 
 import dataclasses
@@ -30,6 +38,8 @@ import os
 
 import jax
 import jax.numpy as jnp
+import matfree.decomp
+from jax.flatten_util import ravel_pytree
 
 import jaxsaddle
 from benchmarks import _mlp
@@ -38,6 +48,7 @@ from benchmarks import _timing
 NUM_STEPS = 20  # K: Lanczos steps, and products in the loop rows
 LEARNING_RATE = 1e-2
 MATVECS = ("plain", "linearized")
+MATFREE_REORTHO = ("full", "none")
 
 
 def _normalized(tree):
@@ -72,6 +83,21 @@ class Loop:
     return self.state
 
 
+class DecompositionLoop(Loop):
+  """A Loop whose step returns ``(state, decomposition)``; only the state is threaded.
+
+  The decomposition is a real output of every call, so its basis is computed in full; the
+  previous one is dropped before the next call, as a caller that used it would have.
+  """
+
+  decomposition = None
+
+  def __call__(self):
+    self.decomposition = None
+    self.state, self.decomposition = self._step(self.state, self._params, self._batch)
+    return self.state
+
+
 def gradient_step(params, unused_params, batch):
   del unused_params
   grads = jax.grad(_mlp.loss_fn)(params, batch)
@@ -93,13 +119,26 @@ def hvp_loop_step(matvec: str):
 
 
 def lanczos_step(matvec: str, reorthogonalize: bool):
-  """``(start, params, batch) -> (next start, num_valid)``; the next start is the last vector."""
+  """``((start, num_valid), params, batch) -> ((last vector, num_valid), LanczosResult)``."""
 
   def step(state, params, batch):
     start, _ = state
     operator = hessian_operator(params, batch, matvec)
     result = jaxsaddle.lanczos(operator, start, NUM_STEPS, reorthogonalize=reorthogonalize)
-    return jax.tree.map(lambda stacked: stacked[-1], result.basis), result.num_valid
+    return (jax.tree.map(lambda stacked: stacked[-1], result.basis), result.num_valid), result
+
+  return step
+
+
+def matfree_step(matvec: str, reortho: str):
+  """``(start, params, batch) -> (last vector, matfree's decomposition)``, on ravelled vectors."""
+  tridiagonalize = matfree.decomp.tridiag_sym(NUM_STEPS, reortho=reortho)
+
+  def step(start, params, batch):
+    operator = hessian_operator(params, batch, matvec)
+    flat_start, unravel = ravel_pytree(start)
+    decomposition = tridiagonalize(lambda v: ravel_pytree(operator(unravel(v)))[0], flat_start)
+    return unravel(decomposition.Q_tall[-1]), decomposition
 
   return step
 
@@ -110,6 +149,10 @@ def _loop_name(matvec: str) -> str:
 
 def _lanczos_name(matvec: str, reorthogonalize: bool) -> str:
   return f"lanczos {NUM_STEPS}, {matvec}, reorthogonalize={reorthogonalize}"
+
+
+def _matfree_name(matvec: str, reortho: str) -> str:
+  return f"matfree {NUM_STEPS}, {matvec}, reortho={reortho}"
 
 
 def check_loops(loops: dict[str, Loop]) -> None:
@@ -144,7 +187,11 @@ def time_curvature(settings: _timing.Settings) -> list[_timing.Timing]:
     for reorthogonalize in (True, False):
       name = _lanczos_name(matvec, reorthogonalize)
       state = (copy(tangent), jnp.zeros((), jnp.int32))
-      loops[name] = Loop(lanczos_step(matvec, reorthogonalize), state, params, batch)
+      loops[name] = DecompositionLoop(lanczos_step(matvec, reorthogonalize), state, params, batch)
+      baselines[name] = _loop_name(matvec)
+    for reortho in MATFREE_REORTHO:
+      name = _matfree_name(matvec, reortho)
+      loops[name] = DecompositionLoop(matfree_step(matvec, reortho), copy(tangent), params, batch)
       baselines[name] = _loop_name(matvec)
   timings = _timing.time_interleaved(
     [_timing.Candidate(name, loop, baselines.get(name)) for name, loop in loops.items()],
@@ -167,6 +214,13 @@ def derived_ratios(median: dict[str, float]) -> dict[str, float]:
       ratios[f"{name} / {_loop_name(matvec)} (target: at most 1.3)"] = (
         median[name] / median[_loop_name(matvec)]
       )
+    for reortho in MATFREE_REORTHO:
+      name = _matfree_name(matvec, reortho)
+      ratios[f"{name} / {_loop_name(matvec)}"] = median[name] / median[_loop_name(matvec)]
+  for matvec in MATVECS:
+    for reorthogonalize, reortho in ((True, "full"), (False, "none")):
+      ours, theirs = _lanczos_name(matvec, reorthogonalize), _matfree_name(matvec, reortho)
+      ratios[f"{ours} / {theirs}"] = median[ours] / median[theirs]
   ratios[f"{_lanczos_name('linearized', True)} / {_loop_name('plain')}"] = (
     median[_lanczos_name("linearized", True)] / median[_loop_name("plain")]
   )

@@ -191,6 +191,62 @@ def test_basis_of_pytree_operator_is_orthonormal(use_x64, tolerance):
     )
 
 
+def _one_pass_lanczos_basis(matvec, start, num_steps):
+  """Lanczos with a single Gram-Schmidt pass after the recurrence, in numpy: the reference."""
+  basis = [start / np.linalg.norm(start)]
+  beta_prev, q_prev = 0.0, np.zeros_like(start)
+  for _ in range(num_steps - 1):
+    q = basis[-1]
+    w = matvec(q)
+    w = w - (q @ w) * q - beta_prev * q_prev
+    stacked = np.stack(basis)
+    w = w - stacked.T @ (stacked @ w)
+    beta_prev, q_prev = np.linalg.norm(w), q
+    basis.append(w / beta_prev)
+  return np.stack(basis)
+
+
+def test_second_pass_keeps_basis_orthonormal_when_the_first_cancels_most_of_the_vector():
+  # A rank-one term M (e . v) q_0 with e orthogonal to q_0 gives A q_j a component of size
+  # M |e . q_j| along q_0 that the three-term recurrence leaves in place (rounding does the same,
+  # in smaller amounts, to an operator that is symmetric only up to round-off). One Gram-Schmidt
+  # pass removes it only up to round-off relative to that component, about 1e-16 * M / beta,
+  # which later steps amplify; Kahan's test must trigger the second pass.
+  with jax.enable_x64(True):
+    dimension, num_steps, magnitude = 30, 12, 1e8
+    matrix = np.asarray(_rotated(jnp.linspace(-1.0, 2.0, dimension), 17))
+    start = np.cos(np.arange(dimension, dtype=np.float64))
+    direction = np.sin(3.0 * np.arange(dimension, dtype=np.float64))
+    direction -= (direction @ start) / (start @ start) * start
+    unit_start = start / np.linalg.norm(start)
+
+    def matvec(x):
+      return matrix @ x + magnitude * (direction @ x) * unit_start
+
+    one_pass = _one_pass_lanczos_basis(matvec, start, num_steps)
+    assert np.max(np.abs(one_pass @ one_pass.T - np.eye(num_steps))) > 1e-10
+
+    result = jax.jit(lambda v: curvature.lanczos(matvec, v, num_steps))(jnp.asarray(start))
+    assert int(result.num_valid) == num_steps
+    gram = result.basis @ result.basis.T
+    assert float(jnp.max(jnp.abs(gram - jnp.eye(num_steps)))) < 1e-13
+
+
+def test_one_step_gives_the_rayleigh_quotient_and_keeps_the_start_vector():
+  # With one step the next vector has no row to go to; the start vector must stay in row 0.
+  matrix = _rotated(jnp.array([-2.0, 0.5, 1.0, 3.0, 4.0]), 18)
+  start = jnp.arange(1.0, 6.0)
+  result = jax.jit(lambda v: curvature.lanczos(lambda x: matrix @ x, v, 1))(start)
+  unit = start / jnp.linalg.norm(start)
+  alpha = unit @ matrix @ unit
+  assert int(result.num_valid) == 1
+  np.testing.assert_allclose(result.basis, unit[None], rtol=1e-6)
+  np.testing.assert_allclose(result.alphas, [alpha], rtol=1e-5)
+  np.testing.assert_allclose(
+    result.betas, [jnp.linalg.norm(matrix @ unit - alpha * unit)], rtol=1e-5
+  )
+
+
 def test_without_reorthogonalization_orthogonality_is_lost_but_extremes_survive():
   with jax.enable_x64(True):
     spectrum = jnp.concatenate([jnp.array([-1.0]), jnp.linspace(0.0, 1.0, 60), jnp.array([3.0])])
