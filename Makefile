@@ -36,6 +36,7 @@ benchmark: $(BENCHMARK_PEERS)
 	$(BIN)/python -m benchmarks.perturbation
 	$(BIN)/python -m benchmarks.smoothing
 	$(BIN)/python -m benchmarks.curvature
+	$(BIN)/python -m benchmarks.spectrum
 
 lint: $(INSTALLED)
 	$(BIN)/python -m ruff check .
