@@ -56,6 +56,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
   return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def closing_records(records: list[dict]) -> dict[str, dict]:
+  """Each finished unit's closing record, by unit name."""
+  return {r["unit"]: r for r in records if r.get("kind") == "unit"}
+
+
 def assert_is_figure(png: Path, *, taller_than: int, wider_than: int) -> None:
   """``png`` is a PNG image larger than the given pixel sizes, and not a blank canvas."""
   assert png.read_bytes()[:8] == PNG_SIGNATURE

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _experiment_runs import assert_is_figure
+from _experiment_runs import closing_records
 from _experiment_runs import read_metrics
 from _experiment_runs import run_experiments
 from _experiment_runs import shared_quick_run
@@ -49,7 +50,7 @@ def test_quick_run_writes_config_metrics_figure_and_summary(quick_run):
   assert config["experiment"] == "attraction-region"
   assert tuple(config["config"]["dims"]) == QUICK_DIMS
 
-  closing = {r["unit"]: r for r in read_metrics(quick_run) if r.get("kind") == "unit"}
+  closing = closing_records(read_metrics(quick_run))
   assert sorted(closing) == sorted(f"{c}/n={n}" for c in CANDIDATES for n in QUICK_DIMS)
   # Nothing is passed off as the paper's method.
   assert not any("mLSGD" in r["label"] for r in closing.values())

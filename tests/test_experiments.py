@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _experiment_runs import assert_is_figure
+from _experiment_runs import closing_records
 from _experiment_runs import read_metrics
 from _experiment_runs import run_experiments
 from _experiment_runs import shared_quick_run
@@ -27,10 +28,6 @@ METHOD_UNITS = tuple(f"{p}/{m}" for p in PROBLEMS for m in METHODS)
 @pytest.fixture(scope="session", name="quick_run")
 def _quick_run(tmp_path_factory) -> Path:
   return shared_quick_run("escape", tmp_path_factory)
-
-
-def closing_records(records: list[dict]) -> dict[str, dict]:
-  return {r["unit"]: r for r in records if r.get("kind") == "unit"}
 
 
 def step_losses(records: list[dict], unit: str) -> np.ndarray:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _experiment_runs import assert_is_figure
+from _experiment_runs import closing_records
 from _experiment_runs import read_metrics
 from _experiment_runs import shared_quick_run
 
@@ -23,7 +24,7 @@ def test_quick_run_records_every_rate_seed_and_log(quick_run):
   saved = json.loads((quick_run / "config.json").read_text())["config"]
   config = _runner.config_from_dict(pgd_networks.Config, saved)
   records = read_metrics(quick_run)
-  closing = {r["unit"]: r for r in records if r.get("kind") == "unit"}
+  closing = closing_records(records)
   assert sorted(closing) == sorted(pgd_networks.unit_names(config))
   logs = config.steps // config.log_every + 1
   for unit, record in closing.items():

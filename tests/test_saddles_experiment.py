@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _experiment_runs import assert_is_figure
+from _experiment_runs import closing_records
 from _experiment_runs import read_metrics
 from _experiment_runs import shared_quick_run
 
@@ -23,7 +24,7 @@ def _quick_run(tmp_path_factory) -> Path:
 def _closing(quick_run):
   saved = json.loads((quick_run / "config.json").read_text())["config"]
   config = _runner.config_from_dict(saddles_good_enough.Config, saved)
-  return config, {r["unit"]: r for r in read_metrics(quick_run) if r.get("kind") == "unit"}
+  return config, closing_records(read_metrics(quick_run))
 
 
 def test_every_method_gets_a_spectrum_per_seed(closing):
