@@ -24,7 +24,7 @@ runs on as many threads as XLA's CPU client, one per schedulable core.
 - trace: PyHessian's ``trace()`` is Hutchinson with Rademacher probes and its defaults, which
   stop when the running mean changes by less than ``tol`` relatively; its probe count is
   random, so its seed is fixed, and ours (``jaxsaddle.spectrum.hessian_trace``, Hutchinson)
-  uses that many probes, all in one vmapped batch. A last row times drawing our probes alone.
+  uses that many probes, one product after another (its default ``probe_batch_size=1``).
 
 PyHessian's calls reseed torch, so every timed call does the same iterations as the one whose
 HVPs were counted. Ours thread a PRNG key from call to call (see ``benchmarks/_timing.py``).
@@ -84,7 +84,6 @@ PYHESSIAN_EIGENVALUE = "pyhessian eigenvalues (power iteration)"
 OUR_EIGENVALUE = "jaxsaddle hessian_extreme_eigenvalues (lanczos)"
 PYHESSIAN_TRACE = "pyhessian trace (hutchinson)"
 OUR_TRACE = "jaxsaddle hessian_trace (hutchinson)"
-OUR_PROBES = "jaxsaddle's rademacher probes alone (threefry)"
 SGD_WINDOW = f"optax.sgd, {MONITOR_EVERY} steps"
 MONITORED_WINDOW = f"sgd + monitor_curvature(every={MONITOR_EVERY}), {MONITOR_EVERY} steps"
 SGD_STEP = "optax.sgd, 1 step"
@@ -206,16 +205,6 @@ def trace(num_probes: int):
   return estimate
 
 
-def probes(num_probes: int):
-  """What ``hessian_trace`` draws before its products, alone."""
-
-  def estimate(key, params, batch):
-    del batch
-    return spectrum._sample_probes(key, params, num_probes, "rademacher")
-
-  return estimate
-
-
 def relative_residuals(pairs) -> np.ndarray:
   return np.asarray(pairs.residual_norms / jnp.abs(pairs.eigenvalues))
 
@@ -275,7 +264,6 @@ def compare_with_pyhessian(problem: Problem, settings: _timing.Settings):
   loops = {
     OUR_EIGENVALUE: KeyLoop(top_eigenvalue(num_steps), problem),
     OUR_TRACE: KeyLoop(trace(num_probes), problem),
-    OUR_PROBES: KeyLoop(probes(num_probes), problem),
   }
   timings = _timing.time_interleaved(
     [
@@ -283,7 +271,6 @@ def compare_with_pyhessian(problem: Problem, settings: _timing.Settings):
       _timing.Candidate(OUR_EIGENVALUE, loops[OUR_EIGENVALUE], PYHESSIAN_EIGENVALUE),
       _timing.Candidate(PYHESSIAN_TRACE, pyhessian_call(problem, "trace")),
       _timing.Candidate(OUR_TRACE, loops[OUR_TRACE], PYHESSIAN_TRACE),
-      _timing.Candidate(OUR_PROBES, loops[OUR_PROBES], OUR_TRACE),
     ],
     settings,
   )
@@ -374,9 +361,6 @@ def pyhessian_ratios(median: dict[str, float]) -> dict[str, float]:
     ),
     f"{OUR_TRACE} / {PYHESSIAN_TRACE} (target: at most {1 / SPEEDUP_TARGET:.2f})": (
       median[OUR_TRACE] / median[PYHESSIAN_TRACE]
-    ),
-    f"{OUR_PROBES} / {OUR_TRACE} (drawn on their own, so not a share of the trace)": (
-      median[OUR_PROBES] / median[OUR_TRACE]
     ),
   }
 

@@ -70,22 +70,41 @@ def uniform_from_bits(bits: jax.Array, dtype) -> jax.Array:
   return ((bits >> 9).astype(dtype) * 2 + 1) * 2.0**-23 - 1
 
 
+def _tree_bits(key: jax.Array, tree):
+  """``([(leaf, hash of each element's position)], treedef)``, the hash keyed by ``key``."""
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  leaves, treedef = jax.tree.flatten(tree)
+  offsets = np.cumsum([0] + [leaf.size for leaf in leaves])[:-1]
+  hashed = [
+    (leaf, _lowbias32(_lowbias32(_positions(leaf, int(offset)) ^ seed[0]) + seed[1]))
+    for leaf, offset in zip(leaves, offsets, strict=True)
+  ]
+  return hashed, treedef
+
+
 def tree_standard_normal(key: jax.Array, tree):
   """Standard normal noise shaped, typed and sharded like ``tree``'s leaves.
 
   Computed in float32 (float64 for float64 leaves) and returned in that
   precision; callers cast to the leaf dtype after scaling.
   """
-  seed = jax.random.bits(key, (2,), jnp.uint32)
-  leaves, treedef = jax.tree.flatten(tree)
-  offsets = np.cumsum([0] + [leaf.size for leaf in leaves])[:-1]
+  hashed, treedef = _tree_bits(key, tree)
   noise = []
-  for leaf, offset in zip(leaves, offsets, strict=True):
-    bits = _lowbias32(_lowbias32(_positions(leaf, int(offset)) ^ seed[0]) + seed[1])
-    dtype = _checks.compute_dtype(leaf.dtype)
-    uniform = uniform_from_bits(bits, dtype)
+  for leaf, bits in hashed:
+    uniform = uniform_from_bits(bits, _checks.compute_dtype(leaf.dtype))
     noise.append(math.sqrt(2) * jax.lax.erf_inv(uniform))
   return jax.tree.unflatten(treedef, noise)
+
+
+def tree_rademacher(key: jax.Array, tree):
+  """Independent signs, +1 or -1 with probability 1/2, shaped, typed and sharded like ``tree``.
+
+  The sign is the top bit of the same counter hash as :func:`tree_standard_normal`: one hash
+  per element, several times cheaper than ``jax.random.rademacher`` with threefry.
+  """
+  hashed, treedef = _tree_bits(key, tree)
+  signs = [jnp.where((bits >> 31) == 1, 1, -1).astype(leaf.dtype) for leaf, bits in hashed]
+  return jax.tree.unflatten(treedef, signs)
 
 
 def tree_size(tree) -> int:

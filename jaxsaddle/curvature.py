@@ -138,7 +138,8 @@ class LanczosResult(NamedTuple):
       ``m = num_valid`` is the off-diagonal of the valid tridiagonal and ``betas[m-1]`` the
       norm of the final residual (zero when the recursion broke down); zero past ``num_valid``.
     basis: the Lanczos vectors as a stacked pytree, each leaf of shape
-      ``(num_steps, *leaf.shape)``; rows past ``num_valid`` are zero.
+      ``(num_steps, *leaf.shape)``; rows past ``num_valid`` are zero. ``None`` when
+      :func:`lanczos` ran with ``return_basis=False``.
     num_valid: the number of valid steps, an int32 scalar, ``num_steps`` unless the Krylov
       space became invariant (breakdown).
   """
@@ -238,6 +239,7 @@ def lanczos(
   num_steps: int,
   *,
   reorthogonalize: bool = True,
+  return_basis: bool = True,
   breakdown_tol: float | None = None,
 ) -> LanczosResult:
   r"""Runs ``num_steps`` Lanczos steps on a symmetric operator from ``init_vector``.
@@ -260,7 +262,10 @@ def lanczos(
   Cost of a step: one ``matvec``, a few passes over single vectors and, with
   ``reorthogonalize``, one product of the stacked basis with a vector (all ``num_steps`` rows,
   for :math:`h`) and a subtraction that reads only the rows filled so far. The basis is the
-  returned array, written in place, so memory is one basis. Under ``vmap`` the second pass's
+  returned array, written in place, so memory is one basis. With neither ``reorthogonalize`` nor
+  ``return_basis`` no basis is stored at all: the recurrence keeps two vectors, so memory and
+  traffic per step do not grow with ``num_steps`` (the mode for eigenvalue estimates and
+  spectral densities). Under ``vmap`` the second pass's
   ``lax.cond`` becomes a ``select`` that always runs it. The loop runs a fixed number of times:
   after a breakdown the remaining steps apply ``matvec`` to zero vectors and record nothing, so
   shapes stay static and the function jits and vmaps (over start vectors, or over operators
@@ -276,7 +281,10 @@ def lanczos(
     reorthogonalize: whether to reorthogonalise each new vector against the whole basis.
       Without it the basis loses orthogonality once Ritz values converge and duplicate
       ("ghost") Ritz values appear; that mode is meant for spectral-density estimates, where
-      the duplicates carry little weight.
+      the duplicates carry little weight. The extreme Ritz values converge first and are not
+      affected: the duplicates are copies of converged values.
+    return_basis: whether to return the basis. Without it and without ``reorthogonalize``,
+      only the last two Lanczos vectors are kept.
     breakdown_tol: the recursion stops when :math:`\beta_j \le` ``breakdown_tol`` times the
       largest :math:`|\alpha_i|` or :math:`\beta_i` seen so far, an estimate of
       :math:`\|A\|`. Defaults to the square root of the compute dtype's machine epsilon
@@ -324,13 +332,36 @@ def lanczos(
 
     return jax.lax.fori_loop(0, num_groups, subtract_group, w), coefficients
 
-  # Building the basis from the start vector lets a sharded leaf's sharding carry over. Each step
-  # writes the *next* vector after the reads that produced it, so XLA writes it in place.
-  basis = jax.tree.map(
-    lambda leaf: jnp.zeros_like(leaf)[None].repeat(num_steps, axis=0).at[0].set(leaf), start
-  )
+  keeps_basis = reorthogonalize or return_basis
+  if keeps_basis:
+    # Building the basis from the start vector lets a sharded leaf's sharding carry over. Each
+    # step writes the *next* vector after the reads that produced it, so XLA writes it in place.
+    vectors = jax.tree.map(
+      lambda leaf: jnp.zeros_like(leaf)[None].repeat(num_steps, axis=0).at[0].set(leaf), start
+    )
+  else:
+    vectors = jax.tree.map(jnp.zeros_like, start)  # q_{j-1}
+
+  def previous_vector(vectors, j):
+    if not keeps_basis:
+      return vectors
+    # At j = 0 this reads q_0, which beta_{-1} = 0 multiplies.
+    return jax.tree.map(
+      lambda stacked: jax.lax.dynamic_index_in_dim(stacked, jnp.maximum(j - 1, 0), keepdims=False),
+      vectors,
+    )
+
+  def remember(vectors, j, q, q_next):
+    if not keeps_basis:
+      return q
+    # The last step's q_next is not part of the basis: mode="drop" skips the write at row
+    # num_steps.
+    return jax.tree.map(
+      lambda stacked, leaf: stacked.at[j + 1].set(leaf, mode="drop"), vectors, q_next
+    )
+
   init_carry = (
-    basis,
+    vectors,
     jnp.zeros(num_steps, dtype),  # alphas
     jnp.zeros(num_steps, dtype),  # betas
     start,  # q_j
@@ -341,23 +372,20 @@ def lanczos(
   )
 
   def step(j, carry):
-    basis, alphas, betas, q, beta_prev, scale, active, num_valid = carry
+    vectors, alphas, betas, q, beta_prev, scale, active, num_valid = carry
     w = apply(q)
     alpha = _tree_vdot(q, w, dtype)
-    # q_{j-1} is read from the basis inside the fused update (at j = 0, beta_prev is zero).
-    previous = jnp.maximum(j - 1, 0)
+    # q_{j-1} is read where it is stored, inside the fused update.
     w = jax.tree.map(
-      lambda product, leaf, stacked: (
-        product
-        - alpha.astype(product.dtype) * leaf
-        - beta_prev.astype(product.dtype)
-        * jax.lax.dynamic_index_in_dim(stacked, previous, keepdims=False)
+      lambda product, leaf, prev: (
+        product - alpha.astype(product.dtype) * leaf - beta_prev.astype(product.dtype) * prev
       ),
       w,
       q,
-      basis,
+      previous_vector(vectors, j),
     )
     if reorthogonalize:
+      basis = vectors
       w, coefficients = project_out(basis, w, j)
       beta = norm(w)
 
@@ -376,14 +404,9 @@ def lanczos(
     betas = betas.at[j].set(jnp.where(continues, beta, 0))
     inv_beta = jnp.where(continues, 1 / jnp.where(continues, beta, 1), 0)
     q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), w)
-    # The last step's q_next is not part of the basis: mode="drop" skips the write at row
-    # num_steps.
-    basis = jax.tree.map(
-      lambda stacked, leaf: stacked.at[j + 1].set(leaf, mode="drop"), basis, q_next
-    )
     num_valid = num_valid + active.astype(jnp.int32)
     return (
-      basis,
+      remember(vectors, j, q, q_next),
       alphas,
       betas,
       q_next,
@@ -393,8 +416,8 @@ def lanczos(
       num_valid,
     )
 
-  basis, alphas, betas, *_, num_valid = jax.lax.fori_loop(0, num_steps, step, init_carry)
-  return LanczosResult(alphas, betas, basis, num_valid)
+  vectors, alphas, betas, *_, num_valid = jax.lax.fori_loop(0, num_steps, step, init_carry)
+  return LanczosResult(alphas, betas, vectors if return_basis else None, num_valid)
 
 
 def tridiagonal(result: LanczosResult) -> jax.Array:
@@ -422,7 +445,8 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
     result: the output of :func:`lanczos`.
 
   Returns:
-    :class:`RitzPairs` whose ``eigenvectors`` leaves have shape ``(num_steps, *leaf.shape)``.
+    :class:`RitzPairs` whose ``eigenvectors`` leaves have shape ``(num_steps, *leaf.shape)``;
+    ``eigenvectors`` is ``None`` when the run kept no basis.
   """
   num_steps = result.alphas.shape[0]
   index = jnp.arange(num_steps)
@@ -439,7 +463,7 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
       vectors.T.astype(stacked.dtype), stacked, axes=1, precision=jax.lax.Precision.HIGHEST
     ),
     result.basis,
-  )
+  )  # None without a basis
   return RitzPairs(
     eigenvalues=jnp.where(valid, values, jnp.nan),
     eigenvectors=ritz_vectors,
@@ -456,6 +480,7 @@ def extreme_eigenpairs(
   k: int = 1,
   which: Which = "smallest",
   reorthogonalize: bool = True,
+  eigenvectors: bool = True,
   exact_residuals: bool = True,
 ) -> RitzPairs:
   r"""Estimates the ``k`` smallest and/or largest eigenpairs of a symmetric operator.
@@ -478,20 +503,31 @@ def extreme_eigenpairs(
     which: ``"smallest"`` (ascending), ``"largest"`` (descending) or ``"both"`` (the ``k``
       smallest ascending, then the ``k`` largest descending; they overlap when fewer than
       ``2 k`` Ritz values exist).
-    reorthogonalize: passed to :func:`lanczos`.
+    reorthogonalize: passed to :func:`lanczos`. Without it, duplicates of converged Ritz
+      values can take the slots of the second and later pairs at each end; the first pair at
+      each end is unaffected, so ``k = 1`` is the intended use. The Ritz vectors are then
+      normalised explicitly.
+    eigenvectors: whether to compute the Ritz vectors. Without them (and without
+      ``reorthogonalize``) Lanczos stores no basis, only the last two vectors.
     exact_residuals: compute ``||A v - theta v||`` with ``k`` (or ``2 k``) extra matvecs
       (vmapped); otherwise use the Lanczos estimate of :func:`ritz_pairs`, which is free but
-      trusts the orthogonality of the basis.
+      trusts the orthogonality of the basis. Needs ``eigenvectors``.
 
   Returns:
     :class:`RitzPairs` with ``k`` (or ``2 k``) entries, each eigenvector leaf of shape
-    ``(k, *leaf.shape)``. When the Krylov space broke down with fewer than ``k`` Ritz values,
-    the missing entries are NaN (vectors zero).
+    ``(k, *leaf.shape)`` (``eigenvectors`` is ``None`` when not asked for). When the Krylov
+    space broke down with fewer than ``k`` Ritz values, the missing entries are NaN (vectors
+    zero).
   """
   if which not in ("smallest", "largest", "both"):
     raise ValueError(f"which must be 'smallest', 'largest' or 'both', got {which!r}.")
   if k < 1 or k > num_steps:
     raise ValueError(f"k must be in [1, num_steps={num_steps}], got {k}.")
+  if exact_residuals and not eigenvectors:
+    raise ValueError(
+      "exact_residuals=True needs the Ritz vectors: pass eigenvectors=True, or "
+      "exact_residuals=False for the Lanczos estimate of the residuals."
+    )
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(canonicalize_key(key), len(leaves))
   start = treedef.unflatten(
@@ -502,7 +538,9 @@ def extreme_eigenpairs(
       for leaf_key, leaf in zip(keys, leaves, strict=True)
     ]
   )
-  result = lanczos(matvec, start, num_steps, reorthogonalize=reorthogonalize)
+  result = lanczos(
+    matvec, start, num_steps, reorthogonalize=reorthogonalize, return_basis=eigenvectors
+  )
   pairs = ritz_pairs(result)
 
   ascending = jnp.arange(k)
@@ -521,12 +559,22 @@ def extreme_eigenpairs(
       present.reshape((-1,) + (1,) * (stacked.ndim - 1)), stacked[slots], 0
     ),
     pairs.eigenvectors,
-  )
+  )  # None without eigenvectors
+  dtype = _compute_dtype(like)
+  if eigenvectors and not reorthogonalize:
+    # A Ritz vector Q s has unit norm only while the basis Q is orthonormal.
+    norms = jax.vmap(lambda vector: jnp.sqrt(_tree_vdot(vector, vector, dtype)))(vectors)
+    inverse = jnp.where(norms > 0, 1 / jnp.where(norms > 0, norms, 1), 0)
+    vectors = jax.tree.map(
+      lambda stacked: (
+        stacked * inverse.reshape((-1,) + (1,) * (stacked.ndim - 1)).astype(stacked.dtype)
+      ),
+      vectors,
+    )
   if exact_residuals:
-    dtype = _compute_dtype(like)
     leaf_dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), like)
     as_input = jax.tree.map(lambda stacked, d: stacked.astype(d), vectors, leaf_dtypes)
-    images = _cast(jax.vmap(matvec)(as_input), dtype)
+    images = _cast(jax.lax.map(matvec, as_input), dtype)
 
     def residual_norm(image, vector, value):
       residual = _tree_axpy(-value, vector, image)

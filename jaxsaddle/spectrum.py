@@ -150,8 +150,12 @@ def _all_finite(tree: PyTree) -> jax.Array:
 def _linearize(owner: str, value_fn: ValueFn, params: PyTree):
   """Validates ``value_fn``; returns the loss, gradient, an HVP function and a finiteness flag."""
   _check_value_fn(owner, value_fn, params)
-  value = value_fn(params)
-  gradient, hvp_fn = curvature.linearize_hvp(value_fn, params)
+  # Linearising value_and_grad gives the loss from the same forward pass as the gradient.
+  (value, gradient), linear = jax.linearize(jax.value_and_grad(value_fn), params)
+
+  def hvp_fn(tangent):
+    return linear(tangent)[1]
+
   return value, gradient, hvp_fn, jnp.isfinite(value) & _all_finite(gradient)
 
 
@@ -172,25 +176,25 @@ def _checked(owner: str, finite: jax.Array, result):
   )
 
 
-def _sample_probes(
-  key: jax.Array, like: PyTree, num_probes: int, distribution: ProbeDistribution
-) -> PyTree:
-  """``num_probes`` vectors shaped like ``like``, stacked along a new leading axis."""
-  leaves, treedef = jax.tree.flatten(like)
-  keys = jax.random.split(key, len(leaves))
-
-  def draw(leaf_key, leaf):
-    shape, dtype = (num_probes, *jnp.shape(leaf)), jnp.result_type(leaf)
-    if distribution == "rademacher":
-      return jax.random.rademacher(leaf_key, shape, dtype)
-    return jax.random.normal(leaf_key, shape, _checks.compute_dtype(dtype)).astype(dtype)
-
-  return treedef.unflatten([draw(k, leaf) for k, leaf in zip(keys, leaves, strict=True)])
+def _probe(key: jax.Array, like: PyTree, distribution: ProbeDistribution) -> PyTree:
+  """One random vector shaped and typed like ``like``: signs, or standard normal entries."""
+  if distribution == "rademacher":
+    return _random.tree_rademacher(key, like)
+  return jax.tree.map(
+    lambda noise, leaf: noise.astype(leaf.dtype), _random.tree_standard_normal(key, like), like
+  )
 
 
-def _quadratic_forms(probes: PyTree, images: PyTree, dtype) -> jax.Array:
-  """``z_i . (H z_i)`` for stacked probes and their images, accumulated in ``dtype``."""
-  return jax.vmap(lambda z, image: curvature._tree_vdot(z, image, dtype))(probes, images)
+def _map_probes(fn: Callable, xs: PyTree, batch_size: int | None):
+  """``fn`` over the leading axis of ``xs``: ``batch_size`` at a time, or all at once if None."""
+  if batch_size is None:
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=batch_size)
+
+
+def _quadratic_form(hvp_fn: Callable, vector: PyTree, dtype) -> jax.Array:
+  """``v . (H v)``, accumulated in ``dtype``."""
+  return curvature._tree_vdot(vector, hvp_fn(vector), dtype)
 
 
 def _mean_and_standard_error(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -213,6 +217,7 @@ def hessian_extreme_eigenvalues(
   key: jax.Array | int,
   k: int = 1,
   which: curvature.Which = "largest",
+  reorthogonalize: bool | None = None,
 ) -> curvature.RitzPairs:
   r"""Estimates the ``k`` largest and/or smallest Hessian eigenvalues, with residuals.
 
@@ -233,6 +238,10 @@ def hessian_extreme_eigenvalues(
     k: the number of eigenvalues at each requested end.
     which: ``"largest"`` (descending), ``"smallest"`` (ascending) or ``"both"`` (the ``k``
       smallest ascending, then the ``k`` largest descending).
+    reorthogonalize: full reorthogonalisation in Lanczos; None (the default) uses it only
+      when ``k > 1``. The extreme Ritz value at each end is not affected by the loss of
+      orthogonality (it only duplicates converged values), and without reorthogonalisation
+      each step skips a pass over the whole basis.
 
   Returns:
     :class:`jaxsaddle.curvature.RitzPairs` with ``k`` (``2 k`` for ``"both"``) eigenvalues,
@@ -247,7 +256,13 @@ def hessian_extreme_eigenvalues(
   _checks.check_at_least_one(owner, "num_steps", num_steps)
   _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
   pairs = curvature.extreme_eigenpairs(
-    hvp_fn, params, num_steps=num_steps, key=key, k=k, which=which
+    hvp_fn,
+    params,
+    num_steps=num_steps,
+    key=key,
+    k=k,
+    which=which,
+    reorthogonalize=k > 1 if reorthogonalize is None else reorthogonalize,
   )
   # The first value at each end always exists; NaN there means NaN in the operator.
   ends = jnp.array([0, k] if which == "both" else [0])
@@ -314,6 +329,7 @@ def hessian_trace(
   key: jax.Array | int,
   num_probes: int,
   method: Literal["hutchinson", "hutch++"] = "hutchinson",
+  probe_batch_size: int | None = 1,
 ) -> Estimate:
   r"""Estimates :math:`\operatorname{tr} \nabla^2 f(x)` from ``num_probes`` Hessian-vector products.
 
@@ -343,9 +359,14 @@ def hessian_trace(
     value_fn: the loss, a function of a pytree returning a real scalar.
     params: the point at which the Hessian is taken.
     key: a PRNG key or an int seed.
-    num_probes: the number of Hessian-vector products :math:`m` (at least 3 for Hutch++),
-      computed in one vmapped batch.
+    num_probes: the number of Hessian-vector products :math:`m` (at least 3 for Hutch++).
     method: ``"hutchinson"`` or ``"hutch++"``.
+    probe_batch_size: how many products run at once (``lax.map`` in batches); None vmaps all
+      of them. The default, one at a time, holds one probe in memory and is the fastest on
+      CPUs, where a batch of products is not cheaper than the products one by one and its
+      probes and images must be written to memory; batches can pay on accelerators. Probes
+      are drawn inside the loop, from a counter hash (``jaxsaddle._random``), so they are the
+      same whatever the batch size.
 
   Returns:
     An :class:`Estimate` of the trace and its standard error.
@@ -356,29 +377,39 @@ def hessian_trace(
     raise ValueError(f"{owner}: method must be 'hutchinson' or 'hutch++', got {method!r}.")
   if method == "hutch++" and num_probes < 3:
     raise ValueError(f"{owner}: hutch++ needs num_probes >= 3, got {num_probes}.")
+  if probe_batch_size is not None:
+    _checks.check_at_least_one(owner, "probe_batch_size", probe_batch_size)
   _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
   dtype = _compute_dtype(params)
-  key = _random.canonicalize_key(key)
+  keys = jax.random.split(_random.canonicalize_key(key), num_probes)
 
   if method == "hutchinson":
-    probes = _sample_probes(key, params, num_probes, "rademacher")
     value, standard_error = _mean_and_standard_error(
-      _quadratic_forms(probes, jax.vmap(hvp_fn)(probes), dtype)
+      _map_probes(
+        lambda k: _quadratic_form(hvp_fn, _probe(k, params, "rademacher"), dtype),
+        keys,
+        probe_batch_size,
+      )
     )
   else:
     sketch_size = num_probes // 3
-    sketch_key, residual_key = jax.random.split(key)
-    sketch = _sample_probes(sketch_key, params, sketch_size, "rademacher")
-    basis = _orthonormal_range(jax.vmap(hvp_fn)(sketch), dtype)
-    captured = jnp.sum(_quadratic_forms(basis, jax.vmap(hvp_fn)(basis), dtype))
-    probes = _sample_probes(residual_key, params, num_probes - 2 * sketch_size, "rademacher")
-    # (I - Q Q^T) g: the Rademacher probes with the sketched range projected out.
-    coefficients = _stacked_coefficients(probes, basis, dtype)
-    projected = jax.tree.map(
-      lambda g, q: g - _combine(coefficients, q).astype(g.dtype), probes, basis
+    sketch = jax.vmap(lambda k: _probe(k, params, "rademacher"))(keys[:sketch_size])
+    basis = _orthonormal_range(_map_probes(hvp_fn, sketch, probe_batch_size), dtype)
+    captured = jnp.sum(
+      _map_probes(lambda q: _quadratic_form(hvp_fn, q, dtype), basis, probe_batch_size)
     )
+
+    def deflated_form(k):
+      # (I - Q Q^T) g: a Rademacher probe with the sketched range projected out.
+      probe = jax.tree.map(lambda leaf: leaf[None], _probe(k, params, "rademacher"))
+      coefficients = _stacked_coefficients(probe, basis, dtype)
+      projected = jax.tree.map(
+        lambda g, q: g[0] - _combine(coefficients, q)[0].astype(g.dtype), probe, basis
+      )
+      return _quadratic_form(hvp_fn, projected, dtype)
+
     residual, standard_error = _mean_and_standard_error(
-      _quadratic_forms(projected, jax.vmap(hvp_fn)(projected), dtype)
+      _map_probes(deflated_form, keys[2 * sketch_size :], probe_batch_size)
     )
     value = captured + residual
   finite = finite & jnp.isfinite(value)
@@ -451,16 +482,16 @@ def _broadened_density(nodes, weights, grid, broadening):
 
 
 def _slq(hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonalize, batch_size):
-  probes = _sample_probes(_random.canonicalize_key(key), params, num_probes, distribution)
-
-  def quadrature(probe):
+  def quadrature(probe_key):
+    probe = _probe(probe_key, params, distribution)
     return _gauss_quadrature(
-      curvature.lanczos(hvp_fn, probe, num_steps, reorthogonalize=reorthogonalize)
+      curvature.lanczos(
+        hvp_fn, probe, num_steps, reorthogonalize=reorthogonalize, return_basis=False
+      )
     )
 
-  if batch_size is None:
-    return jax.vmap(quadrature)(probes)
-  return jax.lax.map(quadrature, probes, batch_size=batch_size)
+  keys = jax.random.split(_random.canonicalize_key(key), num_probes)
+  return _map_probes(quadrature, keys, batch_size)
 
 
 def hessian_density(
@@ -1119,8 +1150,14 @@ def monitor_curvature(
 
   with ``num_lanczos_steps`` Hessian-vector products of the loss ``value_fn`` at the
   parameters ``params`` passed to ``update`` (see
-  :func:`jaxsaddle.curvature.extreme_eigenpairs`). The estimate runs inside ``lax.cond``, so
-  other steps cost nothing (under ``vmap`` the cond becomes a select and every step pays).
+  :func:`jaxsaddle.curvature.extreme_eigenpairs`), without reorthogonalisation and without a
+  stored basis: only the extreme Ritz values are kept, and those are unaffected by the loss of
+  orthogonality, so memory is a few vectors whatever ``num_lanczos_steps``. The estimate runs
+  inside ``lax.cond``, so other steps skip its products (under ``vmap`` the cond becomes a
+  select and every step pays). On the CPU, XLA allocates the temporary memory of both branches
+  at every call, which is why the estimate must stay small. An estimating step costs about
+  ``num_lanczos_steps + 1`` gradients, so averaged over ``every`` steps the monitor adds
+  about ``(num_lanczos_steps + 1) / every`` steps' worth of gradients.
   The state keeps the latest estimate and the step it was taken at, readable with
   ``optax.tree.get(state, "smallest_eigenvalue")``. The sharpness :math:`\lambda_{\max}`
   against :math:`2/\eta` shows the edge of stability, and a negative :math:`\lambda_{\min}`
@@ -1171,6 +1208,8 @@ def monitor_curvature(
         num_steps=num_lanczos_steps,
         key=lanczos_key,
         which="both",
+        reorthogonalize=False,
+        eigenvectors=False,
         exact_residuals=False,
       )
       return rng_key, pairs.eigenvalues.astype(dtype), state.count

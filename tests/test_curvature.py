@@ -265,6 +265,42 @@ def test_without_reorthogonalization_orthogonality_is_lost_but_extremes_survive(
       np.testing.assert_allclose(values[np.array([0, -1])], [-1.0, 3.0], atol=1e-10)
 
 
+def test_without_a_basis_the_coefficients_are_the_same_and_no_basis_is_returned():
+  with jax.enable_x64(True):
+    spectrum = jnp.concatenate([jnp.array([-1.0]), jnp.linspace(0.0, 1.0, 60), jnp.array([3.0])])
+    matrix = _rotated(spectrum, 7)
+    start = jnp.linspace(1.0, 2.0, spectrum.shape[0])
+    for reorthogonalize in (False, True):
+      kept = curvature.lanczos(lambda x: matrix @ x, start, 30, reorthogonalize=reorthogonalize)
+      dropped = curvature.lanczos(
+        lambda x: matrix @ x, start, 30, reorthogonalize=reorthogonalize, return_basis=False
+      )
+      assert kept.basis is not None and dropped.basis is None
+      np.testing.assert_array_equal(dropped.alphas, kept.alphas)
+      np.testing.assert_array_equal(dropped.betas, kept.betas)
+      assert int(dropped.num_valid) == int(kept.num_valid) == 30
+      without_vectors = curvature.ritz_pairs(dropped)
+      assert without_vectors.eigenvectors is None
+      np.testing.assert_array_equal(
+        without_vectors.eigenvalues, curvature.ritz_pairs(kept).eigenvalues
+      )
+    operator = lambda x: matrix @ x  # noqa: E731
+    pairs = curvature.extreme_eigenpairs(
+      operator,
+      start,
+      num_steps=40,
+      key=3,
+      which="both",
+      eigenvectors=False,
+      reorthogonalize=False,
+      exact_residuals=False,
+    )
+    assert pairs.eigenvectors is None
+    np.testing.assert_allclose(pairs.eigenvalues, [-1.0, 3.0], atol=1e-10)
+    with pytest.raises(ValueError, match="exact_residuals=True needs the Ritz vectors"):
+      curvature.extreme_eigenpairs(operator, start, num_steps=4, key=3, eigenvectors=False)
+
+
 def test_vmap_over_start_vectors_equals_loop():
   # vmap turns the matvec into a batched matmul that sums in another order; late Lanczos
   # coefficients amplify that round-off, so the coefficients are compared in float64 and the

@@ -73,6 +73,21 @@ def test_standard_normal_differs_across_keys_without_correlation():
   assert np.all(np.abs(np.corrcoef(neighbours)[np.triu_indices(4, k=1)]) < 5 / 256)
 
 
+def test_rademacher_signs_are_balanced_independent_and_follow_the_flattened_vector():
+  signs = np.asarray(_random.tree_rademacher(jax.random.key(11), jnp.zeros(NUM_SAMPLES)))
+  assert set(np.unique(signs)) == {-1.0, 1.0}
+  assert abs(signs.mean()) < 5 / math.sqrt(NUM_SAMPLES)
+  for lag in (1, 2, 31, 32, 4096):
+    assert abs(np.mean(signs[:-lag] * signs[lag:])) < 5 / math.sqrt(NUM_SAMPLES), lag
+  other = np.asarray(_random.tree_rademacher(jax.random.key(12), jnp.zeros(NUM_SAMPLES)))
+  assert abs(np.mean(signs * other)) < 5 / math.sqrt(NUM_SAMPLES)
+  key = jax.random.key(13)
+  tree = {"a": jnp.zeros((3, 4), jnp.bfloat16), "b": (jnp.zeros(5), jnp.zeros((2, 1, 3)))}
+  sampled = _random.tree_rademacher(key, tree)
+  assert sampled["a"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(_flat(sampled), _random.tree_rademacher(key, jnp.zeros(23)))
+
+
 def test_pytree_noise_equals_noise_of_the_flattened_vector():
   key = jax.random.key(3)
   tree = {"a": jnp.zeros((3, 4)), "b": (jnp.zeros(5), jnp.zeros((2, 1, 3)))}

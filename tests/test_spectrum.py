@@ -98,6 +98,41 @@ def test_extreme_eigenvalues_match_eigh_on_prescribed_spectra():
     np.testing.assert_allclose(first.eigenvalues[:3], [-5.0, -4.0, -3.0], rtol=1e-4)
 
 
+def test_single_extreme_pairs_without_reorthogonalization_match_eigh_with_unit_vectors():
+  with jax.enable_x64(True):
+    # Outliers that converge early, so that without reorthogonalisation ghosts appear.
+    eigenvalues = np.concatenate([[-3.0], np.linspace(-0.5, 1.0, 146), [4.0, 9.0, 10.0]])
+    matrix = jnp.asarray(_rotated(eigenvalues, 15))
+    params = jnp.zeros(150)
+
+    def pairs(reorthogonalize):
+      return spectrum.hessian_extreme_eigenvalues(
+        _quadratic(matrix),
+        params,
+        num_steps=60,
+        key=16,
+        which="both",
+        reorthogonalize=reorthogonalize,
+      )
+
+    default, full = pairs(None), pairs(True)
+    np.testing.assert_allclose(default.eigenvalues, [-3.0, 10.0], rtol=1e-10)
+    np.testing.assert_allclose(default.eigenvalues, full.eigenvalues, rtol=1e-10)
+    np.testing.assert_allclose(np.linalg.norm(default.eigenvectors, axis=1), 1.0, rtol=1e-10)
+    for vector, value, residual in zip(
+      default.eigenvectors, default.eigenvalues, default.residual_norms, strict=True
+    ):
+      np.testing.assert_allclose(
+        residual, np.linalg.norm(matrix @ vector - value * vector), atol=1e-12
+      )
+      assert residual < 1e-6
+    # The default's Lanczos did lose orthogonality: 9 and 10 have ghost copies.
+    ritz_values = curvature.ritz_pairs(
+      curvature.lanczos(lambda v: matrix @ v, jnp.ones(150), 60, reorthogonalize=False)
+    ).eigenvalues
+    assert np.sum(np.abs(np.asarray(ritz_values) - 10.0) < 1e-8) >= 2
+
+
 def test_hessian_trace_is_within_its_standard_error_across_seeds():
   with jax.enable_x64(True):
     matrix = _rotated(np.random.default_rng(3).normal(0.5, 1.0, 100), 4)
@@ -116,6 +151,25 @@ def test_hessian_trace_is_within_its_standard_error_across_seeds():
     np.testing.assert_allclose(
       np.mean(np.asarray(hutchinson.standard_error) ** 2), variance / 30, rtol=0.15
     )
+
+
+def test_hessian_trace_draws_the_same_probes_whatever_the_batch_size():
+  with jax.enable_x64(True):
+    matrix = jnp.asarray(_rotated(np.random.default_rng(12).normal(0.5, 1.0, 30), 13))
+    value_fn = lambda x: 0.5 * x @ matrix @ x  # noqa: E731
+    params = jnp.zeros(30)
+    for method in ("hutchinson", "hutch++"):
+      one_by_one, in_threes, all_at_once = (
+        spectrum.hessian_trace(
+          value_fn, params, key=14, num_probes=10, method=method, probe_batch_size=size
+        )
+        for size in (1, 3, None)
+      )
+      for other in (in_threes, all_at_once):
+        np.testing.assert_allclose(other.value, one_by_one.value, rtol=1e-12)
+        np.testing.assert_allclose(other.standard_error, one_by_one.standard_error, rtol=1e-10)
+    with pytest.raises(ValueError, match="probe_batch_size"):
+      spectrum.hessian_trace(value_fn, params, key=0, num_probes=4, probe_batch_size=0)
 
 
 def test_hutch_plus_plus_has_lower_variance_on_low_rank_plus_small():
