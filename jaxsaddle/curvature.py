@@ -509,9 +509,9 @@ def extreme_eigenpairs(
       normalised explicitly.
     eigenvectors: whether to compute the Ritz vectors. Without them (and without
       ``reorthogonalize``) Lanczos stores no basis, only the last two vectors.
-    exact_residuals: compute ``||A v - theta v||`` with ``k`` (or ``2 k``) extra matvecs
-      (vmapped); otherwise use the Lanczos estimate of :func:`ritz_pairs`, which is free but
-      trusts the orthogonality of the basis. Needs ``eigenvectors``.
+    exact_residuals: compute ``||A v - theta v||`` with ``k`` (or ``2 k``) extra matvecs, one
+      after another (``lax.map``); otherwise use the Lanczos estimate of :func:`ritz_pairs`,
+      which is free but trusts the orthogonality of the basis. Needs ``eigenvectors``.
 
   Returns:
     :class:`RitzPairs` with ``k`` (or ``2 k``) entries, each eigenvector leaf of shape
