@@ -1,7 +1,8 @@
 """Command line: ``python -m experiments <name> [--seeds N] [--steps N] [--quick] [--out DIR]``.
 
-Every experiment is a module with a ``Config`` dataclass that has ``seeds`` and
-``steps`` fields, ``default_config(quick) -> Config`` and
+Every experiment is a module with a ``Config`` dataclass that has ``seeds``,
+``steps`` and ``fast_compile`` fields (see :mod:`experiments._runner`; quick
+configs set ``fast_compile``), ``default_config(quick) -> Config`` and
 ``run(run_dir: _runner.RunDirectory) -> str`` (computes what the run directory
 lacks, writes figures and summary, returns the table to print). Register it in
 ``EXPERIMENTS``; modules are imported only when their experiment runs, so the

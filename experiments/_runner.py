@@ -17,6 +17,10 @@ unit it was computing: resuming drops the partial lines of unfinished units and
 computes those units again, and never recomputes a finished one. Every closing
 record carries the ``session`` that computed it (a fresh id per process), so a
 resumed run shows which units it computed.
+
+Every config has a ``fast_compile`` field. When it is set, :meth:`RunDirectory.create`
+and :meth:`RunDirectory.resume` add :data:`FAST_COMPILE_XLA_FLAGS` to ``XLA_FLAGS``
+before JAX starts its backend, so a resumed run compiles as the original did.
 """
 
 import dataclasses
@@ -35,12 +39,25 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+from jax._src import xla_bridge  # the only way to tell whether XLA_FLAGS can still take effect
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.md"
 FIGURES_DIR = "figures"
 UNIT_KIND = "unit"
+# XLA's backend optimisations off, and the classic CPU emitters, which compile faster than the
+# fusion emitters. A quick run spends most of its time compiling programs it then runs for
+# milliseconds; these settings cut that about threefold and change results only by rounding.
+# As ``jax.jit(..., compiler_options=...)`` they also suit any program that runs only once.
+FAST_COMPILE_OPTIONS = {
+  "xla_backend_optimization_level": 0,
+  "xla_llvm_disable_expensive_passes": True,
+  "xla_cpu_use_fusion_emitters": False,
+}
+FAST_COMPILE_XLA_FLAGS = tuple(
+  f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE_OPTIONS.items()
+)
 
 
 def config_from_dict(config_class: type, values: dict[str, Any]):
@@ -78,10 +95,39 @@ def to_json_floats(array) -> list:
   return [to_json_floats(row) for row in array]
 
 
+def to_json_numbers(array) -> list | int | float:
+  """Integers and booleans as they are, floats as :func:`to_json_floats` writes them."""
+  array = np.asarray(array)
+  if np.issubdtype(array.dtype, np.floating):
+    return to_json_floats(array)
+  return array.tolist()
+
+
+def use_compiler_settings(config) -> None:
+  """Adds :data:`FAST_COMPILE_XLA_FLAGS` to ``XLA_FLAGS`` when ``config.fast_compile`` is set.
+
+  XLA reads ``XLA_FLAGS`` once, when JAX starts its backend, so this must run first.
+
+  Raises:
+    RuntimeError: ``config.fast_compile`` is set and the backend has already started.
+  """
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  missing = [flag for flag in FAST_COMPILE_XLA_FLAGS if flag not in flags]
+  if not config.fast_compile or not missing:
+    return
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError(
+      "fast_compile must be applied before JAX starts its backend (the first array or jit); "
+      "create or resume the run directory first."
+    )
+  os.environ["XLA_FLAGS"] = " ".join([*flags, *missing])
+
+
 def environment() -> dict[str, Any]:
   """What the numbers depend on besides the config."""
   return {
     "jax": jax.__version__,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "backend": jax.default_backend(),
     "devices": [str(device) for device in jax.devices()],
     "python": platform.python_version(),
@@ -121,6 +167,7 @@ class RunDirectory:
       raise FileExistsError(
         f"{path} already holds a run; continue it with --resume {path} or choose another --out."
       )
+    use_compiler_settings(config)
     path.mkdir(parents=True, exist_ok=True)
     record = {
       "experiment": experiment,
@@ -142,6 +189,7 @@ class RunDirectory:
     if record["experiment"] != experiment:
       raise ValueError(f"{path} is a run of {record['experiment']!r}, not of {experiment!r}.")
     run = cls(path, experiment, config_from_dict(config_class, record["config"]))
+    use_compiler_settings(run.config)
     run._drop_unfinished()
     return run
 

@@ -9,6 +9,7 @@ Initialisation and mini-batches depend only on the seed, so every method and
 learning rate sees the same ones.
 """
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +21,19 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import _runner
 from experiments import data
 from experiments import models
 
-# The optimizer-state fields logged when the optimizer has them (0 otherwise).
-COUNTERS = ("num_perturbations", "num_curvature_steps")
+# The optimizer-state fields logged when the optimizer has them (0 otherwise): escape
+# diagnostics, and the oracle accounting of experiments._oracle.with_oracle_budget.
+COUNTERS = (
+  "num_perturbations",
+  "num_curvature_steps",
+  "num_lanczos_calls",
+  "oracle_calls",
+  "num_steps_taken",
+)
 
 
 class TrainingResult(NamedTuple):
@@ -47,6 +56,21 @@ class TrainingResult(NamedTuple):
   params: Any
 
 
+def _map_lanes(fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
+  """``jax.vmap(fn, in_axes)`` computed lane by lane with ``lax.map`` (axes 0 or None only)."""
+
+  def mapped(*args):
+    axes = list(zip(args, in_axes, strict=True))
+
+    def lane(lane_args):
+      given = iter(lane_args)
+      return fn(*(next(given) if axis == 0 else arg for arg, axis in axes))
+
+    return jax.lax.map(lane, tuple(arg for arg, axis in axes if axis == 0))
+
+  return mapped
+
+
 def train_classifier(
   dataset: data.Dataset,
   build_model: Callable[[jax.Array], nnx.Module],
@@ -57,6 +81,7 @@ def train_classifier(
   steps: int,
   log_every: int,
   batch_size: int | None,
+  vmap_lanes: bool = True,
 ) -> TrainingResult:
   """Trains ``build_model(key)`` by ``make_optimizer(learning_rate, key)`` on cross-entropy.
 
@@ -73,6 +98,11 @@ def train_classifier(
     log_every: steps between logs.
     batch_size: mini-batch size (drawn with replacement, so every step's batch
       is an independent draw), or None for full-batch gradients.
+    vmap_lanes: train the (learning rate, seed) lanes under ``jax.vmap``. With
+      False they run one after another (``lax.map``): under ``vmap`` a
+      ``lax.cond`` becomes a select that computes both branches in every lane,
+      so an optimizer with an expensive, rarely taken branch (negative
+      curvature descent's Lanczos call) is far cheaper unbatched.
   """
   x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
   num_examples = x.shape[0]
@@ -121,13 +151,19 @@ def train_classifier(
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
     return models.cross_entropy_loss(model, x_test, y_test), models.accuracy(model, x_test, y_test)
 
-  over_rates_and_seeds = lambda fn, axes: jax.vmap(jax.vmap(fn, axes[1]), axes[0])  # noqa: E731
+  def over_rates_and_seeds(fn, axes, batch=jax.vmap):
+    return batch(batch(fn, axes[1]), axes[0])
+
   start = time.perf_counter()
-  carry, first = jax.jit(over_rates_and_seeds(init, ((0, None), (None, 0))))(
+  # Initialisation and test metrics run once: optimising them costs far more than it saves
+  # (building a model's layers under two vmaps takes seconds to optimise).
+  run_once = functools.partial(jax.jit, compiler_options=_runner.FAST_COMPILE_OPTIONS)
+  carry, first = run_once(over_rates_and_seeds(init, ((0, None), (None, 0))))(
     learning_rates, jnp.arange(seeds)
   )
   logs, wall = [first], [time.perf_counter() - start]
-  chunk = jax.jit(over_rates_and_seeds(run_chunk, ((0, 0), (None, 0))))
+  lanes = jax.vmap if vmap_lanes else _map_lanes
+  chunk = jax.jit(over_rates_and_seeds(run_chunk, ((0, 0), (None, 0)), lanes))
   for _ in range(steps // log_every):
     carry, values = chunk(learning_rates, carry)
     logs.append(jax.block_until_ready(values))
@@ -135,7 +171,7 @@ def train_classifier(
   loss, grad_norm, counters = (
     jax.tree.map(lambda *v: np.stack(v, axis=-1), *parts) for parts in zip(*logs, strict=True)
   )
-  test_loss, test_accuracy = jax.jit(jax.vmap(jax.vmap(test_metrics)))(carry[0])
+  test_loss, test_accuracy = run_once(jax.vmap(jax.vmap(test_metrics)))(carry[0])
   return TrainingResult(
     loss=loss,
     grad_norm=grad_norm,

@@ -167,6 +167,7 @@ class Config:
   upwind_sigma: float = 1.0
   monte_carlo_dims: tuple[int, ...] = (5, 8, 13, 21)
   monte_carlo_starts: int = 256
+  fast_compile: bool = False  # XLA without optimisations (see experiments._runner)
 
 
 def default_config(quick: bool = False) -> Config:
@@ -180,6 +181,7 @@ def default_config(quick: bool = False) -> Config:
       table_dims=tuple(range(2, 13)),
       modifications=("lsgd_sigma_on_off", "flipped_laplacian"),
       monte_carlo_dims=(5,),
+      fast_compile=True,
     )
   return Config()
 

@@ -112,12 +112,13 @@ class Config:
   quadratic: QuadraticConfig = QuadraticConfig()
   mlp: MLPConfig = MLPConfig()
   band: _plots.Band = "minmax"
+  fast_compile: bool = False  # XLA without optimisations (see experiments._runner)
 
 
 def default_config(quick: bool = False) -> Config:
   """The full demo, or a CI-sized one (fewer seeds and steps) when ``quick``."""
   if quick:
-    return Config(seeds=4, steps=150)
+    return Config(seeds=4, steps=150, fast_compile=True)
   return Config()
 
 

@@ -17,9 +17,10 @@ Du et al. start the octopus in :math:`[-1, 1]^d`), one per seed. The seed also
 keys the method's noise. Each unit is one (problem, dimension, method) with the
 seeds vmapped inside one ``jit``; the loop stops when every seed has escaped or
 after ``max_steps`` steps, and a seed that has not escaped by then is *censored*
-(reported as "> max_steps"). Oracle calls count a Hessian-vector product as one
-gradient and a Lanczos step as one product: that is what ``oracle_calls`` in the
-closing records holds, beside the steps.
+(reported as "> max_steps"). ``oracle_calls`` in the closing records holds each
+seed's oracle calls up to its escape (or the censoring): one gradient per step,
+and :func:`experiments._oracle.lanczos_call_cost` of ``d`` steps per Lanczos call
+(``sfn`` makes one every step, ``ncd`` where the gradient is small).
 
 Methods: ``gd`` (``optax.sgd``), ``pgd``, ``noisy_gd``, ``perturbed_sgd``,
 ``lsgd`` (Laplacian smoothing, deterministic), ``ncd``
@@ -41,6 +42,7 @@ import numpy as np
 import optax
 
 import jaxsaddle
+from experiments import _oracle
 from experiments import _plots
 from experiments import _runner
 from jaxsaddle import problems
@@ -78,12 +80,13 @@ class Config:
   ncd_epsilon: float = 1e-2
   sfn_damping: float = 0.1
   sfn_learning_rate: float = 0.5  # a damped Newton step: |H|^-1 sets its scale, not 1 / L
+  fast_compile: bool = False  # XLA without optimisations (see experiments._runner)
 
 
 def default_config(quick: bool = False) -> Config:
   """The full sweep, or a CI-sized one (d = 2 and 4, fewer seeds and steps) when ``quick``."""
   if quick:
-    return Config(seeds=3, steps=20_000, dims=(2, 4))
+    return Config(seeds=3, steps=20_000, dims=(2, 4), fast_compile=True)
   return Config()
 
 
@@ -119,10 +122,10 @@ class ToyProblem:
 
 
 def make_optimizer(method: str, problem: ToyProblem, key, config: Config):
-  """The optimizer of ``method`` and its oracle cost per step (gradients + products)."""
+  """The optimizer of ``method`` and its Lanczos calls per step (None: read from its state)."""
   rate, dim = problem.learning_rate, problem.dim
   if method == "gd":
-    return optax.with_extra_args_support(optax.sgd(rate)), 1
+    return optax.with_extra_args_support(optax.sgd(rate)), 0
   if method == "pgd":
     tx = jaxsaddle.pgd(
       rate,
@@ -131,13 +134,13 @@ def make_optimizer(method: str, problem: ToyProblem, key, config: Config):
       escape_steps=max(1, round(config.pgd_escape_time / rate)),
       key=key,
     )
-    return tx, 1
+    return tx, 0
   if method == "noisy_gd":
-    return jaxsaddle.noisy_gd(rate, noise_scale=config.noise_scale, key=key), 1
+    return jaxsaddle.noisy_gd(rate, noise_scale=config.noise_scale, key=key), 0
   if method == "perturbed_sgd":
-    return jaxsaddle.perturbed_sgd(rate, noise_scale=config.noise_scale, key=key), 1
+    return jaxsaddle.perturbed_sgd(rate, noise_scale=config.noise_scale, key=key), 0
   if method == "lsgd":
-    return jaxsaddle.lsgd(rate, sigma=config.lsgd_sigma), 1
+    return jaxsaddle.lsgd(rate, sigma=config.lsgd_sigma), 0
   if method == "ncd":
     tx = jaxsaddle.negative_curvature_descent(
       rate,
@@ -146,13 +149,13 @@ def make_optimizer(method: str, problem: ToyProblem, key, config: Config):
       num_lanczos_steps=dim,
       key=key,
     )
-    return tx, None  # counted from the state: a gradient per step plus Lanczos on curvature steps
+    return tx, None  # Lanczos runs only where the gradient is small: its state counts the calls
   if method == "sfn":
     # Deterministic: it needs no key, and from an exact saddle (zero gradient) it does not move.
     tx = jaxsaddle.saddle_free_newton(
       config.sfn_learning_rate, num_lanczos_steps=dim, damping=config.sfn_damping
     )
-    return tx, 1 + dim
+    return tx, 1
   raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
 
 
@@ -175,35 +178,40 @@ def escape_steps(problem: ToyProblem, method: str, config: Config) -> dict[str, 
     updates, state = tx.update(grads, state, params, value=value, value_fn=problem.value_fn)
     return optax.apply_updates(params, updates), state
 
+  def lanczos_calls(state):
+    return optax.tree.get(state, "num_lanczos_calls", default=jnp.zeros(config.seeds, jnp.int32))
+
   def run_all(seeds):
     params, state = jax.vmap(run_seed)(seeds)
     done = jax.vmap(problem.escaped)(params)
     steps = jnp.where(done, 0, -1)
 
     def unfinished(carry):
-      _, _, steps, count = carry
+      _, _, steps, _, count = carry
       return jnp.any(steps < 0) & (count < config.steps)
 
     def body(carry):
-      params, state, steps, count = carry
+      params, state, steps, calls, count = carry
       params, state = jax.vmap(step)(params, state)
       count = count + 1
-      steps = jnp.where((steps < 0) & jax.vmap(problem.escaped)(params), count, steps)
-      return params, state, steps, count
+      running = steps < 0
+      # A seed's Lanczos calls up to its escape; those made while others run on are not its cost.
+      calls = jnp.where(running, lanczos_calls(state), calls)
+      steps = jnp.where(running & jax.vmap(problem.escaped)(params), count, steps)
+      return params, state, steps, calls, count
 
-    params, state, steps, _ = jax.lax.while_loop(unfinished, body, (params, state, steps, 0))
-    curvature_steps = optax.tree.get(state, "num_curvature_steps", default=None)
-    return steps, jax.vmap(problem.value_fn)(params), curvature_steps
+    carry = (params, state, steps, lanczos_calls(state), 0)
+    params, state, steps, calls, _ = jax.lax.while_loop(unfinished, body, carry)
+    return steps, jax.vmap(problem.value_fn)(params), calls
 
   with jax.enable_x64(True):
-    steps, final_values, curvature_steps = jax.jit(run_all)(jnp.arange(config.seeds))
-    steps, final_values = np.asarray(steps), np.asarray(final_values)
-  _, per_step = make_optimizer(method, problem, 0, config)
+    steps, final_values, calls = jax.jit(run_all)(jnp.arange(config.seeds))
+    steps, final_values, calls = np.asarray(steps), np.asarray(final_values), np.asarray(calls)
+  _, calls_per_step = make_optimizer(method, problem, 0, config)
   taken = np.where(steps < 0, config.steps, steps)
-  if per_step is None:  # NCD: one gradient per step, and each curvature step runs Lanczos
-    oracle = taken + problem.dim * np.asarray(curvature_steps)
-  else:
-    oracle = taken * per_step
+  if calls_per_step is not None:
+    calls = taken * calls_per_step
+  oracle = taken + _oracle.lanczos_call_cost(problem.dim) * calls
   return {"steps": steps, "final_value": final_values, "oracle_calls": oracle}
 
 
@@ -221,7 +229,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     "escape_step": steps,
     "escaped_fraction": sum(s is not None for s in steps) / len(steps),
     "median_escape_step": _median(steps),
-    "oracle_calls": [int(c) for c in result["oracle_calls"]],
+    "oracle_calls": _runner.to_json_floats(result["oracle_calls"]),
     "final_value": _runner.to_json_floats(result["final_value"]),
     "seconds": round(time.perf_counter() - start, 3),
   }
@@ -331,8 +339,9 @@ def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
     "",
     f"{config.seeds} seeds per (problem, dimension, method), float64, at most {config.steps} "
     "steps. Cells: median escape step over seeds (a censored seed counts as infinitely late) "
-    "and the number of seeds that escaped. Oracle calls per seed (a Hessian-vector product "
-    "counted as one gradient) are in each unit's closing record.",
+    "and the number of seeds that escaped. Oracle calls per seed up to its escape (a "
+    f"Hessian-vector product counted as {_oracle.HVP_COST:g} gradient, a Lanczos call of d "
+    "steps as d + 1 products) are in each unit's closing record.",
     "",
     summary_table(run, config),
     "",

@@ -90,6 +90,7 @@ class Config:
   min_effect: float = 1e-3  # the smallest final-loss difference the summary calls a difference
   max_train_examples: int = 5000
   cifar10_path: str | None = None
+  fast_compile: bool = False  # XLA without optimisations (see experiments._runner)
 
 
 def default_config(quick: bool = False) -> Config:
@@ -106,6 +107,7 @@ def default_config(quick: bool = False) -> Config:
       log_every=25,
       max_train_examples=600,
       cifar10_path=cifar10_path,
+      fast_compile=True,
     )
   return Config(cifar10_path=cifar10_path)
 

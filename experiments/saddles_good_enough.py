@@ -23,10 +23,22 @@ When the model has at most ``dense_check_params`` parameters the top and bottom
 eigenvalues of seed 0 are checked against the dense Hessian (``jax.hessian`` and
 ``eigh``), and the difference is reported.
 
-Oracle calls: one gradient per step for GD, SGD (a mini-batch gradient counts as
-its fraction of the data) and PGD; NC descent adds ``num_lanczos_steps``
-Hessian-vector products, each counted as one gradient, per curvature step, which
-the closing records report, so its budget is not capped to the others'.
+**Equal oracle budgets.** Every method gets ``steps`` gradients of the whole
+training set (:mod:`experiments._oracle`): a gradient costs one, a mini-batch
+gradient its fraction of the data, and each Lanczos call of NC descent (run
+where the gradient norm is at most ``ncd_gradient_threshold``) costs
+:func:`experiments._oracle.lanczos_call_cost` of ``ncd_lanczos_steps``, one
+gradient per Hessian-vector product (:data:`experiments._oracle.HVP_COST`, with
+the measurements that justify it). Every optimizer runs inside
+:func:`experiments._oracle.with_oracle_budget`, so a method whose next step would
+take it past the budget stops there and keeps its parameters. GD and PGD spend
+exactly the budget, SGD less (its ``steps`` mini-batch gradients), and NC descent
+stops early when its Lanczos calls use the budget up before the steps run out;
+its spectrum is then measured where it stopped. Metrics log every method's oracle calls, steps taken
+and Lanczos calls; the closing records and the summary hold the budget, the
+calls spent and the steps taken. NC descent's tie-break (two loss evaluations,
+only when the gradient is exactly orthogonal to the negative direction) is not
+counted.
 """
 
 import dataclasses
@@ -42,6 +54,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import jaxsaddle
+from experiments import _oracle
 from experiments import _plots
 from experiments import _runner
 from experiments import _training
@@ -61,7 +74,8 @@ class Config:
   network trained for a finite budget never has a zero gradient, so it is the
   gradient norm below which training is considered finished (the summary
   reports every seed's norm). The eigenvalue tolerance is ``relative_tol``
-  times the largest eigenvalue.
+  times the largest eigenvalue. ``ncd_gradient_threshold`` is the gradient norm
+  below which NC descent runs Lanczos (None: ``ncd_epsilon``).
   """
 
   seeds: int = 8
@@ -79,16 +93,23 @@ class Config:
   ncd_hessian_lipschitz: float = 1.0
   ncd_epsilon: float = 1e-3
   ncd_lanczos_steps: int = 10
+  ncd_gradient_threshold: float | None = None
   num_probes: int = 8
   lanczos_steps: int = 80
   top_k: int = 12
   relative_tol: float = 1e-3
   gradient_tol: float = 1e-2
   dense_check_params: int = 1500
+  fast_compile: bool = False  # XLA without optimisations (see experiments._runner)
 
 
 def default_config(quick: bool = False) -> Config:
-  """The full study, or a CI-sized one (digits, a width-8 MLP, few steps) when ``quick``."""
+  """The full study, or a CI-sized one (digits, a width-8 MLP, few steps) when ``quick``.
+
+  The quick run's gradients stay above ``ncd_epsilon``, so NC descent runs Lanczos
+  below a gradient norm of 0.05 instead: the run then shows its curvature search
+  using up its budget.
+  """
   if quick:
     return Config(
       seeds=2,
@@ -98,8 +119,10 @@ def default_config(quick: bool = False) -> Config:
       learning_rates=(0.3, 1.0),
       log_every=50,
       max_train_examples=500,
+      ncd_gradient_threshold=0.05,
       num_probes=2,
       lanczos_steps=30,
+      fast_compile=True,
     )
   return Config()
 
@@ -130,31 +153,58 @@ def build_model(dataset: data.Dataset, config: Config, key) -> nnx.Module:
   )
 
 
-def make_optimizer(method: str, learning_rate, key, config: Config):
+def batch_size(method: str, config: Config) -> int | None:
+  """SGD's mini-batch size; None (the whole training set) for the other methods."""
+  return config.batch_size if method == "sgd" else None
+
+
+def gradient_cost(method: str, dataset: data.Dataset, config: Config) -> float:
+  """The oracle cost of one step's gradient: the fraction of the training set it sees."""
+  size = batch_size(method, config)
+  num_examples = dataset.x_train.shape[0]
+  return 1.0 if size is None else min(size, num_examples) / num_examples
+
+
+def oracle_budget(config: Config) -> float:
+  """Every method's budget: ``steps`` gradients of the whole training set."""
+  return float(config.steps)
+
+
+def make_optimizer(method: str, learning_rate, key, config: Config, step_cost: float):
+  """The method, held to :func:`oracle_budget` when each step's gradient costs ``step_cost``."""
   if method in ("gd", "sgd"):
-    return optax.with_extra_args_support(optax.sgd(learning_rate))
-  if method == "pgd":
-    return jaxsaddle.pgd(
+    inner = optax.sgd(learning_rate)
+  elif method == "pgd":
+    inner = jaxsaddle.pgd(
       learning_rate,
       perturbation_radius=config.pgd_perturbation_radius,
       gradient_threshold=config.pgd_gradient_threshold,
       escape_steps=config.pgd_escape_steps,
       key=key,
     )
-  return jaxsaddle.negative_curvature_descent(
-    learning_rate,
-    hessian_lipschitz=config.ncd_hessian_lipschitz,
-    epsilon=config.ncd_epsilon,
-    num_lanczos_steps=config.ncd_lanczos_steps,
-    key=key,
+  else:
+    inner = jaxsaddle.negative_curvature_descent(
+      learning_rate,
+      hessian_lipschitz=config.ncd_hessian_lipschitz,
+      epsilon=config.ncd_epsilon,
+      num_lanczos_steps=config.ncd_lanczos_steps,
+      gradient_threshold=config.ncd_gradient_threshold,
+      key=key,
+    )
+  return _oracle.with_oracle_budget(
+    inner,
+    budget=oracle_budget(config),
+    gradient_cost=step_cost,
+    lanczos_cost=_oracle.lanczos_call_cost(config.ncd_lanczos_steps),
   )
 
 
 @functools.cache
 def measure_spectrum(dataset_name: str, config: Config):
-  """A jitted ``(params, key) -> measurements`` on the full-training-set loss.
+  """Jitted ``(params, key) -> measurements`` and ``params -> dense Hessian`` of the loss.
 
-  Cached per dataset, so every method's unit reuses one compiled measurement.
+  Both on the full-training-set loss, and cached per dataset, so every method's
+  unit reuses one compiled measurement and one compiled dense Hessian.
   """
   dataset = load_dataset(dataset_name, config)
   graphdef, _ = nnx.split(build_model(dataset, config, jax.random.key(0)))
@@ -205,13 +255,15 @@ def measure_spectrum(dataset_name: str, config: Config):
       "probe_decrease": report.probe_decrease,
     }
 
-  return jax.jit(measure), value_fn
+  def dense_hessian(params):
+    flat, unravel = ravel_pytree(params)
+    return jax.hessian(lambda v: value_fn(unravel(v)))(flat)
+
+  return jax.jit(measure), jax.jit(dense_hessian)
 
 
-def dense_extremes(value_fn, params) -> tuple[float, float]:
-  """The smallest and largest eigenvalue of the dense Hessian, in float64 numpy."""
-  flat, unravel = ravel_pytree(params)
-  hessian = jax.jit(jax.hessian(lambda v: value_fn(unravel(v))))(flat)
+def dense_extremes(hessian: jax.Array) -> tuple[float, float]:
+  """The smallest and largest eigenvalue of a dense Hessian, in float64 numpy."""
   eigenvalues = np.linalg.eigvalsh(np.asarray(hessian, np.float64))
   return float(eigenvalues[0]), float(eigenvalues[-1])
 
@@ -219,16 +271,20 @@ def dense_extremes(value_fn, params) -> tuple[float, float]:
 def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]:
   dataset_name, method = unit.split("/")
   dataset = load_dataset(dataset_name, config)
+  step_cost = gradient_cost(method, dataset, config)
   start = time.perf_counter()
   result = _training.train_classifier(
     dataset,
     lambda key: build_model(dataset, config, key),
-    lambda rate, key: make_optimizer(method, rate, key, config),
+    lambda rate, key: make_optimizer(method, rate, key, config, step_cost),
     learning_rates=config.learning_rates,
     seeds=config.seeds,
     steps=config.steps,
     log_every=config.log_every,
-    batch_size=config.batch_size if method == "sgd" else None,
+    batch_size=batch_size(method, config),
+    # Batched, NC descent would run Lanczos at every step of every lane; unbatched, only where
+    # the gradient is small (the oracle accounting counts only those calls either way).
+    vmap_lanes=method != "ncd",
   )
   final = result.loss[:, :, -1]
   best = int(np.argmin(np.nanmedian(np.where(np.isfinite(final), final, np.inf), axis=1)))
@@ -236,17 +292,18 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     {
       "learning_rate": rate,
       "step": log * config.log_every,
-      "oracle_calls": log * config.log_every * result.oracle_per_step,
       "wall_time": round(wall, 4),
       "loss": _runner.to_json_floats(result.loss[i, :, log]),
       "grad_norm": _runner.to_json_floats(result.grad_norm[i, :, log]),
-      **{name: values[i, :, log].tolist() for name, values in result.counters.items()},
+      **{
+        name: _runner.to_json_numbers(values[i, :, log]) for name, values in result.counters.items()
+      },
     }
     for i, rate in enumerate(config.learning_rates)
     for log, wall in enumerate(result.wall)
   ]
 
-  measure, value_fn = measure_spectrum(dataset_name, config)
+  measure, dense_hessian = measure_spectrum(dataset_name, config)
   seed_params = [
     jax.tree.map(lambda leaf, s=seed: leaf[best, s], result.params) for seed in range(config.seeds)
   ]
@@ -254,8 +311,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     jax.tree.map(np.asarray, measure(params, jax.random.key(1000 + seed)))
     for seed, params in enumerate(seed_params)
   ]
-  curvature_steps = result.counters["num_curvature_steps"][best, :, -1]
-  oracle = config.steps * result.oracle_per_step + config.ncd_lanczos_steps * curvature_steps
+  final_counters = {name: values[best, :, -1] for name, values in result.counters.items()}
   closing = {
     "dataset": dataset_name,
     "method": method,
@@ -267,9 +323,10 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     },
     "final_loss": _runner.to_json_floats(result.loss[best, :, -1]),
     "test_accuracy": _runner.to_json_floats(result.test_accuracy[best]),
-    "oracle_calls": oracle.tolist(),
-    "num_perturbations": result.counters["num_perturbations"][best, :, -1].tolist(),
-    "num_curvature_steps": curvature_steps.tolist(),
+    "oracle_budget": oracle_budget(config),
+    "gradient_cost": step_cost,
+    "lanczos_call_cost": _oracle.lanczos_call_cost(config.ncd_lanczos_steps),
+    **{name: _runner.to_json_numbers(values) for name, values in final_counters.items()},
     "density": [
       {"grid": _runner.to_json_floats(m["grid"]), "density": _runner.to_json_floats(m["density"])}
       for m in measured
@@ -292,7 +349,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     "classification": [spectrum.CRITICAL_POINT_KINDS[int(m["kind"])] for m in measured],
   }
   if result.num_params <= config.dense_check_params:
-    smallest, largest = dense_extremes(value_fn, seed_params[0])
+    smallest, largest = dense_extremes(dense_hessian(seed_params[0]))
     closing["dense_check"] = {
       "smallest": smallest,
       "largest": largest,
@@ -325,6 +382,7 @@ def summary_table(run: _runner.RunDirectory, config: Config) -> str:
     "method",
     "lr",
     "final loss",
+    "oracle calls / budget (steps taken)",
     "gradient norm",
     "λ_max",
     "λ_min",
@@ -344,6 +402,7 @@ def summary_table(run: _runner.RunDirectory, config: Config) -> str:
         c["method"],
         f"{c['learning_rate']:g}",
         _mean(c["final_loss"]),
+        f"{_mean(c['oracle_calls'])} / {c['oracle_budget']:g} ({_mean(c['num_steps_taken'])})",
         _mean(c["gradient_norm"]),
         _mean([np.nanmax(t) for t in c["top_eigenvalues"]]),
         _mean(c["smallest_eigenvalue"]),
@@ -374,6 +433,16 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
       f"eigenvalues outside the semicircle bulk is {_outliers(c, config)} "
       f"for {c['num_classes']} classes."
     )
+  for c in units:
+    stopped = [taken for taken in c["num_steps_taken"] if taken < config.steps]
+    if stopped:
+      lines.append(
+        f"- {c['dataset']}, {c['method']}: the oracle budget ran out on {len(stopped)}/"
+        f"{len(c['num_steps_taken'])} seeds, after {_mean(stopped)} of {config.steps} steps "
+        f"on average; its {_mean(c['num_lanczos_calls'])} Lanczos calls per seed cost "
+        f"{c['lanczos_call_cost']:g} gradients each, and the spectrum is measured where it "
+        "stopped."
+      )
   escape = [c for c in units if c["method"] in ("pgd", "ncd")]
   if escape:
     mean_degeneracy = float(np.mean([np.mean(c["near_zero_mass"]) for c in escape]))
@@ -461,7 +530,12 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
     "",
     f"MLP with one hidden layer of {config.width} tanh units; {config.seeds} seeds x "
     f"{config.steps} steps per method; learning rate per method from "
-    f"{list(config.learning_rates)} by the lowest median final training loss. Spectra on the "
+    f"{list(config.learning_rates)} by the lowest median final training loss. Every method "
+    f"has the same oracle budget, {oracle_budget(config):g} gradients of the whole training "
+    "set (a mini-batch gradient counts as its fraction of it, a Lanczos call of NC descent "
+    f"as {_oracle.lanczos_call_cost(config.ncd_lanczos_steps):g}: one per Hessian-vector "
+    "product and one for the linearisation), and stops where its next step would exceed it. "
+    "Spectra on the "
     f"whole training set: {config.num_probes} SLQ probes x {config.lanczos_steps} Lanczos "
     f"steps; degeneracy and index with the tolerance {config.relative_tol:g}·λ_max; "
     f"'critical' means gradient norm <= {config.gradient_tol:g}. Means over seeds.",

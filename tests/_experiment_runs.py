@@ -2,6 +2,7 @@
 
 :func:`shared_quick_run` computes an experiment's ``--quick`` run once per test
 session; under pytest-xdist the workers share it through a lock file.
+:func:`assert_resume_recomputes_only` checks ``--resume`` on a copy of it.
 """
 
 import contextlib
@@ -59,6 +60,47 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def closing_records(records: list[dict]) -> dict[str, dict]:
   """Each finished unit's closing record, by unit name."""
   return {r["unit"]: r for r in records if r.get("kind") == "unit"}
+
+
+# Fields that hold when or how fast a unit was computed, which a recomputation changes.
+TIMING_FIELDS = ("session", "finished", "seconds", "wall_time")
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+  return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def assert_resume_recomputes_only(experiment: str, quick_run: Path, tmp_path: Path, unit: str):
+  """Resumes a copy of ``quick_run`` killed while it computed ``unit``; checks what was redone.
+
+  The copy loses ``unit``'s records but a first line cut short, and its summary
+  and figures. Resuming must compute ``unit`` alone, keep every other line
+  byte for byte (their closing records still carry the original session), give
+  ``unit`` the numbers it had, and write the same summary and figures again.
+  """
+  run_dir = tmp_path / "resumed"
+  shutil.copytree(quick_run, run_dir)
+  lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+  kept = [line for line in lines if json.loads(line)["unit"] != unit]
+  dropped = [line for line in lines if json.loads(line)["unit"] == unit]
+  assert dropped and json.loads(dropped[-1]).get("kind") == "unit"
+  cut = dropped[0][: len(dropped[0]) // 2]
+  (run_dir / "metrics.jsonl").write_text("\n".join([*kept, cut]) + "\n")
+  (run_dir / "summary.md").unlink()
+  shutil.rmtree(run_dir / "figures")
+
+  result = run_experiments(experiment, "--resume", str(run_dir))
+  assert f"computed 1 unit(s): {unit}\n" in result.stdout
+
+  resumed = (run_dir / "metrics.jsonl").read_text().splitlines()
+  assert resumed[: len(kept)] == kept
+  recomputed = [json.loads(line) for line in resumed[len(kept) :]]
+  original = [json.loads(line) for line in dropped]
+  assert recomputed[-1]["session"] != original[-1]["session"]
+  assert without_timings(recomputed) == without_timings(original)
+  assert (run_dir / "summary.md").read_text() == (quick_run / "summary.md").read_text()
+  figures = sorted(path.name for path in (quick_run / "figures").iterdir())
+  assert figures and sorted(path.name for path in (run_dir / "figures").iterdir()) == figures
 
 
 def assert_is_figure(png: Path, *, taller_than: int, wider_than: int) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _experiment_runs import assert_is_figure
+from _experiment_runs import assert_resume_recomputes_only
 from _experiment_runs import closing_records
 from _experiment_runs import read_metrics
 from _experiment_runs import shared_quick_run
@@ -81,3 +82,8 @@ def test_summary_and_figure(quick_run):
   assert "| problem | method | d=2 |" in summary
   assert "log-escape-time slope" in summary
   assert_is_figure(quick_run / "figures" / "escape_time.png", taller_than=200, wider_than=300)
+
+
+def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
+  # The cheapest unit: two dimensions, no noise, no Lanczos.
+  assert_resume_recomputes_only("escape-toy", quick_run, tmp_path, "quadratic/2/lsgd")

@@ -5,10 +5,12 @@ by the tests of this module; under pytest-xdist the workers share it through a
 lock file, so it is computed once per session.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from _experiment_runs import assert_is_figure
@@ -16,6 +18,9 @@ from _experiment_runs import closing_records
 from _experiment_runs import read_metrics
 from _experiment_runs import run_experiments
 from _experiment_runs import shared_quick_run
+
+from experiments import _runner
+from experiments import escape
 
 PROBLEMS = ("quadratic", "mlp")
 METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd")
@@ -41,6 +46,9 @@ def test_quick_run_writes_config_metrics_figures_and_summary(quick_run):
   config = json.loads((quick_run / "config.json").read_text())
   assert config["experiment"] == "escape"
   assert config["config"]["seeds"] == 4 and config["config"]["steps"] == 150
+  # A quick run compiles without XLA's optimisations, and says so.
+  assert config["config"]["fast_compile"]
+  assert set(_runner.FAST_COMPILE_XLA_FLAGS) <= set(config["environment"]["xla_flags"].split())
   assert config["config"]["pgd_perturbation_radius"] > 0
 
   records = read_metrics(quick_run)
@@ -133,3 +141,11 @@ def test_cli_refuses_to_overwrite_a_run_or_to_change_a_resumed_config(quick_run)
     "escape", "--resume", str(quick_run), "--seeds", "2", expect_success=False
   )
   assert changed.returncode != 0 and "config.json" in changed.stderr
+
+
+def test_fast_compile_refuses_to_pretend_once_the_backend_has_started(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  jax.devices()  # starts the backend, which has read XLA_FLAGS for good
+  _runner.use_compiler_settings(escape.Config())  # nothing to apply
+  with pytest.raises(RuntimeError, match="before JAX starts its backend"):
+    _runner.use_compiler_settings(dataclasses.replace(escape.Config(), fast_compile=True))

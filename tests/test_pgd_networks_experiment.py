@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _experiment_runs import assert_is_figure
+from _experiment_runs import assert_resume_recomputes_only
 from _experiment_runs import closing_records
 from _experiment_runs import read_metrics
 from _experiment_runs import shared_quick_run
@@ -117,3 +118,10 @@ def test_verdict_counts_only_differences_beyond_noise_and_round_off():
   text = pgd_networks.verdict(rows, min_effect=1e-3)
   assert "above zero in 2 of 4 settings, and higher in 1" in text
   assert "every setting where PGD helps is a shallow model" in text
+
+
+def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
+  # The cheapest unit: the smallest model, plain SGD.
+  assert_resume_recomputes_only(
+    "pgd-networks", quick_run, tmp_path, "digits/shallow-8/mini/standard/gd"
+  )

@@ -3,13 +3,19 @@
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _experiment_runs import assert_is_figure
+from _experiment_runs import assert_resume_recomputes_only
 from _experiment_runs import closing_records
 from _experiment_runs import read_metrics
 from _experiment_runs import shared_quick_run
 
+import jaxsaddle
+from experiments import _oracle
 from experiments import _runner
 from experiments import saddles_good_enough
 from jaxsaddle import spectrum
@@ -60,3 +66,94 @@ def test_summary_and_figures(quick_run):
   assert "## Dense check" in summary
   assert_is_figure(quick_run / "figures" / "digits-spectrum.png", taller_than=200, wider_than=300)
   assert_is_figure(quick_run / "figures" / "digits-loss.png", taller_than=200, wider_than=300)
+
+
+def test_every_method_has_the_same_oracle_budget_and_ncd_stops_within_it(quick_run, closing):
+  config, units = closing
+  records = read_metrics(quick_run)
+  budget = float(config.steps)  # GD's: one full-batch gradient per step
+  lanczos_cost = _oracle.lanczos_call_cost(config.ncd_lanczos_steps)
+  for unit, c in units.items():
+    assert c["oracle_budget"] == budget, unit
+    assert all(calls <= budget for calls in c["oracle_calls"]), unit
+    # Spent: the steps taken, each with its gradient, and the Lanczos calls, plus the gradient
+    # of the refused step that stopped the method, if it had one (float32 sums: a tolerance).
+    for calls, taken, lanczos in zip(
+      c["oracle_calls"], c["num_steps_taken"], c["num_lanczos_calls"], strict=True
+    ):
+      refused = calls - taken * c["gradient_cost"] - lanczos * lanczos_cost
+      assert min(abs(refused), abs(refused - c["gradient_cost"])) <= 1e-4 * budget, unit
+  for method in ("gd", "pgd"):
+    assert units[f"digits/{method}"]["oracle_calls"] == [budget] * config.seeds
+    assert units[f"digits/{method}"]["num_steps_taken"] == [config.steps] * config.seeds
+  ncd = units["digits/ncd"]
+  # The quick run's threshold makes NC descent run Lanczos, which uses up its budget early.
+  assert all(calls > 0 for calls in ncd["num_lanczos_calls"])
+  assert all(taken < config.steps for taken in ncd["num_steps_taken"])
+  # Once stopped, the parameters stay where they were: every later logged loss is the final one.
+  logs = sorted(
+    (r["step"], r["loss"], r["num_steps_taken"])
+    for r in records
+    if r["unit"] == "digits/ncd" and "step" in r and r["learning_rate"] == ncd["learning_rate"]
+  )
+  for seed, taken in enumerate(ncd["num_steps_taken"]):
+    after = [loss[seed] for step, loss, _ in logs if step > taken]
+    assert after and all(loss == ncd["final_loss"][seed] for loss in after)
+    assert [steps[seed] for step, _, steps in logs] == [min(step, taken) for step, _, _ in logs]
+  summary = (quick_run / "summary.md").read_text()
+  assert "| oracle calls / budget (steps taken) |" in summary
+  assert f"digits, ncd: the oracle budget ran out on {config.seeds}/{config.seeds} seeds" in summary
+
+
+def test_oracle_budget_stops_a_method_exactly_when_the_next_step_would_exceed_it():
+  """Every step runs Lanczos: a gradient and a call of 3 steps, 1 + 4 gradients in all."""
+
+  def value_fn(p):
+    return 0.5 * p[0] ** 2 + 0.25 * p[1] ** 4 - 0.5 * p[1] ** 2
+
+  lanczos_cost = _oracle.lanczos_call_cost(3)
+  assert lanczos_cost == 4 * _oracle.HVP_COST
+
+  def run(seed):
+    ncd = jaxsaddle.negative_curvature_descent(
+      0.1,
+      hessian_lipschitz=6.0,
+      epsilon=1e-3,
+      num_lanczos_steps=3,
+      gradient_threshold=1e3,
+      key=seed,
+    )
+    tx = _oracle.with_oracle_budget(ncd, budget=24.0, gradient_cost=1.0, lanczos_cost=lanczos_cost)
+    params = jax.random.normal(jax.random.key(seed), (2,))
+
+    def step(carry, _):
+      params, state = carry
+      grads = jax.grad(value_fn)(params)
+      updates, state = tx.update(grads, state, params, value_fn=value_fn)
+      params = optax.apply_updates(params, updates)
+      return (params, state), params
+
+    (_, state), trajectory = jax.lax.scan(step, (params, tx.init(params)), length=10)
+    return state, trajectory
+
+  state, trajectory = jax.jit(jax.vmap(run))(jnp.arange(3))
+  np.testing.assert_array_equal(optax.tree.get(state, "num_steps_taken"), [4, 4, 4])
+  np.testing.assert_array_equal(optax.tree.get(state, "num_lanczos_calls"), [4, 4, 4])
+  # 4 steps of 5 spend 20; a fifth would reach 25 > 24, so the method stops, having paid the
+  # gradient that showed Lanczos would run, and spends nothing after that.
+  np.testing.assert_array_equal(optax.tree.get(state, "oracle_calls"), [21.0, 21.0, 21.0])
+  assert np.all(optax.tree.get(state, "stopped"))
+  moved = np.abs(np.diff(np.asarray(trajectory), axis=1)).max(axis=-1)
+  assert np.all(moved[:, :3] > 0) and np.all(moved[:, 3:] == 0)
+
+
+@pytest.mark.parametrize("name", ["budget", "gradient_cost", "lanczos_cost"])
+def test_oracle_budget_rejects_negative_settings(name):
+  settings = {"budget": 1.0, "gradient_cost": 1.0, "lanczos_cost": 1.0, name: -1.0}
+  with pytest.raises(ValueError, match=name):
+    _oracle.with_oracle_budget(optax.sgd(0.1), **settings)
+
+
+def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
+  # The cheapest unit to train; every unit compiles the spectrum.
+  assert_resume_recomputes_only("saddles-good-enough", quick_run, tmp_path, "digits/sgd")
