@@ -182,6 +182,12 @@ def _tree_vdot(left: PyTree, right: PyTree, dtype) -> jax.Array:
   return sum(jax.tree.leaves(products), jnp.zeros((), dtype))
 
 
+def _reciprocal_where(mask: jax.Array, x: jax.Array) -> jax.Array:
+  """``1 / x`` where ``mask`` holds and 0 elsewhere, with no division by the masked-out ``x``
+  (so neither its value nor its gradient is ever inf or NaN)."""
+  return jnp.where(mask, 1 / jnp.where(mask, x, 1), 0)
+
+
 def _tree_axpy(scale: jax.Array, x: PyTree, y: PyTree) -> PyTree:
   return jax.tree.map(lambda a, b: b + scale.astype(b.dtype) * a, x, y)
 
@@ -312,7 +318,7 @@ def lanczos(
   start = _cast(init_vector, dtype)
   start_norm = norm(start)
   has_start = start_norm > 0
-  inv_norm = jnp.where(has_start, 1 / jnp.where(has_start, start_norm, 1), 0)
+  inv_norm = _reciprocal_where(has_start, start_norm)
   start = jax.tree.map(lambda leaf: leaf * inv_norm, start)
 
   # The subtraction reads the basis in groups of about sqrt(num_steps) rows, and a group only once
@@ -402,7 +408,7 @@ def lanczos(
     continues = active & (beta > breakdown_tol * scale)
     alphas = alphas.at[j].set(jnp.where(active, alpha, 0))
     betas = betas.at[j].set(jnp.where(continues, beta, 0))
-    inv_beta = jnp.where(continues, 1 / jnp.where(continues, beta, 1), 0)
+    inv_beta = _reciprocal_where(continues, beta)
     q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), w)
     num_valid = num_valid + active.astype(jnp.int32)
     return (
@@ -564,7 +570,7 @@ def extreme_eigenpairs(
   if eigenvectors and not reorthogonalize:
     # A Ritz vector Q s has unit norm only while the basis Q is orthonormal.
     norms = jax.vmap(lambda vector: jnp.sqrt(_tree_vdot(vector, vector, dtype)))(vectors)
-    inverse = jnp.where(norms > 0, 1 / jnp.where(norms > 0, norms, 1), 0)
+    inverse = _reciprocal_where(norms > 0, norms)
     vectors = jax.tree.map(
       lambda stacked: (
         stacked * inverse.reshape((-1,) + (1,) * (stacked.ndim - 1)).astype(stacked.dtype)

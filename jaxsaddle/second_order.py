@@ -87,7 +87,7 @@ def _absolute_inverse_first_column(result: curvature.LanczosResult, damping) -> 
   largest = jnp.max(jnp.where(valid, denominators, 0))
   cutoff = num_steps * jnp.finfo(denominators.dtype).eps * largest
   usable = denominators > cutoff
-  weights = jnp.where(usable, 1 / jnp.where(usable, denominators, 1), 0)
+  weights = curvature._reciprocal_where(usable, denominators)
   column = eigenvectors @ (weights * eigenvectors[0])
   smallest = jnp.where(result.num_valid > 0, eigenvalues[0], jnp.nan)
   return jnp.where(valid, column, 0), smallest
