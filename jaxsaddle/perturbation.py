@@ -218,21 +218,28 @@ def perturb_near_saddle(
       state.steps_since_perturbation > escape_steps
     )
 
+    # The cond swaps the displacement in for the gradient and the inner transform then runs
+    # on whatever came out, so on the steps that do not perturb (almost all) the inner
+    # update fuses with whatever consumes it, e.g. ``apply_updates``. On perturbing steps
+    # the inner's output and state are thrown away by the two ``where``s below.
+    def draw(operand):
+      rng_key, gradient = operand
+      rng_key, sample_key = jax.random.split(rng_key)
+      displacement = _random.sample_isotropic(sample_key, gradient, perturbation_radius, "ball")
+      return rng_key, optax.tree.cast_like(displacement, gradient)
+
+    rng_key, gradient_or_displacement = jax.lax.cond(
+      near_saddle, draw, lambda operand: operand, (state.rng_key, updates)
+    )
+
     if value is not None:
       extra_args["value"] = value
-    inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    inner_updates, inner_state = inner.update(
+      gradient_or_displacement, state.inner_state, params, **extra_args
+    )
     inner_state = optax.tree.where(near_saddle, state.inner_state, inner_state)
-
-    # The cond hands the inner updates through untouched when it does not perturb: a
-    # parameter-sized zeros buffer out of the cond, merged with a where, measured slower.
-    def draw(operand):
-      rng_key, inner_updates = operand
-      rng_key, sample_key = jax.random.split(rng_key)
-      displacement = _random.sample_isotropic(sample_key, updates, perturbation_radius, "ball")
-      return rng_key, optax.tree.cast_like(displacement, inner_updates)
-
-    rng_key, new_updates = jax.lax.cond(
-      near_saddle, draw, lambda operand: operand, (state.rng_key, inner_updates)
+    new_updates = optax.tree.where(
+      near_saddle, optax.tree.cast_like(gradient_or_displacement, inner_updates), inner_updates
     )
 
     # A perturbation whose starting loss is unknown leaves a NaN baseline, so no later
