@@ -60,6 +60,12 @@ FAST_COMPILE_XLA_FLAGS = tuple(
 )
 
 
+def fast_compile_options() -> dict[str, Any]:
+  """:data:`FAST_COMPILE_OPTIONS` on the CPU backend they are written for; none on GPU or TPU,
+  whose compilers reject the ``xla_cpu_`` option."""
+  return FAST_COMPILE_OPTIONS if jax.default_backend() == "cpu" else {}
+
+
 def config_from_dict(config_class: type, values: dict[str, Any]):
   """Rebuilds a (possibly nested) config dataclass from its ``dataclasses.asdict`` form.
 

@@ -157,7 +157,7 @@ def train_classifier(
   start = time.perf_counter()
   # Initialisation and test metrics run once: optimising them costs far more than it saves
   # (building a model's layers under two vmaps takes seconds to optimise).
-  run_once = functools.partial(jax.jit, compiler_options=_runner.FAST_COMPILE_OPTIONS)
+  run_once = functools.partial(jax.jit, compiler_options=_runner.fast_compile_options())
   carry, first = run_once(over_rates_and_seeds(init, ((0, None), (None, 0))))(
     learning_rates, jnp.arange(seeds)
   )

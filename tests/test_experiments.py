@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _experiment_runs import assert_is_figure
@@ -149,3 +150,12 @@ def test_fast_compile_refuses_to_pretend_once_the_backend_has_started(monkeypatc
   _runner.use_compiler_settings(escape.Config())  # nothing to apply
   with pytest.raises(RuntimeError, match="before JAX starts its backend"):
     _runner.use_compiler_settings(dataclasses.replace(escape.Config(), fast_compile=True))
+
+
+def test_fast_compile_options_only_on_the_cpu_backend(monkeypatch):
+  # The CPU backend compiles with them; a GPU's compiler rejects the xla_cpu_ option.
+  compiled = jax.jit(lambda x: 2 * x, compiler_options=_runner.fast_compile_options())
+  assert float(compiled(jnp.float32(1.5))) == 3.0
+  assert _runner.fast_compile_options() == _runner.FAST_COMPILE_OPTIONS
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert _runner.fast_compile_options() == {}
