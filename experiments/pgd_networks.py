@@ -357,12 +357,34 @@ def summary_table(rows: list[dict], config: Config) -> str:
   return _runner.markdown_table(header, table_rows)
 
 
+def weight_layers(spec: str) -> int:
+  """The number of weight layers: 1 for ``logistic``, 2 for ``shallow-W``, D for
+  ``deep-DxW`` and ``linear-DxW``, 3 for ``cnn-W`` (two convolutions and a dense layer)."""
+  architecture = parse_architecture(spec)
+  if architecture.depth is not None:
+    return architecture.depth
+  return {"logistic": 1, "mlp": 2, "cnn": 3}[architecture.name]
+
+
+def _helped_counts(rows: list[dict], helped: list[dict], key) -> str:
+  """``"k1: a of n, ..."``: per value of ``key(row)``, how many of ``rows`` are in ``helped``."""
+  helped_ids = {id(r) for r in helped}
+  values = sorted({key(r) for r in rows})
+  return ", ".join(
+    f"{v}: {sum(key(r) == v for r in rows if id(r) in helped_ids)} of "
+    f"{sum(key(r) == v for r in rows)}"
+    for v in values
+  )
+
+
 def verdict(rows: list[dict], min_effect: float) -> str:
   """One paragraph on the 2021 claim, from the paired advantages.
 
   A difference counts when its 95% interval excludes zero *and* its mean exceeds
   ``min_effect`` in size: identical runs give intervals of zero width around
-  round-off.
+  round-off. The paragraph answers the claim's two questions separately: where
+  PGD helps by depth (weight layers, all architectures) and by width (the
+  one-hidden-layer MLPs, whose depth is fixed).
   """
   significant = [r for r in rows if r["advantage"][0] - r["advantage"][1] > 0]
   better = [r for r in significant if r["advantage"][0] > min_effect]
@@ -376,8 +398,19 @@ def verdict(rows: list[dict], min_effect: float) -> str:
     f"{min_effect:g}."
   ]
   if better:
-    described = ", ".join(f"{r['dataset']}/{r['architecture']}/{r['regime']}" for r in better[:8])
-    lines.append(f" Where PGD helps: {described}.")
+    described = ", ".join(f"{r['dataset']}/{r['architecture']}/{r['regime']}" for r in better[:12])
+    more = f" and {len(better) - 12} more" if len(better) > 12 else ""
+    lines.append(f" Where PGD helps: {described}{more}.")
+    regimes = _helped_counts(rows, better, lambda r: r["regime"])
+    lines.append(f" Settings where PGD helps, by regime: {regimes}.")
+    depths = _helped_counts(rows, better, lambda r: weight_layers(r["architecture"]))
+    lines.append(f" By depth (weight layers): {depths}.")
+    shallow = [r for r in rows if parse_architecture(r["architecture"]).name == "mlp"]
+    if shallow:
+      widths = _helped_counts(
+        shallow, better, lambda r: parse_architecture(r["architecture"]).width
+      )
+      lines.append(f" By width of the one-hidden-layer MLPs: {widths}.")
   if len(rows) >= 3:
     sizes = [r["num_params"] for r in rows]
     gains = [r["advantage"][0] for r in rows]
@@ -395,24 +428,36 @@ def verdict(rows: list[dict], min_effect: float) -> str:
   small = [r for r in rows if r["regime"].endswith("small")]
   if small:
     gained = sum(r["pgd_escaped"] > r["gd_escaped"] for r in small)
+    escapes = ", ".join(
+      f"{depth}: {sum(r['gd_escaped'] for r in group)} / {sum(r['pgd_escaped'] for r in group)}"
+      for depth in sorted({weight_layers(r["architecture"]) for r in small})
+      for group in [[r for r in small if weight_layers(r["architecture"]) == depth]]
+    )
     lines.append(
       f" From the small (near-saddle) initialisation, PGD escaped on more seeds than GD in "
-      f"{gained} of {len(small)} settings."
+      f"{gained} of {len(small)} settings; seeds escaped, GD / PGD, by depth: {escapes}."
     )
-  agrees = bool(better) and all(
-    r["architecture"].startswith(("logistic", "shallow")) for r in better
-  )
-  lines.append(
-    " The 2021 work found that PGD improves on GD only for small, shallow networks; "
-    + (
-      "here too every setting where PGD helps is a shallow model."
-      if agrees
-      else "here PGD helps nowhere beyond noise, so this run neither confirms nor refutes "
-      "the size dependence."
-      if not better
-      else "here PGD also helps on deeper models, which departs from that finding."
+  helped_depths = sorted({weight_layers(r["architecture"]) for r in better})
+  unhelped_depths = sorted({weight_layers(r["architecture"]) for r in rows} - set(helped_depths))
+  lines.append(" The 2021 work found that PGD improves on GD only for small, shallow networks; ")
+  if not better:
+    lines.append(
+      "here PGD helps nowhere beyond noise, so this run neither confirms nor refutes the size "
+      "dependence."
     )
-  )
+  elif all(r["architecture"].startswith(("logistic", "shallow")) for r in better):
+    lines.append("here too every setting where PGD helps is a shallow model.")
+  else:
+    lines.append(
+      f"here PGD helps at depth {', '.join(map(str, helped_depths))} and at no other depth "
+      f"({', '.join(map(str, unhelped_depths)) or 'none'}), which reaches past the shallow "
+      "models"
+      + (
+        f" but ends beyond depth {max(helped_depths)}: the advantage does not grow with depth."
+        if unhelped_depths and max(unhelped_depths) > max(helped_depths)
+        else "; that departs from the finding."
+      )
+    )
   return "".join(lines)
 
 

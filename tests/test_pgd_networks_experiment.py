@@ -125,3 +125,26 @@ def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
   assert_resume_recomputes_only(
     "pgd-networks", quick_run, tmp_path, "digits/shallow-8/mini/standard/gd"
   )
+
+
+def test_verdict_answers_depth_and_width_separately():
+  rows = [
+    _row("shallow-8", (0.0, 0.01), 100),
+    _row("shallow-256", (0.0, 0.01), 3000),
+    _row("deep-3x16", (0.5, 0.01), 1000),
+    _row("linear-3x16", (0.4, 0.01), 900),
+    _row("deep-5x32", (0.0, 0.01), 5000),
+  ]
+  text = pgd_networks.verdict(rows, min_effect=1e-3)
+  assert "By depth (weight layers): 2: 0 of 2, 3: 2 of 2, 5: 0 of 1." in text
+  assert "By width of the one-hidden-layer MLPs: 8: 0 of 1, 256: 0 of 1." in text
+  assert "helps at depth 3 and at no other depth (2, 5)" in text
+  assert "ends beyond depth 3" in text
+  assert [
+    pgd_networks.weight_layers(s) for s in ("logistic", "shallow-8", "cnn-8", "deep-8x32")
+  ] == [
+    1,
+    2,
+    3,
+    8,
+  ]
