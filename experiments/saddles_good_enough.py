@@ -32,7 +32,9 @@ gradient per Hessian-vector product (:data:`experiments._oracle.HVP_COST`, with
 the measurements that justify it). Every optimizer runs inside
 :func:`experiments._oracle.with_oracle_budget`, so a method whose next step would
 take it past the budget stops there and keeps its parameters. GD and PGD spend
-exactly the budget, SGD less (its ``steps`` mini-batch gradients), and NC descent
+exactly the budget in ``steps`` steps; SGD takes ``n // batch_size`` steps for each of
+them (:func:`steps_per_gradient`), so it spends the budget up to the remainder of
+that division, and its logs fall at the same oracle calls as the others'; NC descent
 stops early when its Lanczos calls use the budget up before the steps run out;
 its spectrum is then measured where it stopped. Metrics log every method's oracle calls, steps taken
 and Lanczos calls; the closing records and the summary hold the budget, the
@@ -165,6 +167,14 @@ def gradient_cost(method: str, dataset: data.Dataset, config: Config) -> float:
   return 1.0 if size is None else min(size, num_examples) / num_examples
 
 
+def steps_per_gradient(method: str, dataset: data.Dataset, config: Config) -> int:
+  """The steps a method takes for each gradient of the whole training set in its budget: one,
+  or for SGD as many whole mini-batches as the training set holds."""
+  size = batch_size(method, config)
+  num_examples = dataset.x_train.shape[0]
+  return 1 if size is None else max(num_examples // size, 1)
+
+
 def oracle_budget(config: Config) -> float:
   """Every method's budget: ``steps`` gradients of the whole training set."""
   return float(config.steps)
@@ -272,6 +282,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
   dataset_name, method = unit.split("/")
   dataset = load_dataset(dataset_name, config)
   step_cost = gradient_cost(method, dataset, config)
+  repeats = steps_per_gradient(method, dataset, config)
   start = time.perf_counter()
   result = _training.train_classifier(
     dataset,
@@ -279,8 +290,8 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     lambda rate, key: make_optimizer(method, rate, key, config, step_cost),
     learning_rates=config.learning_rates,
     seeds=config.seeds,
-    steps=config.steps,
-    log_every=config.log_every,
+    steps=config.steps * repeats,
+    log_every=config.log_every * repeats,
     batch_size=batch_size(method, config),
     # Batched, NC descent would run Lanczos at every step of every lane; unbatched, only where
     # the gradient is small (the oracle accounting counts only those calls either way).
@@ -291,7 +302,8 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
   records = [
     {
       "learning_rate": rate,
-      "step": log * config.log_every,
+      "step": log * config.log_every * repeats,
+      "budget_gradients": log * config.log_every,
       "wall_time": round(wall, 4),
       "loss": _runner.to_json_floats(result.loss[i, :, log]),
       "grad_norm": _runner.to_json_floats(result.grad_norm[i, :, log]),
@@ -325,6 +337,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     "test_accuracy": _runner.to_json_floats(result.test_accuracy[best]),
     "oracle_budget": oracle_budget(config),
     "gradient_cost": step_cost,
+    "steps": config.steps * repeats,
     "lanczos_call_cost": _oracle.lanczos_call_cost(config.ncd_lanczos_steps),
     **{name: _runner.to_json_numbers(values) for name, values in final_counters.items()},
     "density": [
@@ -434,11 +447,11 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
       f"for {c['num_classes']} classes."
     )
   for c in units:
-    stopped = [taken for taken in c["num_steps_taken"] if taken < config.steps]
+    stopped = [taken for taken in c["num_steps_taken"] if taken < c["steps"]]
     if stopped:
       lines.append(
         f"- {c['dataset']}, {c['method']}: the oracle budget ran out on {len(stopped)}/"
-        f"{len(c['num_steps_taken'])} seeds, after {_mean(stopped)} of {config.steps} steps "
+        f"{len(c['num_steps_taken'])} seeds, after {_mean(stopped)} of {c['steps']} steps "
         f"on average; its {_mean(c['num_lanczos_calls'])} Lanczos calls per seed cost "
         f"{c['lanczos_call_cost']:g} gradients each, and the spectrum is measured where it "
         "stopped."
@@ -501,12 +514,14 @@ def make_figures(run: _runner.RunDirectory, config: Config) -> list[str]:
         if r.get("unit") == f"{dataset}/{m}" and "step" in r and r["learning_rate"] == rate
       )
       curves[m] = np.asarray([loss for _, loss in rows]).T
-    steps = np.arange(config.steps // config.log_every + 1) * config.log_every
+    # Every method logs at the same oracle calls (SGD after as many steps as cost as much).
+    budget_gradients = np.arange(config.steps // config.log_every + 1) * config.log_every
     path = _plots.plot_panels(
       {dataset: curves},
       run.figures / f"{dataset}-loss.png",
       title=f"{dataset}: training loss",
-      x=steps,
+      x=budget_gradients,
+      xlabel="oracle budget used (full-batch gradients)",
       yscale="log",
       columns=1,
     )
@@ -529,7 +544,8 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
     "# Are saddles good enough? The Hessian at the end of training",
     "",
     f"MLP with one hidden layer of {config.width} tanh units; {config.seeds} seeds x "
-    f"{config.steps} steps per method; learning rate per method from "
+    f"{config.steps} steps per method (SGD: as many mini-batch steps as cost as much); "
+    "learning rate per method from "
     f"{list(config.learning_rates)} by the lowest median final training loss. Every method "
     f"has the same oracle budget, {oracle_budget(config):g} gradients of the whole training "
     "set (a mini-batch gradient counts as its fraction of it, a Lanczos call of NC descent "

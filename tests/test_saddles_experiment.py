@@ -86,6 +86,19 @@ def test_every_method_has_the_same_oracle_budget_and_ncd_stops_within_it(quick_r
   for method in ("gd", "pgd"):
     assert units[f"digits/{method}"]["oracle_calls"] == [budget] * config.seeds
     assert units[f"digits/{method}"]["num_steps_taken"] == [config.steps] * config.seeds
+  # SGD takes a step per whole mini-batch in the training set for each gradient of the budget,
+  # so it spends the budget up to that remainder and logs at the same oracle calls.
+  sgd = units["digits/sgd"]
+  repeats = int(1 / sgd["gradient_cost"])
+  assert repeats > 1 and sgd["steps"] == config.steps * repeats
+  assert sgd["num_steps_taken"] == [sgd["steps"]] * config.seeds
+  for calls in sgd["oracle_calls"]:
+    assert calls == pytest.approx(sgd["steps"] * sgd["gradient_cost"], rel=1e-5)
+    assert budget - sgd["gradient_cost"] * config.steps < calls <= budget
+  sgd_logs = sorted(
+    (r["budget_gradients"], r["step"]) for r in records if r["unit"] == "digits/sgd" and "step" in r
+  )
+  assert {step for _, step in sgd_logs} == {gradients * repeats for gradients, _ in sgd_logs}
   ncd = units["digits/ncd"]
   # The quick run's threshold makes NC descent run Lanczos, which uses up its budget early.
   assert all(calls > 0 for calls in ncd["num_lanczos_calls"])
