@@ -14,8 +14,9 @@ Every row is one jitted call whose output feeds the next call (see
   each product fed the previous one (normalised), with ``jaxsaddle.hvp`` at
   every step (``plain``) or with the operator from ``jaxsaddle.linearize_hvp``
   built once before the loop (``linearized``); the cost Lanczos cannot go below;
-- ``lanczos, ...``: ``jaxsaddle.lanczos(matvec, v0, K)`` with or without
-  ``reorthogonalize`` and either matvec; the next call starts from the last
+- ``lanczos, ...``: ``jaxsaddle.lanczos(matvec, v0, K)`` with full
+  (``reorthogonalize=True``), partial (``"partial"``, Simon's estimates decide when to
+  reorthogonalise) or no reorthogonalisation, and either matvec; the next call starts from the last
   Lanczos vector of this one. Its ratio is to the ``K hvps`` row with the same
   matvec, so it is the overhead of the recursion (inner products, the basis, the
   reorthogonalisation) over the products themselves;
@@ -49,6 +50,7 @@ NUM_STEPS = 20  # K: Lanczos steps, and products in the loop rows
 LEARNING_RATE = 1e-2
 MATVECS = ("plain", "linearized")
 MATFREE_REORTHO = ("full", "none")
+REORTHOGONALIZATIONS = (True, "partial", False)
 
 
 def _normalized(tree):
@@ -118,7 +120,7 @@ def hvp_loop_step(matvec: str):
   return step
 
 
-def lanczos_step(matvec: str, reorthogonalize: bool):
+def lanczos_step(matvec: str, reorthogonalize):
   """``((start, num_valid), params, batch) -> ((last vector, num_valid), LanczosResult)``."""
 
   def step(state, params, batch):
@@ -147,7 +149,7 @@ def _loop_name(matvec: str) -> str:
   return f"{NUM_STEPS} hvps, {matvec}"
 
 
-def _lanczos_name(matvec: str, reorthogonalize: bool) -> str:
+def _lanczos_name(matvec: str, reorthogonalize) -> str:
   return f"lanczos {NUM_STEPS}, {matvec}, reorthogonalize={reorthogonalize}"
 
 
@@ -161,7 +163,7 @@ def check_loops(loops: dict[str, Loop]) -> None:
     if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(loop.state)):
       raise RuntimeError(f"{name}: the threaded output is not finite at the end of the timing.")
   for matvec in MATVECS:
-    for reorthogonalize in (True, False):
+    for reorthogonalize in REORTHOGONALIZATIONS:
       name = _lanczos_name(matvec, reorthogonalize)
       _, num_valid = loops[name].state
       if num_valid != NUM_STEPS:
@@ -184,7 +186,7 @@ def time_curvature(settings: _timing.Settings) -> list[_timing.Timing]:
     loops[_loop_name(matvec)] = Loop(hvp_loop_step(matvec), copy(tangent), params, batch)
     baselines[_loop_name(matvec)] = "hvp"
   for matvec in MATVECS:
-    for reorthogonalize in (True, False):
+    for reorthogonalize in REORTHOGONALIZATIONS:
       name = _lanczos_name(matvec, reorthogonalize)
       state = (copy(tangent), jnp.zeros((), jnp.int32))
       loops[name] = DecompositionLoop(lanczos_step(matvec, reorthogonalize), state, params, batch)
@@ -209,7 +211,7 @@ def derived_ratios(median: dict[str, float]) -> dict[str, float]:
       median[_loop_name(matvec)] / NUM_STEPS / median["gradient"]
     )
   for matvec in MATVECS:
-    for reorthogonalize in (True, False):
+    for reorthogonalize in REORTHOGONALIZATIONS:
       name = _lanczos_name(matvec, reorthogonalize)
       ratios[f"{name} / {_loop_name(matvec)} (target: at most 1.3)"] = (
         median[name] / median[_loop_name(matvec)]
@@ -218,7 +220,7 @@ def derived_ratios(median: dict[str, float]) -> dict[str, float]:
       name = _matfree_name(matvec, reortho)
       ratios[f"{name} / {_loop_name(matvec)}"] = median[name] / median[_loop_name(matvec)]
   for matvec in MATVECS:
-    for reorthogonalize, reortho in ((True, "full"), (False, "none")):
+    for reorthogonalize, reortho in ((True, "full"), ("partial", "full"), (False, "none")):
       ours, theirs = _lanczos_name(matvec, reorthogonalize), _matfree_name(matvec, reortho)
       ratios[f"{ours} / {theirs}"] = median[ours] / median[theirs]
   ratios[f"{_lanczos_name('linearized', True)} / {_loop_name('plain')}"] = (

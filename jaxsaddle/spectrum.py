@@ -217,7 +217,8 @@ def hessian_extreme_eigenvalues(
   key: jax.Array | int,
   k: int = 1,
   which: curvature.Which = "largest",
-  reorthogonalize: bool | None = None,
+  reorthogonalize: curvature.Reorthogonalization | None = None,
+  exact_residuals: bool = False,
 ) -> curvature.RitzPairs:
   r"""Estimates the ``k`` largest and/or smallest Hessian eigenvalues, with residuals.
 
@@ -238,10 +239,15 @@ def hessian_extreme_eigenvalues(
     k: the number of eigenvalues at each requested end.
     which: ``"largest"`` (descending), ``"smallest"`` (ascending) or ``"both"`` (the ``k``
       smallest ascending, then the ``k`` largest descending).
-    reorthogonalize: full reorthogonalisation in Lanczos; None (the default) uses it only
-      when ``k > 1``. The extreme Ritz value at each end is not affected by the loss of
-      orthogonality (it only duplicates converged values), and without reorthogonalisation
-      each step skips a pass over the whole basis.
+    reorthogonalize: reorthogonalisation in Lanczos (``True``, ``"partial"`` or ``False``, see
+      :func:`jaxsaddle.curvature.lanczos`); None (the default) uses ``"partial"`` when
+      ``k > 1`` and none when ``k == 1``. The extreme Ritz value at each end is not affected
+      by the loss of orthogonality (it only duplicates converged values), and without
+      reorthogonalisation each step skips a pass over the whole basis.
+    exact_residuals: compute each residual norm with one more Hessian-vector product. By
+      default it comes free from the Lanczos relation, :math:`\beta_m |s_m|` over the Ritz
+      vector's norm (Paige 1972), which holds up to :math:`\epsilon \|H\|` whether or not
+      the basis stayed orthogonal.
 
   Returns:
     :class:`jaxsaddle.curvature.RitzPairs` with ``k`` (``2 k`` for ``"both"``) eigenvalues,
@@ -262,7 +268,8 @@ def hessian_extreme_eigenvalues(
     key=key,
     k=k,
     which=which,
-    reorthogonalize=k > 1 if reorthogonalize is None else reorthogonalize,
+    reorthogonalize=("partial" if k > 1 else False) if reorthogonalize is None else reorthogonalize,
+    exact_residuals=exact_residuals,
   )
   # The first value at each end always exists; NaN there means NaN in the operator.
   ends = jnp.array([0, k] if which == "both" else [0])
@@ -504,7 +511,7 @@ def hessian_density(
   grid: jax.Array | None = None,
   broadening: float | jax.Array | None = None,
   distribution: ProbeDistribution = "rademacher",
-  reorthogonalize: bool = True,
+  reorthogonalize: curvature.Reorthogonalization = True,
   probe_batch_size: int | None = None,
 ) -> SpectralDensity:
   r"""Estimates the Hessian eigenvalue density by stochastic Lanczos quadrature.
@@ -547,8 +554,10 @@ def hessian_density(
       it. A narrower grid loses the mass outside it.
     broadening: the kernel standard deviation :math:`\sigma`, or None for the default above.
     distribution: ``"rademacher"`` or ``"gaussian"`` probes (both normalised).
-    reorthogonalize: full reorthogonalisation in Lanczos, as in Ghorbani et al.; without it
-      converged nodes get "ghost" copies that share the mass of the original.
+    reorthogonalize: full reorthogonalisation in Lanczos, as in Ghorbani et al.;
+      ``"partial"`` keeps the basis semi-orthogonal, which gives the same nodes and weights up
+      to round-off for fewer passes over the basis; without it converged nodes get "ghost"
+      copies that share the mass of the original.
     probe_batch_size: how many probes run at once (each holds a ``num_steps`` by ``n``
       Lanczos basis); None runs all of them at once.
 

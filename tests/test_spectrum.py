@@ -206,6 +206,32 @@ def test_slq_density_integrates_to_one_and_its_moments_match_traces():
   assert float(jnp.trapezoid(jnp.where(inside, density.density, 0), density.grid)) > 0.95
 
 
+def test_slq_with_partial_reorthogonalization_matches_full():
+  # 60 steps on a spectrum of 400 with separated extremes: the basis loses orthogonality and
+  # partial reorthogonalisation has to act, yet the quadrature (nodes and weights) must be the
+  # full one's; without reorthogonalisation the extremes get ghost copies that split the weight.
+  eigenvalues = np.concatenate([[-4.0], np.linspace(-1.0, 1.0, 398), [6.0]])
+  matrix = jnp.asarray(_rotated(eigenvalues, 31), jnp.float32)
+
+  @functools.partial(jax.jit, static_argnames="reorthogonalize")
+  def density(matrix, reorthogonalize):
+    return spectrum.hessian_density(
+      _quadratic(matrix),
+      jnp.zeros(400),
+      key=32,
+      num_probes=4,
+      num_steps=60,
+      reorthogonalize=reorthogonalize,
+    )
+
+  full, partial, plain = (density(matrix, mode) for mode in (True, "partial", False))
+  np.testing.assert_allclose(partial.nodes, full.nodes, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(partial.weights, full.weights, rtol=1e-3, atol=1e-5)
+  top = lambda d: jnp.sum(jnp.abs(d.nodes - 6.0) < 1e-3, axis=1)  # noqa: E731
+  np.testing.assert_array_equal(top(partial), 1)
+  assert int(jnp.max(top(plain))) > 1
+
+
 def test_density_options_batching_gaussian_probes_and_user_grid():
   eigenvalues = np.linspace(-1.0, 2.0, 30)
   grid = jnp.linspace(-2.0, 3.0, 101)
