@@ -218,7 +218,7 @@ def hessian_extreme_eigenvalues(
   k: int = 1,
   which: curvature.Which = "largest",
   reorthogonalize: curvature.Reorthogonalization | None = None,
-  exact_residuals: bool = False,
+  exact_residuals: bool | None = None,
 ) -> curvature.RitzPairs:
   r"""Estimates the ``k`` largest and/or smallest Hessian eigenvalues, with residuals.
 
@@ -244,10 +244,12 @@ def hessian_extreme_eigenvalues(
       ``k > 1`` and none when ``k == 1``. The extreme Ritz value at each end is not affected
       by the loss of orthogonality (it only duplicates converged values), and without
       reorthogonalisation each step skips a pass over the whole basis.
-    exact_residuals: compute each residual norm with one more Hessian-vector product. By
-      default it comes free from the Lanczos relation, :math:`\beta_m |s_m|` over the Ritz
-      vector's norm (Paige 1972), which holds up to :math:`\epsilon \|H\|` whether or not
-      the basis stayed orthogonal.
+    exact_residuals: compute each residual norm with one more Hessian-vector product per
+      eigenvalue. Otherwise it comes free from the Lanczos relation, :math:`\beta_m |s_m|`
+      over the Ritz vector's norm, which holds up to :math:`\epsilon \|H\|` with full or no
+      reorthogonalisation whether or not the basis stayed orthogonal (Paige 1972), but only up
+      to :math:`\sqrt{\epsilon} \|H\|` with partial reorthogonalisation. None (the default)
+      computes them when Lanczos runs with ``"partial"``.
 
   Returns:
     :class:`jaxsaddle.curvature.RitzPairs` with ``k`` (``2 k`` for ``"both"``) eigenvalues,
@@ -261,6 +263,10 @@ def hessian_extreme_eigenvalues(
   owner = "hessian_extreme_eigenvalues"
   _checks.check_at_least_one(owner, "num_steps", num_steps)
   _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
+  if reorthogonalize is None:
+    reorthogonalize = "partial" if k > 1 else False
+  if exact_residuals is None:
+    exact_residuals = reorthogonalize == "partial"
   pairs = curvature.extreme_eigenpairs(
     hvp_fn,
     params,
@@ -268,7 +274,7 @@ def hessian_extreme_eigenvalues(
     key=key,
     k=k,
     which=which,
-    reorthogonalize=("partial" if k > 1 else False) if reorthogonalize is None else reorthogonalize,
+    reorthogonalize=reorthogonalize,
     exact_residuals=exact_residuals,
   )
   # The first value at each end always exists; NaN there means NaN in the operator.
@@ -556,8 +562,9 @@ def hessian_density(
     distribution: ``"rademacher"`` or ``"gaussian"`` probes (both normalised).
     reorthogonalize: full reorthogonalisation in Lanczos, as in Ghorbani et al.;
       ``"partial"`` keeps the basis semi-orthogonal, which gives the same nodes and weights up
-      to round-off for fewer passes over the basis; without it converged nodes get "ghost"
-      copies that share the mass of the original.
+      to round-off for fewer passes over the basis when probes run one at a time
+      (``probe_batch_size=1``; probes run together share every pass); without it converged
+      nodes get "ghost" copies that share the mass of the original.
     probe_batch_size: how many probes run at once (each holds a ``num_steps`` by ``n``
       Lanczos basis); None runs all of them at once.
 

@@ -38,10 +38,10 @@ NUM_STEPS = 12
 # Sharded contractions sum in another order than one device; Lanczos amplifies that a little.
 RTOL = 1e-4
 ATOL = 1e-5
-# Partial reorthogonalisation lets the basis drift from orthogonality by up to sqrt(eps), 3.5e-4
-# in float32, before it corrects it; round-off differs between the sharded and the single-device
-# run, so their bases (not their Ritz values) may differ at that level.
-BASIS_ATOL = {True: ATOL, "partial": 3e-3}
+# Partial reorthogonalisation leaves the basis semi-orthogonal: the round-off that differs
+# between the sharded and the single-device run is reorthogonalised away later than with full
+# reorthogonalisation, so the two runs agree less closely (measured: about 5e-5).
+TOLERANCES = {True: ATOL, "partial": 1e-4}
 
 MESHES = {
   "explicit_1d": ((8,), ("x",), AxisType.Explicit),
@@ -132,10 +132,10 @@ def test_lanczos_basis_keeps_leaf_shardings_and_matches_one_device(
       result.basis[name],
       expected_result.basis[name],
       rtol=RTOL,
-      atol=BASIS_ATOL[reorthogonalize],
+      atol=TOLERANCES[reorthogonalize],
       err_msg=name,
     )
-  coefficient_atol = BASIS_ATOL[reorthogonalize] * float(jnp.max(jnp.abs(expected_result.alphas)))
+  coefficient_atol = TOLERANCES[reorthogonalize]
   np.testing.assert_allclose(
     result.alphas, expected_result.alphas, rtol=RTOL, atol=coefficient_atol
   )

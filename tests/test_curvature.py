@@ -9,6 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxsaddle import curvature
+from jaxsaddle import spectrum as spectrum_module
 
 # Jitted once here: op-by-op dispatch of the small eigh and contractions dominates otherwise.
 _ritz_pairs = jax.jit(curvature.ritz_pairs)
@@ -273,8 +274,9 @@ def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal_with_exact_
   # Two clusters at each end of a spectrum of 400: without reorthogonalisation 80 steps copy the
   # extreme eigenvalues into ghosts. Partial reorthogonalisation must keep |q_j . q_k| within
   # about sqrt(eps) (3.5e-4 in float32, 1.5e-8 in float64) while not reorthogonalising at every
-  # step (so its basis is measurably less orthogonal than the full one), and give the extreme
-  # Ritz values of full reorthogonalisation, each once.
+  # step (so its basis is measurably less orthogonal than the full one: 6.5e-6 against 8.3e-7
+  # in float32, 2e-10 against 1e-14 in float64), and give the extreme Ritz values of full
+  # reorthogonalisation, each once.
   with jax.enable_x64(use_x64):
     dtype = jnp.float64 if use_x64 else jnp.float32
     eps = float(jnp.finfo(dtype).eps)
@@ -298,7 +300,7 @@ def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal_with_exact_
     )
     assert int(partial.num_valid) == num_steps
     assert partial_loss < 2 * math.sqrt(eps)
-    assert partial_loss > 30 * full_loss
+    assert partial_loss > (1e3 if use_x64 else 3) * full_loss
     assert plain_loss > 0.1
     values = _ritz_pairs(partial).eigenvalues
     extremes = np.array([0, 1, -2, -1])
@@ -310,6 +312,29 @@ def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal_with_exact_
     for eigenvalue in (-3.0, 5.5):
       assert int(jnp.sum(jnp.abs(values - eigenvalue) < 1e-3)) == 1
       assert int(jnp.sum(jnp.abs(_ritz_pairs(plain).eigenvalues - eigenvalue) < 1e-3)) > 1
+
+
+def test_partial_reorthogonalization_holds_on_a_bulk_near_zero_with_outliers():
+  # The shape of a network's Hessian: 1490 eigenvalues near zero and outliers up to 100, so
+  # beta_j is small against ||A|| and each step's own rounding is a large part of sqrt(eps). With
+  # Simon's rounding term at eps ||A|| (not ten times it) this run lost orthogonality completely
+  # in float32 and gave Ritz values above 4000, also through hessian_extreme_eigenvalues(k=2).
+  rng = np.random.default_rng(0)
+  spectrum = np.concatenate([rng.normal(0.0, 0.05, 1490), np.geomspace(1.0, 100.0, 10)])
+  matrix = jnp.asarray(_rotated(jnp.asarray(spectrum), 23), jnp.float32)
+  run = jax.jit(
+    lambda v: curvature.lanczos(lambda x: matrix @ x, v, 120, reorthogonalize="partial")
+  )
+  for seed in range(3):
+    result = run(jax.random.normal(jax.random.key(seed), (1500,)))
+    loss = float(jnp.max(jnp.abs(result.basis @ result.basis.T - jnp.eye(120))))
+    assert loss < math.sqrt(float(jnp.finfo(jnp.float32).eps)), seed
+    np.testing.assert_allclose(_ritz_pairs(result).eigenvalues[-2:], [59.948, 100.0], rtol=1e-4)
+  pairs = spectrum_module.hessian_extreme_eigenvalues(
+    lambda x: 0.5 * x @ matrix @ x, jnp.zeros(1500), num_steps=120, key=3, k=2
+  )
+  np.testing.assert_allclose(pairs.eigenvalues, [100.0, 59.948], rtol=1e-4)
+  assert float(jnp.max(pairs.residual_norms)) < 1e-2
 
 
 def test_without_a_basis_the_coefficients_are_the_same_and_no_basis_is_returned():
@@ -354,24 +379,34 @@ def test_vmap_over_start_vectors_equals_loop(reorthogonalize):
   # coefficients amplify that round-off, so the coefficients are compared in float64 and the
   # (well-conditioned) extreme Ritz values in float32. Under vmap partial reorthogonalisation's
   # cond becomes a select, which must pick per start vector what the loop does.
-  def run(matrix, start):
-    result = curvature.lanczos(lambda x: matrix @ x, start, 12, reorthogonalize=reorthogonalize)
+  # Outliers make the basis lose orthogonality within 30 steps, so partial reorthogonalisation
+  # acts (checked against a run without any).
+  num_steps = 30
+
+  def run(matrix, start, mode=reorthogonalize):
+    result = curvature.lanczos(lambda x: matrix @ x, start, num_steps, reorthogonalize=mode)
     return result, curvature.ritz_pairs(result).eigenvalues
 
   for use_x64 in (True, False):
     with jax.enable_x64(use_x64):
       dtype = jnp.float64 if use_x64 else jnp.float32
-      matrix = _rotated(jnp.linspace(-2.0, 3.0, 20, dtype=dtype), 7)
-      starts = jax.random.normal(jax.random.key(8), (6, 20), dtype)
+      spectrum = jnp.concatenate([jnp.linspace(-1.0, 1.0, 56), jnp.array([-3.0, -2.9, 5.0, 5.5])])
+      matrix = _rotated(spectrum.astype(dtype), 7)
+      starts = jax.random.normal(jax.random.key(8), (6, 60), dtype)
       batched, batched_values = jax.jit(jax.vmap(run, in_axes=(None, 0)))(matrix, starts)
+      plain, _ = jax.jit(jax.vmap(lambda m, v: run(m, v, False), in_axes=(None, 0)))(matrix, starts)
+      assert not np.allclose(batched.basis, plain.basis, rtol=1e-3, atol=1e-4)
       looped = jax.jit(run)
       for i in range(starts.shape[0]):
         single, single_values = looped(matrix, starts[i])
-        assert int(batched.num_valid[i]) == int(single.num_valid) == 12
+        assert int(batched.num_valid[i]) == int(single.num_valid) == num_steps
         if use_x64:
           np.testing.assert_allclose(batched.alphas[i], single.alphas, rtol=1e-10, atol=1e-12)
           np.testing.assert_allclose(batched.betas[i], single.betas, rtol=1e-10, atol=1e-12)
-          np.testing.assert_allclose(batched.basis[i], single.basis, rtol=1e-9, atol=1e-12)
+          # Round-off from the other summation order is removed at every step by full
+          # reorthogonalisation, but left to grow towards sqrt(eps) between partial passes.
+          basis_atol = 1e-12 if reorthogonalize is True else 1e-8
+          np.testing.assert_allclose(batched.basis[i], single.basis, rtol=1e-9, atol=basis_atol)
         else:
           np.testing.assert_allclose(
             batched_values[i][np.array([0, -1])], single_values[np.array([0, -1])], rtol=5e-6
@@ -472,12 +507,13 @@ def test_residual_norms_match_direct_computation():
       assert float(jnp.max(exact.residual_norms)) < 1e-4
 
 
-@pytest.mark.parametrize("reorthogonalize", ["partial", False])
+@pytest.mark.parametrize("key", [0, 3])
 @pytest.mark.parametrize("num_steps", [8, 60])
-def test_estimated_residuals_hold_without_full_reorthogonalization(reorthogonalize, num_steps):
-  # The Lanczos relation holds to round-off whether or not the basis stays orthogonal, so the
-  # estimate, divided by the norm of Q s, is the residual of the returned unit Ritz vector: for
-  # unconverged pairs (8 steps) and once ghosts have appeared without reorthogonalisation (60).
+def test_estimated_residuals_hold_without_reorthogonalization(num_steps, key):
+  # Without reorthogonalisation the Lanczos relation holds to round-off whether or not the basis
+  # stays orthogonal (Paige), so the estimate, divided by the norm of Q s, is the residual of the
+  # returned unit Ritz vector: for unconverged pairs (8 steps) and once ghosts have appeared
+  # (60), never below the round-off of the relation.
   spectrum = jnp.concatenate([jnp.linspace(-1.0, 1.0, 198), jnp.array([2.0, 2.3])])
   matrix = _rotated(spectrum, 22)
   pairs = jax.jit(
@@ -487,15 +523,17 @@ def test_estimated_residuals_hold_without_full_reorthogonalization(reorthogonali
       num_steps=num_steps,
       which="both",
       key=key,
-      reorthogonalize=reorthogonalize,
+      reorthogonalize=False,
       exact_residuals=False,
     )
-  )(jax.random.key(3))
+  )(jax.random.key(key))
   np.testing.assert_allclose(jnp.linalg.norm(pairs.eigenvectors, axis=1), 1.0, rtol=1e-5)
   direct = jnp.linalg.norm(
     pairs.eigenvectors @ matrix - pairs.eigenvalues[:, None] * pairs.eigenvectors, axis=1
   )
-  np.testing.assert_allclose(pairs.residual_norms, direct, rtol=1e-2, atol=1e-5)
+  round_off = float(jnp.finfo(jnp.float32).eps) * 2.3
+  np.testing.assert_allclose(pairs.residual_norms, direct, rtol=1e-2, atol=10 * round_off)
+  assert float(jnp.min(pairs.residual_norms)) > 0
   if num_steps == 8:
     assert float(jnp.min(direct)) > 1e-3  # unconverged: the comparison is not of round-off
   else:
