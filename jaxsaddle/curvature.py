@@ -19,9 +19,9 @@ The eigenpairs :math:`(\theta_i, s_i)` of the small :math:`T_m` give Ritz pairs
 :math:`(\theta_i, Q_m s_i)` whose residuals are :math:`\|A Q_m s_i - \theta_i Q_m s_i\| =
 \beta_{m-1} |e_{m-1}^\top s_i|` (Paige 1972). In floating point the basis loses
 orthogonality as Ritz values converge (Paige 1972), which produces spurious copies of
-converged eigenvalues. Partial reorthogonalisation (Simon 1984) keeps it semi-orthogonal,
-which is enough for accurate Ritz values, by reorthogonalising only when estimates of the
-loss ask for it. Full reorthogonalisation keeps :math:`Q_m` orthonormal to working
+converged eigenvalues. Partial reorthogonalisation (Simon 1984) aims to keep it
+semi-orthogonal, which is enough for accurate Ritz values, by reorthogonalising only when
+estimates of the loss ask for it. Full reorthogonalisation keeps :math:`Q_m` orthonormal to working
 precision: after the three-term recurrence, one pass of classical Gram-Schmidt against all
 previous vectors, and a second pass only when the first removed more than half of the
 vector's squared norm (Kahan's "twice is enough" criterion, Parlett 1980; Parlett & Scott
@@ -278,11 +278,12 @@ def _next_orthogonality(omega, omega_prev, alphas, betas, beta, beta_prev, j, sc
   with the rounding of step :math:`j` modelled as :math:`\vartheta = 10 \epsilon \|A\|`
   (taken with the sign that makes the estimate grow), and :math:`\omega_{j+1,j} = \vartheta /
   \beta_j`, what the local orthogonalisation against :math:`q_j` leaves. Entries for
-  :math:`k > j` are zero. The true local rounding was measured up to 31 times
-  :math:`\epsilon \|A\|`; with :math:`\vartheta = \epsilon \|A\|` a float32 run on a
-  spectrum with a bulk near zero and outliers up to 100 (the shape of a network's Hessian) lost
-  orthogonality entirely and returned Ritz values 40 times too large. With the factor 10 the
-  same runs, and others like them, stay within 3e-5 of orthogonal.
+  :math:`k > j` are zero. The factor 10 is empirical: with :math:`\vartheta = \epsilon
+  \|A\|` float32 runs on a spectrum with a bulk near zero and outliers up to 100 (the shape
+  of a network's Hessian) lost orthogonality entirely in 5 of 20 start vectors and rotations
+  and returned Ritz values 40 to 100 times too large; with 10 every one stayed within 3e-5 of
+  orthogonal. (SLEPc takes :math:`\sqrt{n} \epsilon / 2` and a threshold of
+  :math:`\sqrt{\epsilon / m}`, which on a 670k-parameter model reorthogonalises every step.)
   """
   size = omega.shape[0]
   index = jnp.arange(size)
@@ -308,6 +309,7 @@ def lanczos(
   reorthogonalize: Reorthogonalization = True,
   return_basis: bool = True,
   breakdown_tol: float | None = None,
+  converged: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> LanczosResult:
   r"""Runs ``num_steps`` Lanczos steps on a symmetric operator from ``init_vector``.
 
@@ -364,14 +366,23 @@ def lanczos(
     num_steps: the number of Lanczos steps, the size of the tridiagonal (static).
     reorthogonalize: ``True`` reorthogonalises each new vector against the whole basis (the
       basis is orthonormal to working precision), ``"partial"`` only when Simon's estimates
-      say orthogonality is being lost (semi-orthogonal basis, same Ritz values, a fraction of
-      the passes), ``False`` never. Without it the basis loses orthogonality once Ritz values
-      converge and duplicate ("ghost") Ritz values appear; that mode is meant for
-      spectral-density estimates, where the duplicates carry little weight. The extreme Ritz
+      say orthogonality is being lost (a semi-orthogonal basis and, in the tests, the same
+      Ritz values for fewer passes; float16 and bfloat16 leaves get full reorthogonalisation,
+      since the operator's own rounding there is beyond Simon's model), ``False`` never.
+      Without it the basis loses orthogonality once Ritz values converge and duplicate
+      ("ghost") Ritz values appear; that mode is meant for spectral-density estimates, where
+      the duplicates carry little weight. The extreme Ritz
       values converge first and are not affected: the duplicates are copies of converged
       values.
     return_basis: whether to return the basis. Without it and without ``reorthogonalize``,
       only the last two Lanczos vectors are kept.
+    converged: an optional stopping test, ``converged(alphas, betas, num_valid)`` on the
+      coefficients so far (zero past ``num_valid``), returning a boolean scalar. It is
+      evaluated after every step; once it holds the recursion stops: ``num_valid`` counts the
+      steps taken and ``betas[num_valid - 1]`` keeps the final residual norm (a breakdown sets
+      it to zero). The loop is then a ``lax.while_loop``, which skips the remaining steps
+      (under ``vmap``, once every lane has stopped) but cannot be differentiated in reverse
+      mode. :func:`extreme_eigenpairs` builds one from a residual tolerance.
     breakdown_tol: the recursion stops when :math:`\beta_j \le` ``breakdown_tol`` times the
       largest :math:`|\alpha_i|` or :math:`\beta_i` seen so far, an estimate of
       :math:`\|A\|`. Defaults to the square root of the compute dtype's machine epsilon
@@ -387,6 +398,12 @@ def lanczos(
   mode = _reorthogonalization_mode(reorthogonalize)
   dtype = _compute_dtype(init_vector)
   eps = float(jnp.finfo(dtype).eps)
+  if mode == "partial" and any(
+    jnp.finfo(leaf.dtype).eps > eps for leaf in jax.tree.leaves(init_vector)
+  ):
+    # The operator sees vectors rounded to the narrow leaves' precision: the loss of
+    # orthogonality then grows far faster than Simon's recurrence models in the compute dtype.
+    mode = "full"
   if breakdown_tol is None:
     breakdown_tol = math.sqrt(eps)
   leaf_dtypes = jax.tree.map(lambda leaf: leaf.dtype, init_vector)
@@ -522,9 +539,12 @@ def lanczos(
     scale = jnp.where(active, jnp.maximum(scale, beta), scale)
     continues = active & (beta > breakdown_tol * scale)
     betas = betas.at[j].set(jnp.where(continues, beta, 0))
+    num_valid = num_valid + active.astype(jnp.int32)
+    if converged is not None:
+      continues = continues & ~converged(alphas, betas, num_valid)
+    # After a breakdown or a stop the next vector, and so the basis row, is zero.
     inv_beta = _reciprocal_where(continues, beta)
     q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), w)
-    num_valid = num_valid + active.astype(jnp.int32)
     return (
       remember(vectors, j, q, q_next),
       alphas,
@@ -539,14 +559,24 @@ def lanczos(
       forced,
     )
 
-  vectors, alphas, betas, *_ = final = jax.lax.fori_loop(0, num_steps, step, init_carry)
+  if converged is None:
+    final = jax.lax.fori_loop(0, num_steps, step, init_carry)
+  else:
+    _, final = jax.lax.while_loop(
+      lambda indexed: (indexed[0] < num_steps) & indexed[1][6],
+      lambda indexed: (indexed[0] + 1, step(indexed[0], indexed[1])),
+      (jnp.zeros((), jnp.int32), init_carry),
+    )
+  vectors, alphas, betas, *_ = final
   num_valid = final[7]
   return LanczosResult(alphas, betas, vectors if return_basis else None, num_valid)
 
 
 def tridiagonal(result: LanczosResult) -> jax.Array:
   """Returns the dense ``(num_steps, num_steps)`` tridiagonal, zero outside the valid block."""
-  off_diagonal = result.betas[:-1]
+  # After a stop by ``converged`` betas[num_valid - 1] is the residual norm, not a coupling.
+  num_steps = result.alphas.shape[0]
+  off_diagonal = jnp.where(jnp.arange(num_steps - 1) < result.num_valid - 1, result.betas[:-1], 0)
   return jnp.diag(result.alphas) + jnp.diag(off_diagonal, k=1) + jnp.diag(off_diagonal, k=-1)
 
 
@@ -568,7 +598,9 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
   :math:`O(\sqrt{\epsilon} \|A\|)` with partial reorthogonalisation, whose passes remove
   components of that size that the tridiagonal does not record. They are residuals of
   :math:`Q s_i`, whose norm is 1 only for an orthonormal basis, and never reported below
-  :math:`\epsilon \max_i(|\alpha_i|, \beta_i)`, the round-off of the relation itself.
+  :math:`\epsilon \max_i(|\alpha_i|, \beta_i)`, the round-off of the relation itself
+  (:func:`extreme_eigenpairs` floors them at :math:`\sqrt{\epsilon}` times that with partial
+  reorthogonalisation).
 
   Args:
     result: the output of :func:`lanczos`.
@@ -581,13 +613,14 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
   index = jnp.arange(num_steps)
   valid = index < result.num_valid
   # Gershgorin: the valid block's eigenvalues lie within 3 * max |entry| of zero.
-  pad = 1 + 4 * jnp.maximum(jnp.max(jnp.abs(result.alphas)), jnp.max(result.betas))
+  largest_entry = jnp.maximum(jnp.max(jnp.abs(result.alphas)), jnp.max(result.betas))
+  pad = 1 + 4 * largest_entry
   matrix = tridiagonal(result) + jnp.diag(jnp.where(valid, 0, pad))
   values, vectors = jnp.linalg.eigh(matrix)
   vectors = jnp.where(valid[:, None] & valid[None, :], vectors, 0)
   last = jnp.maximum(result.num_valid - 1, 0)
   # A converged pair's estimate can underflow to zero; round-off in the relation is eps ||T||.
-  round_off = jnp.finfo(result.alphas.dtype).eps * (pad - 1) / 4
+  round_off = jnp.finfo(result.alphas.dtype).eps * largest_entry
   residual_norms = jnp.maximum(jnp.abs(result.betas[last] * vectors[last]), round_off)
   ritz_vectors = jax.tree.map(
     lambda stacked: jnp.tensordot(
@@ -613,6 +646,7 @@ def extreme_eigenpairs(
   reorthogonalize: Reorthogonalization = True,
   eigenvectors: bool = True,
   exact_residuals: bool = True,
+  tol: float | None = None,
 ) -> RitzPairs:
   r"""Estimates the ``k`` smallest and/or largest eigenpairs of a symmetric operator.
 
@@ -640,11 +674,19 @@ def extreme_eigenpairs(
       intended use. Unless it is ``True`` the Ritz vectors are normalised explicitly.
     eigenvectors: whether to compute the Ritz vectors. Without them (and without
       ``reorthogonalize``) Lanczos stores no basis, only the last two vectors.
+    tol: stop early, once every wanted Ritz pair's Lanczos residual estimate is at most
+      ``tol`` times its Ritz value's magnitude (a bound on its relative distance to an
+      eigenvalue); ``num_steps`` is then the most steps taken, and the number taken is
+      :attr:`LanczosResult.num_valid` of the run (not returned here: the residual norms say
+      how far each pair got). Each step then also computes the Ritz values of the tridiagonal
+      so far, an eigendecomposition of size ``num_steps``. An eigenvalue near zero may need
+      every step. None (the default) runs all ``num_steps``.
     exact_residuals: compute ``||A v - theta v||`` with ``k`` (or ``2 k``) extra matvecs, one
       after another (``lax.map``); otherwise use the Lanczos estimate of :func:`ritz_pairs`,
       which is free and, divided by the Ritz vector's norm when the basis is not fully
       reorthogonalised, accurate to :math:`O(\epsilon \|A\|)` with ``True`` or ``False``
-      but only to :math:`O(\sqrt{\epsilon} \|A\|)` with ``"partial"``. Needs
+      but only to :math:`O(\sqrt{\epsilon} \|A\|)` with ``"partial"``, where it is
+      floored at :math:`\sqrt{\epsilon} \max_i(|\alpha_i|, \beta_i)`. Needs
       ``eigenvectors``.
 
   Returns:
@@ -657,6 +699,8 @@ def extreme_eigenpairs(
     raise ValueError(f"which must be 'smallest', 'largest' or 'both', got {which!r}.")
   if k < 1 or k > num_steps:
     raise ValueError(f"k must be in [1, num_steps={num_steps}], got {k}.")
+  if tol is not None and not tol > 0:
+    raise ValueError(f"tol must be positive, got {tol}.")
   if exact_residuals and not eigenvectors:
     raise ValueError(
       "exact_residuals=True needs the Ritz vectors: pass eigenvectors=True, or "
@@ -671,21 +715,36 @@ def extreme_eigenpairs(
     tree_standard_normal(canonicalize_key(key), like),
     like,
   )
+
+  def wanted_slots(num_valid):
+    """Indices of the wanted Ritz pairs among the ascending ones, and which exist."""
+    ascending = jnp.arange(k)
+    descending = num_valid - 1 - jnp.arange(k)
+    if which == "smallest":
+      slots = ascending
+    elif which == "largest":
+      slots = descending
+    else:
+      slots = jnp.concatenate([ascending, descending])
+    present = (slots >= 0) & (slots < num_valid)
+    return jnp.clip(slots, 0, num_steps - 1), present
+
+  def converged(alphas, betas, num_valid):
+    pairs = ritz_pairs(LanczosResult(alphas, betas, None, num_valid))
+    slots, present = wanted_slots(num_valid)
+    relative = pairs.residual_norms[slots] / jnp.abs(pairs.eigenvalues[slots])
+    return jnp.all(present & (relative <= tol))
+
   result = lanczos(
-    matvec, start, num_steps, reorthogonalize=reorthogonalize, return_basis=eigenvectors
+    matvec,
+    start,
+    num_steps,
+    reorthogonalize=reorthogonalize,
+    return_basis=eigenvectors,
+    converged=None if tol is None else converged,
   )
   pairs = ritz_pairs(result)
-
-  ascending = jnp.arange(k)
-  descending = result.num_valid - 1 - jnp.arange(k)
-  if which == "smallest":
-    slots = ascending
-  elif which == "largest":
-    slots = descending
-  else:
-    slots = jnp.concatenate([ascending, descending])
-  present = (slots >= 0) & (slots < result.num_valid)
-  slots = jnp.clip(slots, 0, num_steps - 1)
+  slots, present = wanted_slots(result.num_valid)
   values = jnp.where(present, pairs.eigenvalues[slots], jnp.nan)
   vectors = jax.tree.map(
     lambda stacked: jnp.where(
@@ -706,6 +765,12 @@ def extreme_eigenpairs(
         stacked * inverse.reshape((-1,) + (1,) * (stacked.ndim - 1)).astype(stacked.dtype)
       ),
       vectors,
+    )
+  if _reorthogonalization_mode(reorthogonalize) == "partial":
+    # Partial passes remove components of up to sqrt(eps) ||A|| that T does not record.
+    largest_entry = jnp.maximum(jnp.max(jnp.abs(result.alphas)), jnp.max(result.betas))
+    estimated_residuals = jnp.maximum(
+      estimated_residuals, math.sqrt(float(jnp.finfo(dtype).eps)) * largest_entry
     )
   if exact_residuals:
     leaf_dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), like)

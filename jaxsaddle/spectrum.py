@@ -189,6 +189,10 @@ def _map_probes(fn: Callable, xs: PyTree, batch_size: int | None):
   """``fn`` over the leading axis of ``xs``: ``batch_size`` at a time, or all at once if None."""
   if batch_size is None:
     return jax.vmap(fn)(xs)
+  if batch_size == 1:
+    # lax.map with batch_size vmaps each batch, which turns every lax.cond in fn (partial
+    # reorthogonalisation's) into a select that runs both branches; a plain map keeps them.
+    return jax.lax.map(fn, xs)
   return jax.lax.map(fn, xs, batch_size=batch_size)
 
 
@@ -219,6 +223,7 @@ def hessian_extreme_eigenvalues(
   which: curvature.Which = "largest",
   reorthogonalize: curvature.Reorthogonalization | None = None,
   exact_residuals: bool | None = None,
+  tol: float | None = None,
 ) -> curvature.RitzPairs:
   r"""Estimates the ``k`` largest and/or smallest Hessian eigenvalues, with residuals.
 
@@ -250,6 +255,10 @@ def hessian_extreme_eigenvalues(
       reorthogonalisation whether or not the basis stayed orthogonal (Paige 1972), but only up
       to :math:`\sqrt{\epsilon} \|H\|` with partial reorthogonalisation. None (the default)
       computes them when Lanczos runs with ``"partial"``.
+    tol: stop Lanczos early once every wanted eigenvalue's relative residual estimate is at
+      most ``tol`` (as PyHessian's ``tol``, though PyHessian compares successive iterates);
+      ``num_steps`` is then the most steps taken. See
+      :func:`jaxsaddle.curvature.extreme_eigenpairs`.
 
   Returns:
     :class:`jaxsaddle.curvature.RitzPairs` with ``k`` (``2 k`` for ``"both"``) eigenvalues,
@@ -276,6 +285,7 @@ def hessian_extreme_eigenvalues(
     which=which,
     reorthogonalize=reorthogonalize,
     exact_residuals=exact_residuals,
+    tol=tol,
   )
   # The first value at each end always exists; NaN there means NaN in the operator.
   ends = jnp.array([0, k] if which == "both" else [0])

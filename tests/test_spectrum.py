@@ -98,6 +98,29 @@ def test_extreme_eigenvalues_match_eigh_on_prescribed_spectra():
     np.testing.assert_allclose(first.eigenvalues[:3], [-5.0, -4.0, -3.0], rtol=1e-4)
 
 
+def test_extreme_eigenvalues_with_tol_stop_early_within_the_tolerance():
+  eigenvalues = np.concatenate([np.linspace(-1.0, 1.0, 297), [2.0, 4.0, 8.0]])
+  matrix = jnp.asarray(_rotated(eigenvalues, 33), jnp.float32)
+
+  @jax.jit
+  def top(key):
+    loose, tight = (
+      spectrum.hessian_extreme_eigenvalues(
+        _quadratic(matrix), jnp.zeros(300), num_steps=80, key=key, k=1, tol=tol
+      )
+      for tol in (1e-2, 1e-5)
+    )
+    return loose, tight
+
+  loose, tight = top(jax.random.key(34))
+  for pairs, tol in ((loose, 1e-2), (tight, 1e-5)):
+    relative = float(pairs.residual_norms[0] / abs(pairs.eigenvalues[0]))
+    assert relative <= 1.01 * tol
+    assert abs(float(pairs.eigenvalues[0]) - 8.0) <= relative * 8.0
+  # The loose run stopped well before the tight one: its residual is orders of magnitude larger.
+  assert float(loose.residual_norms[0]) > 100 * float(tight.residual_norms[0])
+
+
 def test_single_extreme_pairs_without_reorthogonalization_match_eigh_with_unit_vectors():
   with jax.enable_x64(True):
     # Outliers that converge early, so that without reorthogonalisation ghosts appear.
