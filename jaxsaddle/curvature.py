@@ -148,7 +148,7 @@ class LanczosResult(NamedTuple):
       ``(num_steps, *leaf.shape)``; rows past ``num_valid`` are zero. ``None`` when
       :func:`lanczos` ran with ``return_basis=False``.
     num_valid: the number of valid steps, an int32 scalar, ``num_steps`` unless the Krylov
-      space became invariant (breakdown).
+      space became invariant (breakdown) or a ``converged`` test stopped the recursion.
   """
 
   alphas: jax.Array
