@@ -371,9 +371,8 @@ def lanczos(
       since the operator's own rounding there is beyond Simon's model), ``False`` never.
       Without it the basis loses orthogonality once Ritz values converge and duplicate
       ("ghost") Ritz values appear; that mode is meant for spectral-density estimates, where
-      the duplicates carry little weight. The extreme Ritz
-      values converge first and are not affected: the duplicates are copies of converged
-      values.
+      the duplicates carry little weight. The extreme Ritz values converge first and are not
+      affected: the duplicates are copies of converged values.
     return_basis: whether to return the basis. Without it and without ``reorthogonalize``,
       only the last two Lanczos vectors are kept.
     converged: an optional stopping test, ``converged(alphas, betas, num_valid)`` on the
@@ -580,6 +579,11 @@ def tridiagonal(result: LanczosResult) -> jax.Array:
   return jnp.diag(result.alphas) + jnp.diag(off_diagonal, k=1) + jnp.diag(off_diagonal, k=-1)
 
 
+def _largest_entry(result: LanczosResult) -> jax.Array:
+  r"""The largest :math:`|\alpha_i|` or :math:`\beta_i`, an estimate of :math:`\|A\|`."""
+  return jnp.maximum(jnp.max(jnp.abs(result.alphas)), jnp.max(result.betas))
+
+
 def ritz_pairs(result: LanczosResult) -> RitzPairs:
   r"""Returns the Ritz pairs of a Lanczos run, in ascending order of Ritz value.
 
@@ -613,7 +617,7 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
   index = jnp.arange(num_steps)
   valid = index < result.num_valid
   # Gershgorin: the valid block's eigenvalues lie within 3 * max |entry| of zero.
-  largest_entry = jnp.maximum(jnp.max(jnp.abs(result.alphas)), jnp.max(result.betas))
+  largest_entry = _largest_entry(result)
   pad = 1 + 4 * largest_entry
   matrix = tridiagonal(result) + jnp.diag(jnp.where(valid, 0, pad))
   values, vectors = jnp.linalg.eigh(matrix)
@@ -754,7 +758,8 @@ def extreme_eigenpairs(
   )  # None without eigenvectors
   dtype = _compute_dtype(like)
   estimated_residuals = pairs.residual_norms[slots]
-  if eigenvectors and _reorthogonalization_mode(reorthogonalize) != "full":
+  mode = _reorthogonalization_mode(reorthogonalize)
+  if eigenvectors and mode != "full":
     # A Ritz vector Q s has unit norm only while the basis Q is orthonormal; the Lanczos
     # relation gives the residual of Q s, so the unit vector's is that over its norm.
     norms = jax.vmap(lambda vector: jnp.sqrt(_tree_vdot(vector, vector, dtype)))(vectors)
@@ -766,11 +771,10 @@ def extreme_eigenpairs(
       ),
       vectors,
     )
-  if _reorthogonalization_mode(reorthogonalize) == "partial":
+  if mode == "partial":
     # Partial passes remove components of up to sqrt(eps) ||A|| that T does not record.
-    largest_entry = jnp.maximum(jnp.max(jnp.abs(result.alphas)), jnp.max(result.betas))
     estimated_residuals = jnp.maximum(
-      estimated_residuals, math.sqrt(float(jnp.finfo(dtype).eps)) * largest_entry
+      estimated_residuals, math.sqrt(float(jnp.finfo(dtype).eps)) * _largest_entry(result)
     )
   if exact_residuals:
     leaf_dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), like)
