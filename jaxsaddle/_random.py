@@ -23,6 +23,7 @@ a pytree gets the same noise as its flattened vector. Positions are 32-bit: past
 elements in one tree the stream repeats.
 """
 
+import itertools
 import math
 from typing import Literal
 
@@ -112,13 +113,43 @@ def tree_size(tree) -> int:
   return sum(leaf.size for leaf in jax.tree.leaves(tree))
 
 
+def _sum_of_squares(leaves) -> jax.Array:
+  squares = [jnp.sum(jnp.square(leaf.astype(_checks.compute_dtype(leaf.dtype)))) for leaf in leaves]
+  return sum(squares, jnp.zeros((), jnp.result_type(jnp.float32, *squares)))
+
+
 def global_norm(tree) -> jax.Array:
   """Euclidean norm of the concatenated leaves, accumulated in float32 or better."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  squares = [jnp.sum(jnp.square(leaf.astype(_checks.compute_dtype(leaf.dtype)))) for leaf in leaves]
-  return jnp.sqrt(sum(squares))
+  return jnp.sqrt(_sum_of_squares(jax.tree.leaves(tree)))
+
+
+# The leaves read first by norm_at_most hold at most this fraction of the elements.
+_FIRST_READ_FRACTION = 1 / 8
+
+
+def norm_at_most(tree, threshold) -> jax.Array:
+  """``global_norm(tree) <= threshold``, reading the whole tree only when it has to.
+
+  The norm of some leaves is a lower bound on the norm of all of them. The smallest leaves,
+  together at most an eighth of the elements (biases, scales, small layers), are summed first;
+  the rest are read, under ``lax.cond``, only when those alone do not already exceed the
+  threshold. Away from saddle points the gradient norm is far above a saddle-escape threshold
+  and the first read settles it, so the test costs a fraction of a pass over the gradient.
+  Under ``vmap`` the cond is a select and every leaf is read, as with :func:`global_norm`.
+  A NaN or Inf anywhere gives False.
+  """
+  leaves = sorted(jax.tree.leaves(tree), key=lambda leaf: leaf.size)
+  cumulative_sizes = list(itertools.accumulate(leaf.size for leaf in leaves))
+  num_first = sum(size <= _FIRST_READ_FRACTION * tree_size(leaves) for size in cumulative_sizes)
+  if num_first == 0:
+    return jnp.sqrt(_sum_of_squares(leaves)) <= threshold
+  first = _sum_of_squares(leaves[:num_first])
+  # A NaN first sum does not exceed the threshold, so the cond reads on and the total is NaN.
+  return jax.lax.cond(
+    jnp.sqrt(first) > threshold,
+    lambda: jnp.zeros((), bool),
+    lambda: jnp.sqrt(first + _sum_of_squares(leaves[num_first:])) <= threshold,
+  )
 
 
 def sample_isotropic(key: jax.Array, tree, radius, distribution: Distribution):

@@ -191,7 +191,7 @@ def negative_curvature_descent(
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
     gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
-    small_gradient = _random.global_norm(updates) <= gradient_threshold
+    small_gradient = _random.norm_at_most(updates, gradient_threshold)
     rng_key, lanczos_key = jax.random.split(state.rng_key)
     dtype = state.smallest_eigenvalue.dtype
 
@@ -369,7 +369,7 @@ def pagd(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    near_saddle = (_random.global_norm(updates) <= gradient_threshold) & (
+    near_saddle = _random.norm_at_most(updates, gradient_threshold) & (
       state.steps_since_perturbation > escape_steps
     )
     rng_key, noise_key = jax.random.split(state.rng_key)

@@ -214,7 +214,7 @@ def perturb_near_saddle(
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
-    near_saddle = (_random.global_norm(updates) <= gradient_threshold) & (
+    near_saddle = _random.norm_at_most(updates, gradient_threshold) & (
       state.steps_since_perturbation > escape_steps
     )
 

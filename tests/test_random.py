@@ -104,6 +104,58 @@ def test_vmap_over_keys_equals_a_loop():
     jax.tree.map(lambda b, s, i=i: np.testing.assert_array_equal(b[i], s), batched, sample(key))
 
 
+def _tree_of_mixed_sizes(big_scale, small_scale):
+  return {
+    "w": big_scale * jnp.linspace(-1.0, 1.0, 2000).reshape(40, 50),
+    "w2": big_scale * jnp.cos(jnp.arange(300.0)),
+    "b": small_scale * jnp.sin(jnp.arange(10.0)),
+    "b2": small_scale * jnp.ones(4, jnp.bfloat16),
+  }
+
+
+@pytest.mark.parametrize(
+  "big_scale, small_scale", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (3.0, 1e-3)]
+)
+def test_norm_at_most_agrees_with_the_norm_on_both_sides_of_the_threshold(big_scale, small_scale):
+  tree = _tree_of_mixed_sizes(big_scale, small_scale)
+  norm = float(np.linalg.norm(_flat(tree)))
+  test = jax.jit(_random.norm_at_most)
+  for factor in np.geomspace(1e-3, 1e3, 25):
+    if abs(factor - 1) > 1e-3:
+      assert bool(test(tree, norm * factor)) == (norm <= norm * factor), factor
+  assert bool(test(tree, 2 * norm + 1e-3))
+  np.testing.assert_allclose(float(_random.global_norm(tree)), norm, rtol=1e-5)
+
+
+def test_norm_at_most_reads_the_large_leaves_only_inside_the_cond():
+  tree = _tree_of_mixed_sizes(1.0, 1.0)
+  jaxpr = jax.make_jaxpr(lambda t: _random.norm_at_most(t, 0.5))(tree).jaxpr
+  (cond,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
+  read_first = [eqn.invars[0].aval.size for eqn in jaxpr.eqns if eqn.primitive.name == "reduce_sum"]
+  assert sorted(read_first) == [4, 10]
+  assert {v.aval.size for v in cond.invars} >= {300, 2000}
+
+
+@pytest.mark.parametrize("leaf", ["w", "b"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_norm_at_most_is_false_for_nan_or_inf_in_any_leaf(leaf, bad):
+  tree = _tree_of_mixed_sizes(1e-6, 1e-6)
+  tree[leaf] = tree[leaf].at[(0,) * tree[leaf].ndim].set(bad)
+  assert not bool(jax.jit(_random.norm_at_most)(tree, 1e6))
+
+
+def test_norm_at_most_under_vmap_equals_a_loop():
+  scales = jnp.array([0.0, 1e-3, 0.1, 1.0, 10.0])
+  trees = jax.vmap(lambda s: _tree_of_mixed_sizes(s, 1e-3 * s))(scales)
+  thresholds = jnp.array([0.5, 0.5, 5.0, 5.0, 5.0])
+  batched = jax.vmap(_random.norm_at_most)(trees, thresholds)
+  looped = [
+    bool(_random.norm_at_most(jax.tree.map(lambda x, i=i: x[i], trees), thresholds[i]))
+    for i in range(len(scales))
+  ]
+  assert batched.tolist() == looped and True in looped and False in looped
+
+
 def test_sample_keeps_leaf_dtypes_and_is_float32_inside():
   tree = {"h": jnp.zeros(1000, jnp.float16), "b": jnp.zeros(1000, jnp.bfloat16)}
   noise = _random.sample_isotropic(jax.random.key(5), tree, 1.0, "sphere")
