@@ -14,7 +14,9 @@ How each row is made:
 
 - ``pgd, test fails``: ``gradient_threshold`` is 1e-12, so the gradient test
   fails at every step and ``lax.cond`` skips the draw; this is the cost of PGD
-  away from saddles, i.e. almost always.
+  away from saddles, i.e. almost always. As there, the norm of the smallest
+  leaves alone exceeds the threshold, so the large leaves' gradients are not
+  read a second time (``jaxsaddle._random.norm_at_most``).
 - ``pgd, perturbs every step (forced)``: ``gradient_threshold`` is huge and the
   step sets ``steps_since_perturbation`` to its "never" value before calling
   ``update`` (one scalar store), so the test passes at every step and the same
