@@ -353,14 +353,16 @@ def lanczos(
   traffic per step do not grow with ``num_steps`` (the mode for eigenvalue estimates and
   spectral densities). Under ``vmap`` the second pass's
   ``lax.cond`` becomes a ``select`` that always runs it. The loop runs a fixed number of times:
-  after a breakdown the remaining steps apply ``matvec`` to zero vectors and record nothing, so
+  after a breakdown the remaining steps skip ``matvec`` (a ``lax.cond``; under ``vmap`` a
+  ``select``, which applies it to zero vectors and discards the result) and record nothing, so
   shapes stay static and the function jits and vmaps (over start vectors, or over operators
   closed over batched arrays).
 
   Args:
     matvec: the symmetric linear operator, a function from pytrees like ``init_vector`` to
       pytrees like ``init_vector`` (for instance ``lambda v: hvp(f, params, v)``). It receives
-      unit vectors (zero vectors after a breakdown) in the dtypes of ``init_vector``'s leaves.
+      unit vectors in the dtypes of ``init_vector``'s leaves (under ``vmap``, zero vectors in
+      the lanes that broke down or stopped).
     init_vector: the start vector, a pytree; it need not be normalised. A zero vector gives
       ``num_valid == 0``.
     num_steps: the number of Lanczos steps, the size of the tridiagonal (static).
@@ -438,31 +440,28 @@ def lanczos(
     return jax.lax.fori_loop(0, num_groups, subtract_group, w), coefficients
 
   keeps_basis = mode != "none" or return_basis
-  if keeps_basis:
-    # Building the basis from the start vector lets a sharded leaf's sharding carry over. Each
-    # step writes the *next* vector after the reads that produced it, so XLA writes it in place.
-    vectors = jax.tree.map(
-      lambda leaf: jnp.zeros_like(leaf)[None].repeat(num_steps, axis=0).at[0].set(leaf), start
-    )
-  else:
-    vectors = jax.tree.map(jnp.zeros_like, start)  # q_{j-1}
+  # Without a basis, the last two vectors live in a two-row ring rather than in two carries
+  # that swap every step, which XLA would copy.
+  num_rows = num_steps if keeps_basis else 2
+  # Building the rows from the start vector lets a sharded leaf's sharding carry over. Each step
+  # writes the *next* vector after the reads that produced it, so XLA writes it in place.
+  vectors = jax.tree.map(
+    lambda leaf: jnp.zeros_like(leaf)[None].repeat(num_rows, axis=0).at[0].set(leaf), start
+  )
 
   def previous_vector(vectors, j):
-    if not keeps_basis:
-      return vectors
-    # At j = 0 this reads q_0, which beta_{-1} = 0 multiplies.
+    # At j = 0 this reads q_0 (with a basis) or a zero row, which beta_{-1} = 0 multiplies.
+    row = jnp.maximum(j - 1, 0) if keeps_basis else (j + 1) % 2
     return jax.tree.map(
-      lambda stacked: jax.lax.dynamic_index_in_dim(stacked, jnp.maximum(j - 1, 0), keepdims=False),
-      vectors,
+      lambda stacked: jax.lax.dynamic_index_in_dim(stacked, row, keepdims=False), vectors
     )
 
-  def remember(vectors, j, q, q_next):
-    if not keeps_basis:
-      return q
+  def remember(vectors, j, q_next):
     # The last step's q_next is not part of the basis: mode="drop" skips the write at row
     # num_steps.
+    row = j + 1 if keeps_basis else (j + 1) % 2
     return jax.tree.map(
-      lambda stacked, leaf: stacked.at[j + 1].set(leaf, mode="drop"), vectors, q_next
+      lambda stacked, leaf: stacked.at[row].set(leaf, mode="drop"), vectors, q_next
     )
 
   init_carry = (
@@ -497,7 +496,10 @@ def lanczos(
     (vectors, alphas, betas, q, beta_prev, scale, active, num_valid, omega, omega_prev, forced) = (
       carry
     )
-    w = apply(q)
+    # After a breakdown or a stop the product is skipped. The cond also has XLA write the product
+    # out once, in the layout the passes below read: fused into them, a product whose layout is
+    # transposed (a weight's, from reverse mode) made the step's update several times slower.
+    w = jax.lax.cond(active, apply, lambda q: jax.tree.map(jnp.zeros_like, q), q)
     alpha = _tree_vdot(q, w, dtype)
     # q_{j-1} is read where it is stored, inside the fused update.
     w = jax.tree.map(
@@ -545,7 +547,7 @@ def lanczos(
     inv_beta = _reciprocal_where(continues, beta)
     q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), w)
     return (
-      remember(vectors, j, q, q_next),
+      remember(vectors, j, q_next),
       alphas,
       betas,
       q_next,

@@ -146,6 +146,25 @@ def test_breakdown_gives_exactly_the_reachable_spectrum(use_x64, dimension, reor
     assert pairs.eigenvalues.dtype == dtype
 
 
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+@pytest.mark.parametrize("batched", [False, True])
+def test_steps_after_a_breakdown_skip_the_operator(batched, reorthogonalize):
+  # An operator that is NaN on the zero vector: the steps after the breakdown must not use it
+  # (under vmap the select discards it), so the basis past num_valid stays exactly zero.
+  matrix = _rotated(jnp.asarray([-1.0, 0.5, 3.0] * 2), 5)
+
+  def matvec(x):
+    return matrix @ x + jnp.where(jnp.all(x == 0), jnp.nan, 0.0)
+
+  run = jax.jit(lambda v: curvature.lanczos(matvec, v, 6, reorthogonalize=reorthogonalize))
+  starts = jnp.stack([jnp.ones(6), jnp.arange(1.0, 7.0)])
+  result = jax.vmap(run)(starts) if batched else run(starts[0])
+  np.testing.assert_array_equal(result.num_valid, 3)
+  assert bool(jnp.all(jnp.isfinite(result.alphas))) and bool(jnp.all(jnp.isfinite(result.betas)))
+  np.testing.assert_array_equal(result.basis[..., 3:, :], 0)
+  np.testing.assert_array_equal(result.alphas[..., 3:], 0)
+
+
 def test_multiple_of_identity_breaks_down_after_one_step():
   matrix = 2 * jnp.eye(7)
   result = curvature.lanczos(lambda x: matrix @ x, jnp.arange(1.0, 8.0), 5)
