@@ -615,6 +615,20 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
     :class:`RitzPairs` whose ``eigenvectors`` leaves have shape ``(num_steps, *leaf.shape)``;
     ``eigenvectors`` is ``None`` when the run kept no basis.
   """
+  values, coefficients, residual_norms = _tridiagonal_eigenpairs(result)
+  return RitzPairs(
+    eigenvalues=values,
+    eigenvectors=None if result.basis is None else _combine(result.basis, coefficients),
+    residual_norms=residual_norms,
+  )
+
+
+def _tridiagonal_eigenpairs(result: LanczosResult) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Ritz values, the tridiagonal's eigenvectors (columns) and the residual estimates.
+
+  In ascending order, with NaN values and residuals and zero columns past ``num_valid``; see
+  :func:`ritz_pairs`.
+  """
   num_steps = result.alphas.shape[0]
   index = jnp.arange(num_steps)
   valid = index < result.num_valid
@@ -628,16 +642,20 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
   # A converged pair's estimate can underflow to zero; round-off in the relation is eps ||T||.
   round_off = jnp.finfo(result.alphas.dtype).eps * largest_entry
   residual_norms = jnp.maximum(jnp.abs(result.betas[last] * vectors[last]), round_off)
-  ritz_vectors = jax.tree.map(
+  return (
+    jnp.where(valid, values, jnp.nan),
+    vectors,
+    jnp.where(valid, residual_norms, jnp.nan),
+  )
+
+
+def _combine(basis: PyTree, coefficients: jax.Array) -> PyTree:
+  """The vectors ``Q c`` for the columns ``c`` of ``coefficients``, stacked leaf by leaf."""
+  return jax.tree.map(
     lambda stacked: jnp.tensordot(
-      vectors.T.astype(stacked.dtype), stacked, axes=1, precision=jax.lax.Precision.HIGHEST
+      coefficients.T.astype(stacked.dtype), stacked, axes=1, precision=jax.lax.Precision.HIGHEST
     ),
-    result.basis,
-  )  # None without a basis
-  return RitzPairs(
-    eigenvalues=jnp.where(valid, values, jnp.nan),
-    eigenvectors=ritz_vectors,
-    residual_norms=jnp.where(valid, residual_norms, jnp.nan),
+    basis,
   )
 
 
@@ -736,9 +754,11 @@ def extreme_eigenpairs(
     return jnp.clip(slots, 0, num_steps - 1), present
 
   def converged(alphas, betas, num_valid):
-    pairs = ritz_pairs(LanczosResult(alphas, betas, None, num_valid))
+    values, _, residual_norms = _tridiagonal_eigenpairs(
+      LanczosResult(alphas, betas, None, num_valid)
+    )
     slots, present = wanted_slots(num_valid)
-    relative = pairs.residual_norms[slots] / jnp.abs(pairs.eigenvalues[slots])
+    relative = residual_norms[slots] / jnp.abs(values[slots])
     return jnp.all(present & (relative <= tol))
 
   result = lanczos(
@@ -749,17 +769,15 @@ def extreme_eigenpairs(
     return_basis=eigenvectors,
     converged=None if tol is None else converged,
   )
-  pairs = ritz_pairs(result)
+  all_values, coefficients, all_residuals = _tridiagonal_eigenpairs(result)
   slots, present = wanted_slots(result.num_valid)
-  values = jnp.where(present, pairs.eigenvalues[slots], jnp.nan)
-  vectors = jax.tree.map(
-    lambda stacked: jnp.where(
-      present.reshape((-1,) + (1,) * (stacked.ndim - 1)), stacked[slots], 0
-    ),
-    pairs.eigenvectors,
-  )  # None without eigenvectors
+  values = jnp.where(present, all_values[slots], jnp.nan)
+  # Only the wanted Ritz vectors are formed: num_steps of them would each be a model's size.
+  vectors = (
+    _combine(result.basis, jnp.where(present, coefficients[:, slots], 0)) if eigenvectors else None
+  )
   dtype = _compute_dtype(like)
-  estimated_residuals = pairs.residual_norms[slots]
+  estimated_residuals = all_residuals[slots]
   mode = _reorthogonalization_mode(reorthogonalize)
   if eigenvectors and mode != "full":
     # A Ritz vector Q s has unit norm only while the basis Q is orthonormal; the Lanczos

@@ -619,6 +619,33 @@ def test_residual_norms_are_large_for_unconverged_pairs():
   np.testing.assert_allclose(pairs.residual_norms[0], direct, rtol=1e-4)
 
 
+def test_extreme_eigenpairs_form_only_the_wanted_ritz_vectors():
+  # With all num_steps Ritz vectors formed and then k selected, the temporaries hold the basis
+  # and num_steps more vectors; forming only the k wanted ones needs the basis and a few.
+  num_steps, size = 30, 20_000
+  diagonal = jnp.linspace(-1.0, 1.0, size)
+
+  def run(key):
+    return curvature.extreme_eigenpairs(
+      lambda x: diagonal * x, jnp.zeros(size), num_steps=num_steps, k=2, which="both", key=key
+    )
+
+  compiled = jax.jit(run).lower(jax.random.key(0)).compile()
+  vector_bytes = 4 * size
+  assert compiled.memory_analysis().temp_size_in_bytes < (num_steps + 10) * vector_bytes
+  pairs = compiled(jax.random.key(0))
+  np.testing.assert_allclose(np.asarray(pairs.eigenvalues)[[0, 2]], [-1.0, 1.0], atol=1e-2)
+  for i in range(4):
+    image = diagonal * pairs.eigenvectors[i]
+    np.testing.assert_allclose(float(jnp.linalg.norm(pairs.eigenvectors[i])), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+      float(jnp.linalg.norm(image - pairs.eigenvalues[i] * pairs.eigenvectors[i])),
+      float(pairs.residual_norms[i]),
+      rtol=1e-3,
+      atol=1e-6,
+    )
+
+
 def test_extreme_eigenpairs_mark_missing_pairs_after_breakdown():
   matrix = _rotated(jnp.array([-1.0, -1.0, 2.0, 2.0]), 16)
   pairs = _dense_extreme_eigenpairs(matrix, jnp.zeros(4), 1, num_steps=4, k=3, which="smallest")
