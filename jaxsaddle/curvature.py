@@ -351,18 +351,17 @@ def lanczos(
   returned array, written in place, so memory is one basis. With neither ``reorthogonalize`` nor
   ``return_basis`` no basis is stored at all: the recurrence keeps two vectors, so memory and
   traffic per step do not grow with ``num_steps`` (the mode for eigenvalue estimates and
-  spectral densities). Under ``vmap`` the second pass's
-  ``lax.cond`` becomes a ``select`` that always runs it. The loop runs a fixed number of times:
-  after a breakdown the remaining steps skip ``matvec`` (a ``lax.cond``; under ``vmap`` a
-  ``select``, which applies it to zero vectors and discards the result) and record nothing, so
-  shapes stay static and the function jits and vmaps (over start vectors, or over operators
-  closed over batched arrays).
+  spectral densities). Under ``vmap`` the second pass's ``lax.cond`` becomes a ``select`` that
+  always runs it. The loop runs a fixed number of times: after a breakdown the remaining steps
+  apply ``matvec`` to zero vectors, discard the result and record nothing, so shapes stay
+  static and the function jits and vmaps (over start vectors, or over operators closed over
+  batched arrays).
 
   Args:
     matvec: the symmetric linear operator, a function from pytrees like ``init_vector`` to
       pytrees like ``init_vector`` (for instance ``lambda v: hvp(f, params, v)``). It receives
-      unit vectors in the dtypes of ``init_vector``'s leaves (under ``vmap``, zero vectors in
-      the lanes that broke down or stopped).
+      unit vectors (zero vectors after a breakdown, whose products are discarded) in the dtypes
+      of ``init_vector``'s leaves.
     init_vector: the start vector, a pytree; it need not be normalised. A zero vector gives
       ``num_valid == 0``.
     num_steps: the number of Lanczos steps, the size of the tridiagonal (static).
@@ -496,10 +495,13 @@ def lanczos(
     (vectors, alphas, betas, q, beta_prev, scale, active, num_valid, omega, omega_prev, forced) = (
       carry
     )
-    # After a breakdown or a stop the product is skipped. The cond also has XLA write the product
-    # out once, in the layout the passes below read: fused into them, a product whose layout is
-    # transposed (a weight's, from reverse mode) made the step's update several times slower.
-    w = jax.lax.cond(active, apply, lambda q: jax.tree.map(jnp.zeros_like, q), q)
+    # The cond discards the product after a breakdown or a stop, whatever the operator returns
+    # for a zero vector. It also has XLA write the product out once, in the layout the passes
+    # below read: fused into them, a product in a transposed layout (a weight's, from reverse
+    # mode) made the step several times slower. The product itself stays outside the cond, so
+    # that XLA can hoist out of the loop what does not depend on the vector (the forward pass
+    # of a plain hvp).
+    w = jax.lax.cond(active, lambda w: w, lambda w: jax.tree.map(jnp.zeros_like, w), apply(q))
     alpha = _tree_vdot(q, w, dtype)
     # q_{j-1} is read where it is stored, inside the fused update.
     w = jax.tree.map(

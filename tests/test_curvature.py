@@ -148,9 +148,9 @@ def test_breakdown_gives_exactly_the_reachable_spectrum(use_x64, dimension, reor
 
 @pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
 @pytest.mark.parametrize("batched", [False, True])
-def test_steps_after_a_breakdown_skip_the_operator(batched, reorthogonalize):
-  # An operator that is NaN on the zero vector: the steps after the breakdown must not use it
-  # (under vmap the select discards it), so the basis past num_valid stays exactly zero.
+def test_steps_after_a_breakdown_discard_the_operator(batched, reorthogonalize):
+  # An operator that is NaN on the zero vector: the steps after the breakdown must discard its
+  # products, so the coefficients stay finite and the basis past num_valid exactly zero.
   matrix = _rotated(jnp.asarray([-1.0, 0.5, 3.0] * 2), 5)
 
   def matvec(x):
