@@ -154,6 +154,8 @@ def test_norm_at_most_under_vmap_equals_a_loop():
     for i in range(len(scales))
   ]
   assert batched.tolist() == looped and True in looped and False in looped
+  norms = jax.vmap(_random.global_norm)(trees)
+  assert looped == [bool(n <= t) for n, t in zip(norms, thresholds, strict=True)]
 
 
 def test_sample_keeps_leaf_dtypes_and_is_float32_inside():
