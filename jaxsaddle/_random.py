@@ -140,7 +140,7 @@ def norm_at_most(tree, threshold) -> jax.Array:
   """
   leaves = sorted(jax.tree.leaves(tree), key=lambda leaf: leaf.size)
   cumulative_sizes = list(itertools.accumulate(leaf.size for leaf in leaves))
-  num_first = sum(size <= _FIRST_READ_FRACTION * tree_size(leaves) for size in cumulative_sizes)
+  num_first = sum(size <= _FIRST_READ_FRACTION * cumulative_sizes[-1] for size in cumulative_sizes)
   if num_first == 0:
     return jnp.sqrt(_sum_of_squares(leaves)) <= threshold
   first = _sum_of_squares(leaves[:num_first])

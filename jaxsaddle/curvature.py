@@ -449,9 +449,13 @@ def lanczos(
     lambda leaf: jnp.zeros_like(leaf)[None].repeat(num_rows, axis=0).at[0].set(leaf), start
   )
 
+  def row_of(index):
+    """The row that holds Lanczos vector ``index``: its own, or its slot in the ring."""
+    return index if keeps_basis else index % 2
+
   def previous_vector(vectors, j):
-    # At j = 0 this reads q_0 (with a basis) or a zero row, which beta_{-1} = 0 multiplies.
-    row = jnp.maximum(j - 1, 0) if keeps_basis else (j + 1) % 2
+    # At j = 0 this reads q_0, which beta_{-1} = 0 multiplies.
+    row = row_of(jnp.maximum(j - 1, 0))
     return jax.tree.map(
       lambda stacked: jax.lax.dynamic_index_in_dim(stacked, row, keepdims=False), vectors
     )
@@ -459,9 +463,8 @@ def lanczos(
   def remember(vectors, j, q_next):
     # With a basis, the last step's q_next is not part of it: mode="drop" skips the write at
     # row num_steps. In the ring it overwrites q_{j-1}, which the step has read.
-    row = j + 1 if keeps_basis else (j + 1) % 2
     return jax.tree.map(
-      lambda stacked, leaf: stacked.at[row].set(leaf, mode="drop"), vectors, q_next
+      lambda stacked, leaf: stacked.at[row_of(j + 1)].set(leaf, mode="drop"), vectors, q_next
     )
 
   init_carry = (
