@@ -28,7 +28,9 @@ runs on as many threads as XLA's CPU client, one per schedulable core.
 - trace: PyHessian's ``trace()`` is Hutchinson with Rademacher probes and its defaults, which
   stop when the running mean changes by less than ``tol`` relatively; its probe count is
   random, so its seed is fixed, and ours (``jaxsaddle.spectrum.hessian_trace``, Hutchinson)
-  uses that many probes, one product after another (its default ``probe_batch_size=1``).
+  uses that many probes, one after another (its default ``probe_batch_size=1``). PyHessian
+  takes each quadratic form ``z . (H z)`` from a Hessian-vector product; ours takes it as the
+  second directional derivative, forward-over-forward, which needs no backward pass.
 
 PyHessian's calls reseed torch, so every timed call does the same iterations as the one whose
 HVPs were counted. Ours thread a PRNG key from call to call (see ``benchmarks/_timing.py``).

@@ -195,6 +195,51 @@ def test_hessian_trace_draws_the_same_probes_whatever_the_batch_size():
       spectrum.hessian_trace(value_fn, params, key=0, num_probes=4, probe_batch_size=0)
 
 
+def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_gradients():
+  # The quadratic forms are second directional derivatives, taken forward-over-forward; a
+  # custom_vjp, which forward mode cannot differentiate twice, makes them z . (H z) from
+  # Hessian-vector products instead. Same key, same probes: the estimates must agree.
+  with jax.enable_x64(True):
+    matrix = jnp.asarray(_rotated(np.random.default_rng(40).normal(0.0, 1.0, 20), 41))
+    cubic = jnp.linspace(-0.5, 0.5, 20)
+    params = jnp.linspace(-1.0, 1.0, 20)
+
+    def value_fn(x):
+      return 0.5 * x @ matrix @ x + jnp.sum(cubic * x**3)
+
+    @jax.custom_vjp
+    def reverse_only(x):
+      return value_fn(x)
+
+    reverse_only.defvjp(lambda x: (value_fn(x), x), lambda x, g: (g * jax.grad(value_fn)(x),))
+    with pytest.raises(NotImplementedError):
+      jax.jvp(lambda x: jax.jvp(reverse_only, (x,), (x,))[1], (params,), (params,))
+    # The Hessian at params: A + diag(6 c x).
+    expected_variance = 2 * (
+      np.sum(np.asarray(matrix) ** 2) - np.sum(np.diag(np.asarray(matrix)) ** 2)
+    )
+    for method in ("hutchinson", "hutch++"):
+      forward, reverse = (
+        spectrum.hessian_trace(fn, params, key=42, num_probes=9, method=method)
+        for fn in (value_fn, reverse_only)
+      )
+      np.testing.assert_allclose(forward.value, reverse.value, rtol=1e-12)
+      np.testing.assert_allclose(forward.standard_error, reverse.standard_error, rtol=1e-10)
+    hutchinson = spectrum.hessian_trace(value_fn, params, key=43, num_probes=2000)
+    exact = float(jnp.trace(matrix) + jnp.sum(6 * cubic * params))
+    assert abs(float(hutchinson.value) - exact) < 4 * float(hutchinson.standard_error)
+    np.testing.assert_allclose(
+      float(hutchinson.standard_error) ** 2 * 2000, expected_variance, rtol=0.15
+    )
+
+  # A finite loss whose gradient is infinite at params (d/dx sqrt(x) at 0).
+  def infinite_slope(x):
+    return jnp.sum(x**2) + jnp.sqrt(x[0])
+
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    spectrum.hessian_trace(infinite_slope, jnp.array([0.0, 1.0, 2.0]), key=0, num_probes=3)
+
+
 def test_hutch_plus_plus_has_lower_variance_on_low_rank_plus_small():
   with jax.enable_x64(True):
     rng = np.random.default_rng(6)
