@@ -470,6 +470,7 @@ def test_vmap_over_start_vectors_equals_loop(reorthogonalize):
       starts = jax.random.normal(jax.random.key(8), (6, 60), dtype)
       batched, batched_values = jax.jit(jax.vmap(run, in_axes=(None, 0)))(matrix, starts)
       plain, _ = jax.jit(jax.vmap(lambda m, v: run(m, v, False), in_axes=(None, 0)))(matrix, starts)
+
       # Without any pass every start vector's basis is far from orthonormal; with full or
       # partial reorthogonalisation it stays orthonormal, or within sqrt(eps) of it.
       def departure(basis):

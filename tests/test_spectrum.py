@@ -508,22 +508,60 @@ def test_dataset_value_fn_hvp_equals_full_batch_hvp():
       return jnp.mean((outputs - targets) ** 2)
 
     @jax.jit
-    def values_and_products(params, tangent):
+    def values_products_and_traces(params, tangent):
       value_fn = spectrum.dataset_value_fn(loss_fn, (inputs, targets))
       full_batch = lambda params: loss_fn(params, (inputs.reshape(32, 6), targets.reshape(32)))
       return [
-        (f(params), ravel_pytree(curvature.hvp(f, params, tangent))[0])
+        (
+          f(params),
+          ravel_pytree(curvature.hvp(f, params, tangent))[0],
+          # Same key, same probes: the forward-over-forward forms run batch by batch too.
+          spectrum.hessian_trace(f, params, key=24, num_probes=5).value,
+        )
         for f in (value_fn, full_batch)
       ]
 
     tangent = jax.tree.map(lambda leaf: jnp.cos(jnp.arange(leaf.size).reshape(leaf.shape)), params)
-    (value, product), (expected_value, expected) = values_and_products(params, tangent)
+    (value, product, trace), (expected_value, expected, expected_trace) = (
+      values_products_and_traces(params, tangent)
+    )
     np.testing.assert_allclose(value, expected_value, rtol=1e-13)
     np.testing.assert_allclose(product, expected, rtol=1e-11)
+    np.testing.assert_allclose(trace, expected_trace, rtol=1e-11)
+    assert abs(float(expected_trace)) > 0.1
     assert float(jnp.max(jnp.abs(expected))) > 0.1
 
     with pytest.raises(ValueError, match="leading axis"):
       spectrum.dataset_value_fn(loss_fn, (inputs, targets[:3]))
+
+
+def test_monitor_curvature_adds_no_parameter_copies_to_a_donated_training_step():
+  # The monitor's cond reads params; unless the updates depend on its result, XLA cannot order
+  # it before the in-place update of donated params and copies every parameter at every step.
+  params = {"w1": jnp.full((64, 32), 0.1), "b1": jnp.zeros(32), "w2": jnp.full((32, 4), 0.1)}
+  batch = (jnp.ones((16, 64)), jnp.ones((16, 4)))
+
+  def loss(params, batch):
+    inputs, targets = batch
+    hidden = jnp.tanh(inputs @ params["w1"] + params["b1"])
+    return jnp.mean((hidden @ params["w2"] - targets) ** 2)
+
+  def parameter_copies(tx):
+    def step(params, state, batch):
+      value_fn = lambda params: loss(params, batch)  # noqa: E731
+      updates, state = tx.update(jax.grad(value_fn)(params), state, params, value_fn=value_fn)
+      return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), batch).compile()
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    shapes = {f"f32[{','.join(map(str, leaf.shape))}]" for leaf in jax.tree.leaves(params)}
+    copied = [line.split("= ")[1].split("{")[0] for line in entry.splitlines() if " copy(" in line]
+    return sorted(shape for shape in copied if shape in shapes)
+
+  monitored = optax.chain(optax.sgd(0.1), spectrum.monitor_curvature(every=10, num_lanczos_steps=3))
+  assert parameter_copies(monitored) == parameter_copies(optax.sgd(0.1))
 
 
 def test_monitor_curvature_passes_updates_and_records_eigenvalues_at_the_right_steps():
