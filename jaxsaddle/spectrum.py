@@ -202,20 +202,50 @@ def _quadratic_form(hvp_fn: Callable, vector: PyTree, dtype) -> jax.Array:
   return curvature._tree_vdot(vector, hvp_fn(vector), dtype)
 
 
+def _calls_custom_vjp(jaxpr) -> bool:
+  """Whether ``jaxpr``, or a jaxpr nested in one of its equations, calls a custom_vjp function."""
+
+  def nested(value):
+    if hasattr(value, "eqns"):
+      yield value
+    elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+      yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+      for item in value:
+        yield from nested(item)
+
+  return any(
+    "custom_vjp" in eqn.primitive.name
+    or any(_calls_custom_vjp(inner) for value in eqn.params.values() for inner in nested(value))
+    for eqn in jaxpr.eqns
+  )
+
+
 def _second_derivative_form(value_fn: ValueFn, params: PyTree, dtype):
-  r"""``v -> (v^T H v, finite)`` without a reverse pass, or None where that cannot be done.
+  r"""``v -> (v^T H v, finite)`` without a reverse pass, or None where that is not done.
 
   :math:`v^\top \nabla^2 f(x) v = \frac{d^2}{dt^2} f(x + t v)|_{t=0}`, the second directional
   derivative, by forward-over-forward differentiation: the tangent and second-order passes
   run forward beside the loss's own (which XLA hoists out of a loop over probes). On a ReLU
   MLP that is about 0.6x the work of a Hessian-vector product, which also needs the backward
   pass and its tangent. ``finite`` says whether the loss and the first directional
-  derivative :math:`\nabla f(x)^\top v` are finite: a NaN or infinite gradient entry makes the
-  latter non-finite for any probe with no zero entry. A ``value_fn`` that forward mode cannot
-  differentiate twice (a ``jax.custom_vjp`` inside) gives None, and the caller uses
-  Hessian-vector products.
+  derivative :math:`\nabla f(x)^\top v` are finite, as forward mode computes them.
+
+  None, and the caller takes Hessian-vector products, when forward mode cannot differentiate
+  ``value_fn`` twice (it calls a ``jax.custom_vjp`` function, or a primitive lacks a rule), and
+  when the loss or a leaf is narrower than float32: the form then comes out in that dtype,
+  summed over every parameter inside ``value_fn`` (float16 overflows at 65504), where the
+  products' inner product accumulates in ``dtype``.
   """
   leaf_dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), params)
+  traced = jax.make_jaxpr(value_fn)(
+    jax.tree.map(lambda leaf, d: jax.ShapeDtypeStruct(jnp.shape(leaf), d), params, leaf_dtypes)
+  )
+  narrow = any(
+    jnp.finfo(d).bits < 32 for d in [*jax.tree.leaves(leaf_dtypes), traced.out_avals[0].dtype]
+  )
+  if narrow or _calls_custom_vjp(traced.jaxpr):
+    return None
 
   def form(vector):
     vector = jax.tree.map(lambda leaf, d: leaf.astype(d), vector, leaf_dtypes)
@@ -396,12 +426,12 @@ def hessian_trace(
     \operatorname{Var} z^\top H z = 2 \Big(\|H\|_F^2 - \sum_i H_{ii}^2\Big).
 
   **Hutch++** (Meyer, Musco, Musco and Woodruff 2021, Algorithm 1): :math:`s = \lfloor m/3
-  \rfloor` products sketch the range, :math:`Q = \operatorname{orth}(H S)`; :math:`s` more
-  give :math:`\operatorname{tr}(Q^\top H Q)` exactly; the remaining :math:`r = m - 2s` run
-  Hutchinson on the deflated :math:`(I - QQ^\top) H (I - QQ^\top)`. It is unbiased, and its
-  variance is far lower when a few eigenvalues carry most of :math:`\|H\|_F`, as is typical
-  of network Hessians (a bulk near zero and outliers); for a flat spectrum it is somewhat
-  higher, since only a third of the products sample the remainder.
+  \rfloor` Hessian-vector products sketch the range, :math:`Q = \operatorname{orth}(H S)`;
+  :math:`s` quadratic forms give :math:`\operatorname{tr}(Q^\top H Q)` exactly; the remaining
+  :math:`r = m - 2s` run Hutchinson on the deflated :math:`(I - QQ^\top) H (I - QQ^\top)`. It
+  is unbiased, and its variance is far lower when a few eigenvalues carry most of
+  :math:`\|H\|_F`, as is typical of network Hessians (a bulk near zero and outliers); for a
+  flat spectrum it is somewhat higher, since only a third of the probes sample the remainder.
 
   **Quadratic forms.** Each :math:`z^\top H z` is the second directional derivative
   :math:`\frac{d^2}{dt^2} f(x + t z)|_{t=0}`, by forward-over-forward differentiation
@@ -409,8 +439,12 @@ def hessian_trace(
   the work of one on a ReLU MLP, and nothing stored for a reverse pass. When ``value_fn``
   cannot be differentiated twice in forward mode (it calls a ``jax.custom_vjp`` function),
   the forms are :math:`z \cdot (H z)` from Hessian-vector products instead, with the same
-  probes and the same result up to round-off. Hutch++'s sketch :math:`H S` always takes
-  products.
+  probes and the same result up to round-off; so are they when a leaf or the loss is narrower
+  than float32, so that they accumulate in float32. Hutch++'s sketch :math:`H S` always takes
+  products. The non-finite check (see the module docstring) is then on the loss and the
+  directional derivatives :math:`\nabla f(x)^\top z` as forward mode computes them, which do not
+  see the NaN gradients reverse mode can give where ``jnp.where`` guards a singular branch
+  (Hutch++ also checks the gradient).
 
   **Standard error.** :math:`\mathrm{SE} = s_q / \sqrt{r}` with :math:`s_q` the sample
   standard deviation (``ddof=1``) of the :math:`r` Rademacher quadratic forms (:math:`r = m`
@@ -1293,7 +1327,9 @@ def monitor_curvature(
     # overwritten by the update: XLA then copied every parameter at every step (5% of the MLP's
     # SGD step). Updates that depend on the cond's result order it first. The select is always
     # true and fuses into whatever consumes the updates, which pass through bitwise.
-    updates = jax.tree.map(lambda update: jnp.where(step >= -1, update, 0), updates)
+    updates = jax.tree.map(
+      lambda update: jnp.where(step >= -1, update, jnp.zeros_like(update)), updates
+    )
     new_state = MonitorCurvatureState(
       count=optax.safe_increment(state.count),
       rng_key=rng_key,

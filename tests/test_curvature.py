@@ -471,14 +471,17 @@ def test_vmap_over_start_vectors_equals_loop(reorthogonalize):
       batched, batched_values = jax.jit(jax.vmap(run, in_axes=(None, 0)))(matrix, starts)
       plain, _ = jax.jit(jax.vmap(lambda m, v: run(m, v, False), in_axes=(None, 0)))(matrix, starts)
 
-      # Without any pass every start vector's basis is far from orthonormal; with full or
-      # partial reorthogonalisation it stays orthonormal, or within sqrt(eps) of it.
+      # Without any pass every start vector's basis is far from orthonormal; with full
+      # reorthogonalisation it is orthonormal to working precision, with partial within sqrt(eps).
       def departure(basis):
-        gram = jnp.einsum("bik,bjk->bij", basis, basis)
-        return np.max(np.abs(np.asarray(gram) - np.eye(num_steps)), axis=(1, 2))
+        basis = np.asarray(basis, np.float64)
+        gram = np.einsum("bik,bjk->bij", basis, basis)
+        return np.max(np.abs(gram - np.eye(num_steps)), axis=(1, 2))
 
+      eps = np.finfo(dtype).eps
       assert np.all(departure(plain.basis) > 0.3)
-      assert np.all(departure(batched.basis) < np.sqrt(np.finfo(dtype).eps))
+      bound = 100 * eps if reorthogonalize is True else np.sqrt(eps)
+      assert np.all(departure(batched.basis) < bound)
       looped = jax.jit(run)
       for i in range(starts.shape[0]):
         single, single_values = looped(matrix, starts[i])

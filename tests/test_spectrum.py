@@ -195,10 +195,11 @@ def test_hessian_trace_draws_the_same_probes_whatever_the_batch_size():
       spectrum.hessian_trace(value_fn, params, key=0, num_probes=4, probe_batch_size=0)
 
 
-def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_gradients():
+def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_slopes():
   # The quadratic forms are second directional derivatives, taken forward-over-forward; a
-  # custom_vjp, which forward mode cannot differentiate twice, makes them z . (H z) from
-  # Hessian-vector products instead. Same key, same probes: the estimates must agree.
+  # custom_vjp anywhere in value_fn (here one whose residuals do not depend on x, which an
+  # abstract evaluation of the forms does not reject, wrapped in a jit) makes them z . (H z)
+  # from Hessian-vector products instead. Same key, same probes: the estimates must agree.
   with jax.enable_x64(True):
     matrix = jnp.asarray(_rotated(np.random.default_rng(40).normal(0.0, 1.0, 20), 41))
     cubic = jnp.linspace(-0.5, 0.5, 20)
@@ -208,16 +209,13 @@ def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_gra
       return 0.5 * x @ matrix @ x + jnp.sum(cubic * x**3)
 
     @jax.custom_vjp
-    def reverse_only(x):
-      return value_fn(x)
+    def identity(x):
+      return x
 
-    reverse_only.defvjp(lambda x: (value_fn(x), x), lambda x, g: (g * jax.grad(value_fn)(x),))
-    with pytest.raises(NotImplementedError):
-      jax.jvp(lambda x: jax.jvp(reverse_only, (x,), (x,))[1], (params,), (params,))
-    # The Hessian at params: A + diag(6 c x).
-    expected_variance = 2 * (
-      np.sum(np.asarray(matrix) ** 2) - np.sum(np.diag(np.asarray(matrix)) ** 2)
-    )
+    identity.defvjp(lambda x: (x, None), lambda _, g: (g,))
+    reverse_only = jax.jit(lambda x: value_fn(identity(x)))
+    assert spectrum._second_derivative_form(value_fn, params, jnp.float64) is not None
+    assert spectrum._second_derivative_form(reverse_only, params, jnp.float64) is None
     for method in ("hutchinson", "hutch++"):
       forward, reverse = (
         spectrum.hessian_trace(fn, params, key=42, num_probes=9, method=method)
@@ -225,6 +223,10 @@ def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_gra
       )
       np.testing.assert_allclose(forward.value, reverse.value, rtol=1e-12)
       np.testing.assert_allclose(forward.standard_error, reverse.standard_error, rtol=1e-10)
+    # The Hessian at params is A + diag(6 c x); the diagonal does not enter the variance.
+    expected_variance = 2 * (
+      np.sum(np.asarray(matrix) ** 2) - np.sum(np.diag(np.asarray(matrix)) ** 2)
+    )
     hutchinson = spectrum.hessian_trace(value_fn, params, key=43, num_probes=2000)
     exact = float(jnp.trace(matrix) + jnp.sum(6 * cubic * params))
     assert abs(float(hutchinson.value) - exact) < 4 * float(hutchinson.standard_error)
@@ -232,12 +234,33 @@ def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_gra
       float(hutchinson.standard_error) ** 2 * 2000, expected_variance, rtol=0.15
     )
 
-  # A finite loss whose gradient is infinite at params (d/dx sqrt(x) at 0).
-  def infinite_slope(x):
-    return jnp.sum(x**2) + jnp.sqrt(x[0])
+  # A finite loss with an infinite slope and a finite second derivative: only the slope says so.
+  @jax.custom_jvp
+  def steep(x):
+    return jnp.zeros_like(x)
 
+  steep.defjvp(lambda primals, tangents: (steep(primals[0]), jnp.inf * tangents[0]))
+  params = jnp.array([0.0, 1.0, 2.0])
+  infinite_slope = lambda x: jnp.sum(x**2) + steep(x[0])  # noqa: E731
+  form = spectrum._second_derivative_form(infinite_slope, params, jnp.float32)
+  second, finite = form(jnp.ones(3))
+  assert float(second) == 6.0 and not bool(finite)
   with pytest.raises(ValueError, match="NaN or infinite"):
-    spectrum.hessian_trace(infinite_slope, jnp.array([0.0, 1.0, 2.0]), key=0, num_probes=3)
+    spectrum.hessian_trace(infinite_slope, params, key=0, num_probes=3)
+
+
+def test_hessian_trace_of_narrow_dtypes_accumulates_in_float32():
+  # A float16 loss cannot hold a form above 65504: narrow leaves take Hessian-vector products,
+  # whose inner products accumulate in float32.
+  value_fn = lambda x: 0.5 * jnp.sum(100 * x * x)  # noqa: E731
+  for dtype in (jnp.float16, jnp.bfloat16):
+    params = jnp.zeros(1000, dtype)
+    assert spectrum._second_derivative_form(value_fn, params, jnp.float32) is None
+    estimate = spectrum.hessian_trace(value_fn, params, key=0, num_probes=3)
+    assert estimate.value.dtype == jnp.float32
+    np.testing.assert_allclose(estimate.value, 100_000.0, rtol=1e-6)
+  wide = spectrum.hessian_trace(value_fn, jnp.zeros(1000), key=0, num_probes=3)
+  np.testing.assert_allclose(wide.value, 100_000.0, rtol=1e-6)
 
 
 def test_hutch_plus_plus_has_lower_variance_on_low_rank_plus_small():
@@ -535,6 +558,7 @@ def test_dataset_value_fn_hvp_equals_full_batch_hvp():
       spectrum.dataset_value_fn(loss_fn, (inputs, targets[:3]))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU's compiled HLO")
 def test_monitor_curvature_adds_no_parameter_copies_to_a_donated_training_step():
   # The monitor's cond reads params; unless the updates depend on its result, XLA cannot order
   # it before the in-place update of donated params and copies every parameter at every step.
