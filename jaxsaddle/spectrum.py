@@ -441,10 +441,10 @@ def hessian_trace(
   the forms are :math:`z \cdot (H z)` from Hessian-vector products instead, with the same
   probes and the same result up to round-off; so are they when a leaf or the loss is narrower
   than float32, so that they accumulate in float32. Hutch++'s sketch :math:`H S` always takes
-  products. The non-finite check (see the module docstring) is then on the loss and the
-  directional derivatives :math:`\nabla f(x)^\top z` as forward mode computes them, which do not
-  see the NaN gradients reverse mode can give where ``jnp.where`` guards a singular branch
-  (Hutch++ also checks the gradient).
+  products. With forward-over-forward forms the non-finite check (see the module docstring) is
+  on the loss and the directional derivatives :math:`\nabla f(x)^\top z` as forward mode
+  computes them, which do not see the NaN gradients reverse mode can give where ``jnp.where``
+  guards a singular branch (Hutch++ and the product path also check the gradient).
 
   **Standard error.** :math:`\mathrm{SE} = s_q / \sqrt{r}` with :math:`s_q` the sample
   standard deviation (``ddof=1``) of the :math:`r` Rademacher quadratic forms (:math:`r = m`
