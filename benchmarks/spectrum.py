@@ -11,7 +11,8 @@ runs on as many threads as XLA's CPU client, one per schedulable core.
 
 **Against PyHessian.** Every row is one whole call, building the Hessian operator included
 (PyHessian's ``hessian(...)`` runs the forward pass and the backward pass with
-``create_graph``; ours linearises inside the jitted call):
+``create_graph``; ours linearises, or for the trace runs the loss's forward pass, inside the
+jitted call):
 
 - top eigenvalue: PyHessian's ``eigenvalues()`` is power iteration with its defaults
   (``maxIter=100``, ``tol=1e-3``: it stops when two consecutive Rayleigh quotients differ by
