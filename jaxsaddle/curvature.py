@@ -355,7 +355,10 @@ def lanczos(
   ``lax.cond`` becomes a ``select`` that always runs it. The loop runs a fixed number of
   times: after a breakdown the remaining steps apply ``matvec`` to zero vectors, discard the
   result and record nothing, so shapes stay static and the function jits and vmaps (over start
-  vectors, or over operators closed over batched arrays).
+  vectors, or over operators closed over batched arrays). With vectors sharded over Explicit mesh
+  axes, map over start vectors with a plain ``lax.map`` instead: batching turns the loop's
+  ``lax.cond`` calls into selects whose predicate JAX broadcasts without the operands' sharding,
+  which raises a ``ShardingTypeError``.
 
   Args:
     matvec: the symmetric linear operator, a function from pytrees like ``init_vector`` to

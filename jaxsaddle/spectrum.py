@@ -238,9 +238,7 @@ def _second_derivative_form(value_fn: ValueFn, params: PyTree, dtype):
   products' inner product accumulates in ``dtype``.
   """
   leaf_dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), params)
-  traced = jax.make_jaxpr(value_fn)(
-    jax.tree.map(lambda leaf, d: jax.ShapeDtypeStruct(jnp.shape(leaf), d), params, leaf_dtypes)
-  )
+  traced = jax.make_jaxpr(value_fn)(params)
   narrow = any(
     jnp.finfo(d).bits < 32 for d in [*jax.tree.leaves(leaf_dtypes), traced.out_avals[0].dtype]
   )
@@ -370,10 +368,18 @@ def _stacked_coefficients(left: PyTree, right: PyTree, dtype) -> jax.Array:
   """``C[i, j] = <left_i, right_j>`` for two stacks of vectors."""
 
   def leaf_products(a, b):
-    return jnp.matmul(
-      a.reshape(a.shape[0], -1).astype(dtype),
-      b.reshape(b.shape[0], -1).astype(dtype).T,
+    axes = tuple(range(1, a.ndim))
+    # As in curvature._coefficients: contracting Explicit-sharded axes needs the (replicated)
+    # output sharding spelled out.
+    explicit = curvature._has_explicitly_sharded_axes(a) or curvature._has_explicitly_sharded_axes(
+      b
+    )
+    return jnp.tensordot(
+      a.astype(dtype),
+      b.astype(dtype),
+      axes=(axes, axes),
       precision=jax.lax.Precision.HIGHEST,
+      out_sharding=jax.sharding.PartitionSpec() if explicit else None,
     )
 
   return sum(jax.tree.leaves(jax.tree.map(leaf_products, left, right)))
@@ -582,6 +588,11 @@ def _broadened_density(nodes, weights, grid, broadening):
 
 
 def _slq(hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonalize, batch_size):
+  if any(curvature._has_explicitly_sharded_axes(leaf) for leaf in jax.tree.leaves(params)):
+    # Batched, each lax.cond of Lanczos becomes a select whose predicate JAX broadcasts without
+    # the Explicit sharding of the operands, a ShardingTypeError; one at a time they stay conds.
+    batch_size = 1
+
   def quadrature(probe_key):
     probe = _probe(probe_key, params, distribution)
     return _gauss_quadrature(
@@ -653,7 +664,9 @@ def hessian_density(
       (``probe_batch_size=1``; probes run together share every pass); without it converged
       nodes get "ghost" copies that share the mass of the original.
     probe_batch_size: how many probes run at once (each holds a ``num_steps`` by ``n``
-      Lanczos basis); None runs all of them at once.
+      Lanczos basis); None runs all of them at once. Params sharded over Explicit mesh axes
+      run one probe at a time whatever this says: batching turns Lanczos's ``lax.cond`` calls into
+      selects, whose predicate JAX broadcasts without the operands' sharding, which fails.
 
   Returns:
     A :class:`SpectralDensity`.

@@ -14,6 +14,8 @@ reorthogonalisation: a jitted Lanczos run on
 Hessian-vector products of a function of sharded params keeps every leaf's sharding in the
 stacked basis (a leaf sharded ``P('x', None)`` gives a basis leaf sharded ``P(None, 'x', None)``)
 and in the Ritz vectors, and its coefficients, basis and Ritz values equal the single-device run.
+On params sharded over Explicit mesh axes, ``spectrum``'s trace (Hutchinson and Hutch++), extreme
+eigenvalues, SLQ density and critical-point classification equal their single-device results.
 """
 
 import jax
@@ -25,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsaddle import curvature
+from jaxsaddle import spectrum
 
 NUM_DEVICES = 8
 if jax.device_count() != NUM_DEVICES:
@@ -141,3 +144,43 @@ def test_lanczos_basis_keeps_leaf_shardings_and_matches_one_device(
   )
   np.testing.assert_allclose(result.betas, expected_result.betas, rtol=RTOL, atol=coefficient_atol)
   np.testing.assert_allclose(pairs.eigenvalues, expected_pairs.eigenvalues, rtol=RTOL, atol=ATOL)
+
+
+SPECTRUM_FUNCTIONS = {
+  "trace": lambda p: spectrum.hessian_trace(_value_fn, p, key=3, num_probes=6),
+  "trace_hutch++": lambda p: spectrum.hessian_trace(
+    _value_fn, p, key=3, num_probes=6, method="hutch++"
+  ),
+  "extreme_eigenvalues": lambda p: (
+    spectrum.hessian_extreme_eigenvalues(
+      _value_fn, p, num_steps=8, key=4, k=2, which="both"
+    ).eigenvalues
+  ),
+  "density": lambda p: (
+    spectrum.hessian_density(_value_fn, p, key=5, num_probes=3, num_steps=6).density
+  ),
+  "classify": lambda p: spectrum.classify_critical_point(
+    _value_fn, p, gradient_tol=1e-3, eigenvalue_tol=1e-3, num_steps=8, key=6
+  ),
+}
+
+
+@pytest.mark.parametrize("function", sorted(SPECTRUM_FUNCTIONS))
+@pytest.mark.parametrize("mesh_name", ["explicit_1d", "explicit_2d"])
+def test_spectrum_on_explicitly_sharded_params_matches_one_device(mesh_name, function):
+  # Explicit axes are the demanding case: contractions over them need their output sharding
+  # spelled out, and JAX cannot batch a lax.cond over them (SLQ's vmap over probes).
+  fn = jax.jit(SPECTRUM_FUNCTIONS[function])
+  expected = fn(_params())
+  shape, axis_names, axis_type = MESHES[mesh_name]
+  mesh = jax.make_mesh(shape, axis_names, axis_types=(axis_type,) * len(shape))
+  specs = SPECS[len(shape)]
+  with jax.set_mesh(mesh):
+    sharded_params = {
+      name: jax.device_put(leaf, NamedSharding(mesh, specs[name]))
+      for name, leaf in _params().items()
+    }
+    result = fn(sharded_params)
+  for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
+    assert np.all(np.isfinite(want))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
