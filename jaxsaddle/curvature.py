@@ -165,11 +165,15 @@ class RitzPairs(NamedTuple):
     eigenvectors: a pytree whose leaves have a leading axis indexing the Ritz vectors; zero
       where there is no Ritz value.
     residual_norms: ``||A v - theta v||`` per pair; NaN where there is no Ritz value.
+    num_steps: the Lanczos steps that produced them (int32), as
+      :attr:`LanczosResult.num_valid`: fewer than asked after a breakdown or an early stop at
+      ``tol``; the matrix-vector products taken, those for exact residuals aside.
   """
 
   eigenvalues: jax.Array
   eigenvectors: PyTree
   residual_norms: jax.Array
+  num_steps: jax.Array
 
 
 def _compute_dtype(tree: PyTree) -> jnp.dtype:
@@ -629,6 +633,7 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
     eigenvalues=values,
     eigenvectors=None if result.basis is None else _combine(result.basis, coefficients),
     residual_norms=residual_norms,
+    num_steps=result.num_valid,
   )
 
 
@@ -710,8 +715,7 @@ def extreme_eigenpairs(
     tol: stop early, once every wanted Ritz pair's Lanczos residual estimate is at most
       ``tol`` times its Ritz value's magnitude (a bound on its relative distance to an
       eigenvalue); ``num_steps`` is then the most steps taken, and the number taken is
-      :attr:`LanczosResult.num_valid` of the run (not returned here: the residual norms say
-      how far each pair got). Each step then also computes the Ritz values of the tridiagonal
+      :attr:`RitzPairs.num_steps`. Each step then also computes the Ritz values of the tridiagonal
       so far, an eigendecomposition of size ``num_steps``. An eigenvalue near zero may need
       every step. None (the default) runs all ``num_steps``.
     exact_residuals: compute ``||A v - theta v||`` with ``k`` (or ``2 k``) extra matvecs, one
@@ -824,4 +828,4 @@ def extreme_eigenpairs(
     residual_norms = jnp.where(present, residual_norms, jnp.nan)
   else:
     residual_norms = jnp.where(present, estimated_residuals, jnp.nan)
-  return RitzPairs(values, vectors, residual_norms)
+  return RitzPairs(values, vectors, residual_norms, result.num_valid)

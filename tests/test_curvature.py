@@ -681,6 +681,8 @@ def test_extreme_eigenpairs_mark_missing_pairs_after_breakdown():
   np.testing.assert_allclose(pairs.eigenvalues[:2], [-1.0, 2.0], atol=1e-5)
   assert bool(jnp.isnan(pairs.eigenvalues[2])) and bool(jnp.isnan(pairs.residual_norms[2]))
   np.testing.assert_array_equal(pairs.eigenvectors[2], 0)
+  # Two distinct eigenvalues: the Krylov space broke down after two of the four steps.
+  assert int(pairs.num_steps) == 2
 
 
 def test_extreme_eigenpairs_give_zero_vectors_for_missing_pairs_of_a_nan_operator():

@@ -117,8 +117,10 @@ def test_extreme_eigenvalues_with_tol_stop_early_within_the_tolerance():
     relative = float(pairs.residual_norms[0] / abs(pairs.eigenvalues[0]))
     assert relative <= 1.01 * tol
     assert abs(float(pairs.eigenvalues[0]) - 8.0) <= relative * 8.0
-  # The loose run stopped well before the tight one: its residual is orders of magnitude larger.
+  # The loose run stopped well before the tight one: its residual is orders of magnitude larger,
+  # and it says how many steps (Hessian-vector products) it took.
   assert float(loose.residual_norms[0]) > 100 * float(tight.residual_norms[0])
+  assert 1 <= int(loose.num_steps) < int(tight.num_steps) < 80
 
 
 def test_single_extreme_pairs_without_reorthogonalization_match_eigh_with_unit_vectors():
