@@ -317,8 +317,8 @@ def hessian_extreme_eigenvalues(
       computes them when Lanczos runs with ``"partial"``.
     tol: stop Lanczos early once every wanted eigenvalue's relative residual estimate is at
       most ``tol`` (as PyHessian's ``tol``, though PyHessian compares successive iterates);
-      ``num_steps`` is then the most steps taken. See
-      :func:`jaxsaddle.curvature.extreme_eigenpairs`.
+      ``num_steps`` is then the most steps taken, and the result's ``num_steps`` says how
+      many were. See :func:`jaxsaddle.curvature.extreme_eigenpairs`.
 
   Returns:
     :class:`jaxsaddle.curvature.RitzPairs` with ``k`` (``2 k`` for ``"both"``) eigenvalues,
