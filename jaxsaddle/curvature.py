@@ -208,19 +208,25 @@ def _has_explicitly_sharded_axes(leaf: jax.Array) -> bool:
   return any(axis is not None for axis in spec)
 
 
+def _replicated_if_explicit(*leaves: jax.Array) -> PartitionSpec | None:
+  """The output sharding of a contraction of ``leaves`` down to a small replicated array.
+
+  Contracting axes sharded over Explicit mesh axes needs the output's sharding spelled out;
+  otherwise None leaves it to JAX.
+  """
+  return PartitionSpec() if any(_has_explicitly_sharded_axes(leaf) for leaf in leaves) else None
+
+
 def _coefficients(basis: PyTree, vector: PyTree, dtype) -> jax.Array:
   """``Q^T vector``, one matrix-vector product with each stacked basis leaf."""
 
   def per_leaf(stacked, leaf):
-    # Contracting an axis sharded with Explicit mesh axes needs the output's sharding spelled
-    # out: the (k,) coefficients are replicated.
-    out_sharding = PartitionSpec() if _has_explicitly_sharded_axes(leaf) else None
     return jnp.tensordot(
       stacked,
       leaf,
       axes=leaf.ndim,
       precision=jax.lax.Precision.HIGHEST,
-      out_sharding=out_sharding,
+      out_sharding=_replicated_if_explicit(leaf),
     )
 
   per_leaf_coefficients = jax.tree.map(per_leaf, basis, vector)

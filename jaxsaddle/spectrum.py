@@ -369,17 +369,12 @@ def _stacked_coefficients(left: PyTree, right: PyTree, dtype) -> jax.Array:
 
   def leaf_products(a, b):
     axes = tuple(range(1, a.ndim))
-    # As in curvature._coefficients: contracting Explicit-sharded axes needs the (replicated)
-    # output sharding spelled out.
-    explicit = curvature._has_explicitly_sharded_axes(a) or curvature._has_explicitly_sharded_axes(
-      b
-    )
     return jnp.tensordot(
       a.astype(dtype),
       b.astype(dtype),
       axes=(axes, axes),
       precision=jax.lax.Precision.HIGHEST,
-      out_sharding=jax.sharding.PartitionSpec() if explicit else None,
+      out_sharding=curvature._replicated_if_explicit(a, b),
     )
 
   return sum(jax.tree.leaves(jax.tree.map(leaf_products, left, right)))
