@@ -282,6 +282,7 @@ def hessian_extreme_eigenvalues(
   k: int = 1,
   which: curvature.Which = "largest",
   reorthogonalize: curvature.Reorthogonalization | None = None,
+  eigenvectors: bool = True,
   exact_residuals: bool | None = None,
   tol: float | None = None,
 ) -> curvature.RitzPairs:
@@ -309,12 +310,19 @@ def hessian_extreme_eigenvalues(
       ``k > 1`` and none when ``k == 1``. The extreme Ritz value at each end is not affected
       by the loss of orthogonality (it only duplicates converged values), and without
       reorthogonalisation each step skips a pass over the whole basis.
+    eigenvectors: whether to return the eigenvectors. Without them and without
+      reorthogonalisation (the default for ``k == 1``) Lanczos stores no basis: memory is a
+      few parameter-sized vectors whatever ``num_steps``, instead of ``num_steps`` of them,
+      which is what lets a large model's sharpness be measured with many steps. The residuals
+      are then the Lanczos estimates for the unnormalised Ritz vector :math:`Q s` (see
+      :func:`jaxsaddle.curvature.ritz_pairs`), whose norm is no longer known.
     exact_residuals: compute each residual norm with one more Hessian-vector product per
-      eigenvalue. Otherwise it comes free from the Lanczos relation, :math:`\beta_m |s_m|`
-      over the Ritz vector's norm, which holds up to :math:`\epsilon \|H\|` with full or no
-      reorthogonalisation whether or not the basis stayed orthogonal (Paige 1972), but only up
-      to :math:`\sqrt{\epsilon} \|H\|` with partial reorthogonalisation. None (the default)
-      computes them when Lanczos runs with ``"partial"``.
+      eigenvalue (needs ``eigenvectors``). Otherwise it comes free from the Lanczos relation,
+      :math:`\beta_m |s_m|` over the Ritz vector's norm, which holds up to
+      :math:`\epsilon \|H\|` with full or no reorthogonalisation whether or not the basis
+      stayed orthogonal (Paige 1972), but only up to :math:`\sqrt{\epsilon} \|H\|` with
+      partial reorthogonalisation. None (the default) computes them when Lanczos runs with
+      ``"partial"`` and ``eigenvectors`` is set.
     tol: stop Lanczos early once every wanted eigenvalue's relative residual estimate is at
       most ``tol`` (as PyHessian's ``tol``, though PyHessian compares successive iterates);
       ``num_steps`` is then the most steps taken, and the result's ``num_steps`` says how
@@ -322,8 +330,9 @@ def hessian_extreme_eigenvalues(
 
   Returns:
     :class:`jaxsaddle.curvature.RitzPairs` with ``k`` (``2 k`` for ``"both"``) eigenvalues,
-    eigenvectors (leaves with a leading axis of that size) and residual norms. Values the
-    Krylov space could not provide (fewer distinct eigenvalues than asked for) are NaN.
+    eigenvectors (leaves with a leading axis of that size; None without ``eigenvectors``) and
+    residual norms. Values the Krylov space could not provide (fewer distinct eigenvalues than
+    asked for) are NaN.
 
   Raises:
     ValueError: for a non-scalar ``value_fn``, ``num_steps < 1``, a bad ``k`` or ``which``,
@@ -335,7 +344,7 @@ def hessian_extreme_eigenvalues(
   if reorthogonalize is None:
     reorthogonalize = "partial" if k > 1 else False
   if exact_residuals is None:
-    exact_residuals = reorthogonalize == "partial"
+    exact_residuals = reorthogonalize == "partial" and eigenvectors
   pairs = curvature.extreme_eigenpairs(
     hvp_fn,
     params,
@@ -344,6 +353,7 @@ def hessian_extreme_eigenvalues(
     k=k,
     which=which,
     reorthogonalize=reorthogonalize,
+    eigenvectors=eigenvectors,
     exact_residuals=exact_residuals,
     tol=tol,
   )

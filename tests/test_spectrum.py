@@ -158,6 +158,49 @@ def test_single_extreme_pairs_without_reorthogonalization_match_eigh_with_unit_v
     assert np.sum(np.abs(np.asarray(ritz_values) - 10.0) < 1e-8) >= 2
 
 
+def test_extreme_eigenvalues_without_eigenvectors_store_no_basis():
+  # A quadratic whose Hessian is a diagonal with a separated top, in 20,000 parameters.
+  size = 20_000
+  diagonal = jnp.concatenate([jnp.linspace(-1.0, 1.0, size - 1), jnp.array([3.0])])
+  value_fn = lambda x: 0.5 * jnp.sum(diagonal * x * x)
+  vector_bytes = 4 * size
+
+  def top(num_steps, eigenvectors):
+    return jax.jit(
+      lambda key: spectrum.hessian_extreme_eigenvalues(
+        value_fn, jnp.zeros(size), num_steps=num_steps, key=key, eigenvectors=eigenvectors
+      )
+    )
+
+  temporaries = {
+    (num_steps, eigenvectors): top(num_steps, eigenvectors)
+    .lower(jax.random.key(0))
+    .compile()
+    .memory_analysis()
+    .temp_size_in_bytes
+    for num_steps in (10, 60)
+    for eigenvectors in (True, False)
+  }
+  # With eigenvectors the basis grows with the steps; without, memory is a few vectors.
+  assert temporaries[60, True] - temporaries[10, True] >= 50 * vector_bytes
+  assert temporaries[60, False] < 10 * vector_bytes
+  # Only the coefficients (num_steps numbers each) grow.
+  assert temporaries[60, False] - temporaries[10, False] < vector_bytes
+
+  with_vectors, without = top(60, True)(jax.random.key(1)), top(60, False)(jax.random.key(1))
+  assert without.eigenvectors is None
+  # The same recurrence from the same start vector: the same Ritz value, which is the top of
+  # the spectrum, and a residual estimate that bounds its error.
+  np.testing.assert_allclose(without.eigenvalues, with_vectors.eigenvalues, rtol=1e-6)
+  np.testing.assert_allclose(without.eigenvalues, [3.0], rtol=1e-5)
+  assert abs(float(without.eigenvalues[0]) - 3.0) <= float(without.residual_norms[0]) + 1e-5
+  assert int(without.num_steps) == 60
+  with pytest.raises(ValueError, match="exact_residuals=True needs the Ritz vectors"):
+    spectrum.hessian_extreme_eigenvalues(
+      value_fn, jnp.zeros(size), num_steps=3, key=0, eigenvectors=False, exact_residuals=True
+    )
+
+
 def test_hessian_trace_is_within_its_standard_error_across_seeds():
   with jax.enable_x64(True):
     matrix = _rotated(np.random.default_rng(3).normal(0.5, 1.0, 100), 4)
