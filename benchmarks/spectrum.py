@@ -25,7 +25,10 @@ jitted call):
   the step before, PyHessian's own stopping test applied to Lanczos. The residual comes from
   the Lanczos relation, without another Hessian-vector product (HVP); the calibration also
   computes it directly and checks the two agree. All are compared with a reference from many
-  Lanczos steps.
+  Lanczos steps. A third row times what the PyHessian's-rule call cannot skip: the
+  linearisation, the start vector and its HVPs, normalised and chained, with no Lanczos
+  recurrence, basis or Ritz vector. Its ratio to PyHessian is the floor of any Lanczos run of
+  that many steps, so it says whether a target is out of reach of the overhead alone.
 - trace: PyHessian's ``trace()`` is Hutchinson with Rademacher probes and its defaults, which
   stop when the running mean changes by less than ``tol`` relatively; its probe count is
   random, so its seed is fixed, and ours (``jaxsaddle.spectrum.hessian_trace``, Hutchinson)
@@ -69,6 +72,7 @@ import torch
 import jaxsaddle
 from benchmarks import _mlp
 from benchmarks import _timing
+from jaxsaddle import _random
 from jaxsaddle import spectrum
 
 TOLERANCE = 1e-3  # PyHessian's default tol, for its eigenvalues and its trace
@@ -92,6 +96,7 @@ SPEEDUP_TARGET = 2.5
 PYHESSIAN_EIGENVALUE = "pyhessian eigenvalues (power iteration)"
 OUR_EIGENVALUE = "jaxsaddle hessian_extreme_eigenvalues (lanczos, residual)"
 OUR_EIGENVALUE_RULE = "jaxsaddle hessian_extreme_eigenvalues (lanczos, PyHessian's rule)"
+PRODUCTS_ALONE = "its Hessian-vector products alone (linearised, normalised)"
 PYHESSIAN_TRACE = "pyhessian trace (hutchinson)"
 OUR_TRACE = "jaxsaddle hessian_trace (hutchinson)"
 SGD_WINDOW = f"optax.sgd, {MONITOR_EVERY} steps"
@@ -215,6 +220,27 @@ def top_eigenvalue(num_steps: int, exact_residuals: bool = False):
   return estimate
 
 
+def products_alone(num_steps: int):
+  """``(key, params, batch) -> vector``: what the ``num_steps``-step eigenvalue call cannot skip.
+
+  The linearisation, a Gaussian start vector and ``num_steps`` HVPs, each product normalised and
+  fed to the next (power iteration without its eigenvalue): the cost floor of any Lanczos run of
+  that many steps, with no recurrence, basis or Ritz vector.
+  """
+
+  def estimate(key, params, batch):
+    _, hvp_fn = jaxsaddle.linearize_hvp(lambda p: _mlp.loss_fn(p, batch), params)
+
+    def normalized(vector):
+      norm = jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(vector)))
+      return jax.tree.map(lambda leaf: leaf / norm, vector)
+
+    start = _random.tree_standard_normal(key, params)
+    return jax.lax.fori_loop(0, num_steps, lambda _, v: normalized(hvp_fn(v)), normalized(start))
+
+  return estimate
+
+
 def trace(num_probes: int):
   """``(key, params, batch) -> Estimate`` of the trace from ``num_probes`` Rademacher probes."""
 
@@ -322,6 +348,7 @@ def compare_with_pyhessian(problem: Problem, settings: _timing.Settings):
   loops = {
     OUR_EIGENVALUE: KeyLoop(top_eigenvalue(num_steps), problem),
     OUR_EIGENVALUE_RULE: KeyLoop(top_eigenvalue(calibration.rule_steps), problem),
+    PRODUCTS_ALONE: KeyLoop(products_alone(calibration.rule_steps), problem),
     OUR_TRACE: KeyLoop(trace(num_probes), problem),
   }
   timings = _timing.time_interleaved(
@@ -329,6 +356,7 @@ def compare_with_pyhessian(problem: Problem, settings: _timing.Settings):
       _timing.Candidate(PYHESSIAN_EIGENVALUE, pyhessian_call(problem, "eigenvalues")),
       _timing.Candidate(OUR_EIGENVALUE, loops[OUR_EIGENVALUE], PYHESSIAN_EIGENVALUE),
       _timing.Candidate(OUR_EIGENVALUE_RULE, loops[OUR_EIGENVALUE_RULE], PYHESSIAN_EIGENVALUE),
+      _timing.Candidate(PRODUCTS_ALONE, loops[PRODUCTS_ALONE], PYHESSIAN_EIGENVALUE),
       _timing.Candidate(PYHESSIAN_TRACE, pyhessian_call(problem, "trace")),
       _timing.Candidate(OUR_TRACE, loops[OUR_TRACE], PYHESSIAN_TRACE),
     ],
@@ -437,6 +465,12 @@ def pyhessian_ratios(median: dict[str, float]) -> dict[str, float]:
       )
       for name in (OUR_EIGENVALUE, OUR_EIGENVALUE_RULE)
     },
+    f"{PRODUCTS_ALONE}, the floor of the {OUR_EIGENVALUE_RULE} row, / {PYHESSIAN_EIGENVALUE}": (
+      median[PRODUCTS_ALONE] / median[PYHESSIAN_EIGENVALUE]
+    ),
+    f"{OUR_EIGENVALUE_RULE} / {PRODUCTS_ALONE} (the Lanczos overhead)": (
+      median[OUR_EIGENVALUE_RULE] / median[PRODUCTS_ALONE]
+    ),
     f"{OUR_TRACE} / {PYHESSIAN_TRACE} (target: at most {1 / SPEEDUP_TARGET:.2f})": (
       median[OUR_TRACE] / median[PYHESSIAN_TRACE]
     ),
