@@ -124,6 +124,44 @@ def test_ncd_steps_against_the_gradient_along_the_ritz_vector(z0):
     assert float(value_fn(wrong_way)) > float(value_fn(new_params))
 
 
+@pytest.mark.parametrize(("epsilon", "steps"), [(0.1, True), (0.15, False)])
+def test_ncd_curvature_threshold_is_sqrt_rho_epsilon(epsilon, steps):
+  # At z = (0.25, 0, ...) lambda_min = -1 + rho * 0.25 = -0.5, between -sqrt(rho eps) = -0.447
+  # (a curvature step) and -0.548 (none: the gradient step stands).
+  with jax.enable_x64(True):
+    rotation = _rotation()
+    value_fn = _cubic_saddle(rotation)
+    params = jnp.asarray(rotation @ np.array([0.25, 0.0, 0.0, 0.0, 0.0]))
+    tx = _ncd(epsilon=epsilon, gradient_threshold=1.0)
+    grads = jax.grad(value_fn)(params)
+    updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=value_fn))(
+      grads, tx.init(params), params
+    )
+    assert int(state.num_lanczos_calls) == 1
+    assert int(state.num_curvature_steps) == int(steps)
+    np.testing.assert_allclose(float(state.smallest_eigenvalue), -0.5, rtol=1e-9)
+    if not steps:
+      np.testing.assert_array_equal(updates, -0.2 * grads)
+
+
+def test_ncd_step_sign_comes_from_value_fn_not_from_the_incoming_updates():
+  with jax.enable_x64(True):
+    rotation = _rotation()
+    value_fn = _cubic_saddle(rotation)
+    params = jnp.asarray(rotation @ np.array([1e-3, 2e-3, 0.0, 0.0, 0.0]))
+    tx = _ncd()
+    grads = jax.grad(value_fn)(params)
+    # Incoming updates already transformed (here negated) must not flip the curvature step.
+    updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=value_fn))(
+      -grads, tx.init(params), params
+    )
+    assert int(state.num_curvature_steps) == 1
+    step_length = abs(CURVATURES[0] + RHO * 1e-3) / RHO
+    np.testing.assert_allclose(
+      rotation.T @ np.asarray(updates), [step_length, 0, 0, 0, 0], atol=1e-10
+    )
+
+
 def test_ncd_with_a_large_gradient_is_gradient_descent_exactly():
   value_fn = _cubic_saddle(_rotation())
   schedule = optax.exponential_decay(0.2, transition_steps=1, decay_rate=0.9)
@@ -270,6 +308,9 @@ def _nce_step(default_threshold: bool):
     ((0.0, 0.8), None, True),  # longer than s: back to x_t
     ((0.2, 0.0), None, False),  # along the +1 direction
     ((0.2, 0.2), None, False),  # Rayleigh quotient 0 > -gamma
+    # Either side of the default gamma = theta^2 / eta = 0.1:
+    ((0.2 * 0.475**0.5, 0.2 * 0.525**0.5), None, False),  # Rayleigh quotient -0.05 > -gamma
+    ((0.2 * 0.425**0.5, 0.2 * 0.575**0.5), None, True),  # Rayleigh quotient -0.15 < -gamma
     ((0.0, 0.2), 0.9, True),  # curvature -1 <= -gamma
     ((0.0, 0.2), 1.1, False),  # curvature -1 > -gamma
   ],
@@ -327,16 +368,23 @@ def test_pagd_perturbs_on_the_papers_schedule():
     updates, new_state = tx.update(grads, state, params, value_fn=problem.value_fn)
     perturbed = new_state.num_perturbations > state.num_perturbations
     moved = optax.tree.norm(updates)
-    return (optax.apply_updates(params, updates), new_state), (perturbed, moved, grads)
+    velocities = (state.velocity, new_state.velocity)
+    return (optax.apply_updates(params, updates), new_state), (perturbed, moved, grads, velocities)
 
   params = jnp.zeros(2)
-  (_, state), (perturbed, moved, grads) = jax.jit(
+  (_, state), (perturbed, moved, grads, (before, after)) = jax.jit(
     lambda p: jax.lax.scan(body, (p, tx.init(p)), length=12)
   )(params)
   assert float(jnp.max(jnp.abs(grads))) < 1e-3  # the gradient stayed below the threshold
   # More than escape_steps accelerated steps between perturbations: calls 0, 5, 10.
   np.testing.assert_array_equal(np.flatnonzero(perturbed), [0, 5, 10])
   assert float(moved[0]) <= 1e-6  # the first call is the draw from the ball, nothing else
+  # A perturbation call moves by the draw alone and keeps the velocity: Algorithm 2 of Jin,
+  # Netrapalli and Jordan (2018) perturbs x_t and leaves v_t alone.
+  for call in (5, 10):
+    assert np.any(np.asarray(before[call]) != 0)
+    np.testing.assert_array_equal(after[call], before[call])
+    assert 0 < float(moved[call]) <= 1e-6
   assert int(state.num_perturbations) == 3
 
 

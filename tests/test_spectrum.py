@@ -11,6 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jaxsaddle.flax
+from jaxsaddle import _random
 from jaxsaddle import curvature
 from jaxsaddle import spectrum
 
@@ -151,9 +152,11 @@ def test_single_extreme_pairs_without_reorthogonalization_match_eigh_with_unit_v
         residual, np.linalg.norm(matrix @ vector - value * vector), atol=1e-12
       )
       assert residual < 1e-6
-    # The default's Lanczos did lose orthogonality: 9 and 10 have ghost copies.
+    # The default's Lanczos, from the same start vector, did lose orthogonality: 10 has ghost
+    # copies.
+    start = _random.tree_standard_normal(jax.random.key(16), params)
     ritz_values = curvature.ritz_pairs(
-      curvature.lanczos(lambda v: matrix @ v, jnp.ones(150), 60, reorthogonalize=False)
+      curvature.lanczos(lambda v: matrix @ v, start, 60, reorthogonalize=False)
     ).eigenvalues
     assert np.sum(np.abs(np.asarray(ritz_values) - 10.0) < 1e-8) >= 2
 
@@ -219,6 +222,20 @@ def test_hessian_trace_is_within_its_standard_error_across_seeds():
     np.testing.assert_allclose(
       np.mean(np.asarray(hutchinson.standard_error) ** 2), variance / 30, rtol=0.15
     )
+
+
+def test_hutchinson_is_the_mean_of_rademacher_forms_with_their_sample_standard_error():
+  with jax.enable_x64(True):
+    matrix = jnp.asarray(_rotated(np.random.default_rng(3).normal(0.5, 1.0, 20), 4))
+    params = jnp.zeros(20)
+    estimate = spectrum.hessian_trace(_quadratic(matrix), params, key=7, num_probes=6)
+    # The probes are drawn from the split keys, one per probe.
+    keys = jax.random.split(jax.random.key(7), 6)
+    probes = np.stack([np.asarray(_random.tree_rademacher(key, params)) for key in keys])
+    assert set(np.unique(probes)) == {-1.0, 1.0}
+    forms = np.einsum("pi,ij,pj->p", probes, np.asarray(matrix), probes)
+    np.testing.assert_allclose(estimate.value, forms.mean(), rtol=1e-12)
+    np.testing.assert_allclose(estimate.standard_error, forms.std(ddof=1) / np.sqrt(6), rtol=1e-12)
 
 
 def test_hessian_trace_draws_the_same_probes_whatever_the_batch_size():
@@ -340,6 +357,21 @@ def test_slq_density_integrates_to_one_and_its_moments_match_traces():
   # Most of the kernel mass lies where the eigenvalues are.
   inside = (density.grid >= eigenvalues.min()) & (density.grid <= eigenvalues.max())
   assert float(jnp.trapezoid(jnp.where(inside, density.density, 0), density.grid)) > 0.95
+  # The documented defaults: a kernel 1% of the nodes' span wide, on 1,000 points reaching five
+  # widths past the extreme nodes.
+  nodes = np.asarray(density.nodes)[np.asarray(density.weights) > 0]
+  width = 0.01 * (nodes.max() - nodes.min())
+  np.testing.assert_allclose(density.broadening, width, rtol=1e-5)
+  assert density.grid.shape == (1000,)
+  np.testing.assert_allclose(
+    density.grid[np.array([0, -1])],
+    [nodes.min() - 5 * width, nodes.max() + 5 * width],
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  # Another key, other probes.
+  other = _density(jnp.asarray(matrix, jnp.float32), jax.random.key(12))
+  assert not np.allclose(other.nodes, density.nodes)
 
 
 def test_slq_with_partial_reorthogonalization_matches_full():
