@@ -143,7 +143,8 @@ class LanczosResult(NamedTuple):
     alphas: diagonal of the tridiagonal, shape ``(num_steps,)``; zero past ``num_valid``.
     betas: ``betas[j]`` is the norm of the residual after step ``j``, so ``betas[:m-1]`` with
       ``m = num_valid`` is the off-diagonal of the valid tridiagonal and ``betas[m-1]`` the
-      norm of the final residual (zero when the recursion broke down); zero past ``num_valid``.
+      norm of the final residual (at most ``breakdown_tol`` times ``||A||`` when the recursion
+      broke down); zero past ``num_valid``.
     basis: the Lanczos vectors as a stacked pytree, each leaf of shape
       ``(num_steps, *leaf.shape)``; rows past ``num_valid`` are zero. ``None`` when
       :func:`lanczos` ran with ``return_basis=False``.
@@ -392,16 +393,20 @@ def lanczos(
     converged: an optional stopping test, ``converged(alphas, betas, num_valid)`` on the
       coefficients so far (zero past ``num_valid``), returning a boolean scalar. It is
       evaluated after every step; once it holds the recursion stops: ``num_valid`` counts the
-      steps taken and ``betas[num_valid - 1]`` keeps the final residual norm (a breakdown sets
-      it to zero). The loop is then a ``lax.while_loop``, which skips the remaining steps
-      (under ``vmap``, once every lane has stopped) but cannot be differentiated in reverse
-      mode. :func:`extreme_eigenpairs` builds one from a residual tolerance.
+      steps taken and ``betas[num_valid - 1]`` keeps the final residual norm. The loop is
+      then a ``lax.while_loop``, which skips the remaining steps (under ``vmap``, once every
+      lane has stopped) but cannot be differentiated in reverse mode.
+      :func:`extreme_eigenpairs` builds one from a residual tolerance.
     breakdown_tol: the recursion stops when :math:`\beta_j \le` ``breakdown_tol`` times the
       largest :math:`|\alpha_i|` or :math:`\beta_i` seen so far, an estimate of
-      :math:`\|A\|`. Defaults to the square root of the compute dtype's machine epsilon
-      (3.5e-4 in float32, 1.5e-8 in float64): well above the round-off left after an exact
-      breakdown, and when :math:`\beta_j` is that small the Ritz values have converged to
-      within :math:`\beta_j` anyway.
+      :math:`\|A\|`. Defaults to 100 times the compute dtype's machine epsilon (1.2e-5 in
+      float32, 2.2e-14 in float64): above the round-off of a few :math:`\epsilon \|A\|` left
+      after an exact breakdown, and no larger, because a relative test cannot tell an exhausted
+      Krylov space from a bulk of eigenvalues much narrower than the outliers that set
+      :math:`\|A\|` (a network's Hessian): at :math:`\sqrt{\epsilon}` a bulk in
+      :math:`[-0.05, 0.05]` under an outlier at 100 stopped the recursion after three steps.
+      The stop keeps :math:`\beta_j` as the final residual norm, so the Ritz residuals still
+      bound each Ritz value's distance to an eigenvalue.
 
   Returns:
     A :class:`LanczosResult`.
@@ -418,7 +423,7 @@ def lanczos(
     # orthogonality then grows far faster than Simon's recurrence models in the compute dtype.
     mode = "full"
   if breakdown_tol is None:
-    breakdown_tol = math.sqrt(eps)
+    breakdown_tol = 100 * eps
   leaf_dtypes = jax.tree.map(lambda leaf: leaf.dtype, init_vector)
 
   def apply(vector):
@@ -558,7 +563,7 @@ def lanczos(
       beta = norm(w)
     scale = jnp.where(active, jnp.maximum(scale, beta), scale)
     continues = active & (beta > breakdown_tol * scale)
-    betas = betas.at[j].set(jnp.where(continues, beta, 0))
+    betas = betas.at[j].set(jnp.where(active, beta, 0))
     num_valid = num_valid + active.astype(jnp.int32)
     if converged is not None:
       continues = continues & ~converged(alphas, betas, num_valid)
