@@ -91,6 +91,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jaxsaddle import _checks
 from jaxsaddle._random import canonicalize_key
 from jaxsaddle._random import tree_standard_normal
 
@@ -413,6 +414,12 @@ def lanczos(
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+  if not jax.tree.leaves(init_vector):
+    raise ValueError("lanczos: init_vector has no array leaves; there is no vector to iterate.")
+  # An integer start vector would be truncated, and the operator would only ever see zeros.
+  _checks.check_float_leaves(init_vector, "lanczos", "Lanczos")
+  if breakdown_tol is not None:
+    _checks.check_nonnegative("lanczos", "breakdown_tol", breakdown_tol)
   mode = _reorthogonalization_mode(reorthogonalize)
   dtype = _compute_dtype(init_vector)
   eps = float(jnp.finfo(dtype).eps)
@@ -758,6 +765,9 @@ def extreme_eigenpairs(
     lambda leaf: leaf if hasattr(leaf, "sharding") else jnp.asarray(leaf, jnp.result_type(leaf)),
     like,
   )
+  if not jax.tree.leaves(like):
+    raise ValueError("extreme_eigenpairs: like has no array leaves; there is no vector space.")
+  _checks.check_float_leaves(like, "extreme_eigenpairs", "Lanczos")
   start = jax.tree.map(
     lambda noise, leaf: noise.astype(leaf.dtype),
     tree_standard_normal(canonicalize_key(key), like),

@@ -1323,7 +1323,7 @@ def monitor_curvature(
 
     def estimate(rng_key):
       rng_key, lanczos_key = jax.random.split(rng_key)
-      _, hvp_fn = curvature.linearize_hvp(value_fn, params)
+      _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
       pairs = curvature.extreme_eigenpairs(
         hvp_fn,
         params,
@@ -1334,7 +1334,9 @@ def monitor_curvature(
         eigenvectors=False,
         exact_residuals=False,
       )
-      return rng_key, pairs.eigenvalues.astype(dtype), state.count
+      # A NaN loss or gradient is recorded as NaN extremes, never as a spectrum.
+      extremes = jnp.where(finite, pairs.eigenvalues, jnp.nan).astype(dtype)
+      return rng_key, extremes, state.count
 
     def keep(rng_key):
       extremes = jnp.stack([state.smallest_eigenvalue, state.largest_eigenvalue])

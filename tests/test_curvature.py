@@ -837,6 +837,18 @@ def test_extreme_eigenpairs_with_tol_stop_at_the_first_step_that_meets_it():
 def test_invalid_arguments_raise():
   with pytest.raises(ValueError, match="num_steps"):
     curvature.lanczos(lambda x: x, jnp.ones(3), 0)
+  # An integer start vector would be truncated to zeros and give one Ritz value, silently.
+  with pytest.raises(TypeError, match="dtype int32"):
+    curvature.lanczos(lambda x: x, jnp.ones(3, jnp.int32), 2)
+  with pytest.raises(TypeError, match="dtype int32"):
+    curvature.extreme_eigenpairs(lambda x: x, jnp.zeros(3, jnp.int32), num_steps=2, key=0)
+  with pytest.raises(ValueError, match="no array leaves"):
+    curvature.lanczos(lambda x: x, {}, 2)
+  with pytest.raises(ValueError, match="no array leaves"):
+    curvature.extreme_eigenpairs(lambda x: x, {}, num_steps=2, key=0)
+  for breakdown_tol in (-1e-3, float("nan")):
+    with pytest.raises(ValueError, match="breakdown_tol"):
+      curvature.lanczos(lambda x: x, jnp.ones(3), 2, breakdown_tol=breakdown_tol)
   with pytest.raises(ValueError, match="reorthogonalize must be True, False or 'partial'"):
     curvature.lanczos(lambda x: x, jnp.ones(3), 2, reorthogonalize="full")
   with pytest.raises(ValueError, match="which"):

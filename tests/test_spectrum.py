@@ -712,6 +712,16 @@ def test_monitor_curvature_passes_updates_and_records_eigenvalues_at_the_right_s
     with pytest.raises(ValueError, match="value_fn"):
       monitor.update(params, monitor.init(params), params)
 
+    # A NaN loss is recorded as NaN extremes at that step, not as a spectrum; updates still pass.
+    nan_loss = lambda x: value_fn(x) + jnp.nan  # noqa: E731
+    passed, nan_state = jax.jit(lambda g, s, p: monitor.update(g, s, p, value_fn=nan_loss))(
+      params, monitor.init(params), params
+    )
+    np.testing.assert_array_equal(passed, params)
+    assert int(nan_state.eigenvalue_step) == 0
+    assert np.isnan(float(nan_state.smallest_eigenvalue))
+    assert np.isnan(float(nan_state.largest_eigenvalue))
+
 
 def test_top_eigenvalues_of_digits_mlp_match_dense_hessian():
   datasets = pytest.importorskip("sklearn.datasets")
