@@ -1199,6 +1199,12 @@ def restrict(
   )
 
   def restricted_value_fn(sub: PyTree) -> jax.Array:
+    # Another tree (the full params, or a subtree of another leaf) would be spliced in silently.
+    if jax.tree.structure(sub) != jax.tree.structure(sub_params):
+      raise ValueError(
+        f"restrict: the restricted value_fn takes a tree shaped like sub_params, "
+        f"{jax.tree.structure(sub_params)}; got {jax.tree.structure(sub)}."
+      )
     selected = iter(jax.tree.leaves(sub))
     merged = [
       next(selected) if kept else leaf for kept, leaf in zip(keep, full_leaves, strict=True)
@@ -1240,6 +1246,14 @@ def dataset_value_fn(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: Py
   checkpointed = jax.checkpoint(loss_fn)
 
   def value_fn(params: PyTree) -> jax.Array:
+    first = jax.tree.map(lambda leaf: leaf[0], batches)
+    out = jax.eval_shape(loss_fn, params, first)
+    # jnp.mean would also average a vector of per-example losses into a plausible scalar.
+    if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()):
+      raise ValueError(
+        f"dataset_value_fn: loss_fn(params, batch) must return a scalar, got {out}. Reduce "
+        "per-example losses within the batch (e.g. with jnp.mean)."
+      )
     return jnp.mean(jax.lax.map(lambda batch: checkpointed(params, batch), batches))
 
   return value_fn
