@@ -625,13 +625,14 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
   with :math:`s_i`, leaf by leaf). Shapes are static: there are always ``num_steps`` slots,
   the first ``num_valid`` hold the Ritz pairs in ascending order and the rest hold NaN
   values and residuals and zero vectors. (The invalid block is decoupled from the valid one,
-  because the breakdown zeroed the coupling :math:`\beta`, and is given a diagonal above the
-  valid block's spectrum so that its eigenvalues sort last.)
+  since :func:`tridiagonal` keeps only the valid block's couplings, and is given a diagonal
+  above the valid block's spectrum so that its eigenvalues sort last.)
 
   Residual norms come from the Lanczos relation, :math:`\|A Q s_i - \theta_i Q s_i\| =
   \beta_{m-1} |s_{m-1,i}|`, which the computed quantities satisfy up to
-  :math:`O(\epsilon \|A\|)` with full reorthogonalisation and without any (Paige 1972: the
-  loss of orthogonality does not break the relation), and only up to
+  :math:`O(\epsilon \|A\|)` with full reorthogonalisation, up to round-off growing with the
+  steps (about ``num_steps`` :math:`\epsilon \|A\|`) without any (Paige 1972: the loss of
+  orthogonality does not break the relation), and only up to
   :math:`O(\sqrt{\epsilon} \|A\|)` with partial reorthogonalisation, whose passes remove
   components of that size that the tridiagonal does not record. They are residuals of
   :math:`Q s_i`, whose norm is 1 only for an orthonormal basis, and never reported below
@@ -726,8 +727,9 @@ def extreme_eigenpairs(
       ``2 k`` Ritz values exist).
     reorthogonalize: passed to :func:`lanczos` (``True``, ``"partial"`` or ``False``).
       Without it, duplicates of converged Ritz values can take the slots of the second and
-      later pairs at each end; the first pair at each end is unaffected, so ``k = 1`` is the
-      intended use. Unless it is ``True`` the Ritz vectors are normalised explicitly.
+      later pairs at each end; the first pair at each end stays accurate up to round-off of
+      about ``num_steps`` :math:`\epsilon \|A\|`, so ``k = 1`` is the intended use. Unless it
+      is ``True`` the Ritz vectors are normalised explicitly.
     eigenvectors: whether to compute the Ritz vectors. Without them (and without
       ``reorthogonalize``) Lanczos stores no basis, only the last two vectors.
     tol: stop early, once every wanted Ritz pair's Lanczos residual estimate is at most
@@ -739,8 +741,9 @@ def extreme_eigenpairs(
     exact_residuals: compute ``||A v - theta v||`` with ``k`` (or ``2 k``) extra matvecs, one
       after another (``lax.map``); otherwise use the Lanczos estimate of :func:`ritz_pairs`,
       which is free and, divided by the Ritz vector's norm when the basis is not fully
-      reorthogonalised, accurate to :math:`O(\epsilon \|A\|)` with ``True`` or ``False``
-      but only to :math:`O(\sqrt{\epsilon} \|A\|)` with ``"partial"``, where it is
+      reorthogonalised, accurate to :math:`O(\epsilon \|A\|)` with ``True``, to about
+      ``num_steps`` :math:`\epsilon \|A\|` with ``False``, but only to
+      :math:`O(\sqrt{\epsilon} \|A\|)` with ``"partial"``, where it is
       floored at :math:`\sqrt{\epsilon} \max_i(|\alpha_i|, \beta_i)`. Needs
       ``eigenvectors``.
 
