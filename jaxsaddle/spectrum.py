@@ -1065,7 +1065,8 @@ def classify_critical_point(
 
   Returns:
     A :class:`CriticalPointReport`. Under ``jit``, a non-finite loss, gradient or Hessian gives
-    NaN numbers and kind "not critical".
+    NaN numbers and kind "not critical", and so does a NaN loss at a probe point when the probe
+    decides (no descent seen elsewhere); called eagerly, both raise ``ValueError``.
   """
   owner = "classify_critical_point"
   _checks.check_nonnegative(owner, "gradient_tol", gradient_tol)
@@ -1107,7 +1108,10 @@ def classify_critical_point(
     return value_fn(moved).astype(dtype) - value
 
   changes = jax.vmap(lambda d: jax.vmap(lambda s: change(d, s))(steps))(directions)
-  roundoff = 64 * jnp.finfo(dtype).eps * (jnp.abs(value) + jnp.abs(value + changes))
+  # A loss falling to -inf at a probe point is descent: the rounding allowance comes from finite
+  # values only, or it would be infinite too.
+  finite_changes = jnp.where(jnp.isfinite(changes), changes, 0)
+  roundoff = 64 * jnp.finfo(dtype).eps * (jnp.abs(value) + jnp.abs(value + finite_changes))
   allowance = jnp.abs(steps) * gradient_tol + 0.5 * eigenvalue_tol * steps**2 + roundoff
   descent = jnp.any(changes < -allowance)
 
@@ -1122,6 +1126,15 @@ def classify_critical_point(
     ),
   )
   finite = finite & jnp.isfinite(smallest) & jnp.isfinite(largest)
+  # A NaN loss at a probe point leaves a "minimum" unproven: it is reported as non-finite input.
+  # (Descent seen elsewhere, or a verdict the probe does not decide, stands.)
+  probe_undefined = (kind == _MINIMUM) & (smallest <= eigenvalue_tol) & jnp.any(jnp.isnan(changes))
+  if not isinstance(probe_undefined, jax.core.Tracer) and bool(finite & probe_undefined):
+    raise ValueError(
+      f"{owner}: the loss is NaN at a point of the higher-order probe, so the point cannot be "
+      "shown a minimum; set probe_radii to where the loss is defined."
+    )
+  finite = finite & ~probe_undefined
   report = CriticalPointReport(
     kind=jnp.where(finite, kind, _NOT_CRITICAL).astype(jnp.int32),
     value=value,

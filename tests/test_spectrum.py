@@ -547,6 +547,24 @@ def test_classify_critical_points():
   np.testing.assert_allclose([report.smallest_eigenvalue, report.largest_eigenvalue], 0.0)
   assert float(report.degeneracy) == 1.0 and float(report.index) == 0.0
 
+  # x^4 + y^4 is a minimum at 0 with a zero Hessian, unless the loss falls to -inf away from
+  # it (descent); where it is NaN the probe cannot show a minimum.
+  def quartic_with(outside):
+    return lambda w: jnp.sum(w**4) + jnp.where(jnp.abs(w[0]) > 0.05, outside, 0.0)
+
+  def classify(value_fn):
+    return spectrum.classify_critical_point(
+      value_fn, jnp.zeros(2), gradient_tol=1e-4, eigenvalue_tol=1e-3, num_steps=3, key=0
+    )
+
+  assert classify(quartic_with(0.0)).kind_name == "minimum"
+  falling = classify(quartic_with(-jnp.inf))
+  assert falling.kind_name == "degenerate saddle"
+  assert float(falling.probe_decrease) == np.inf
+  with pytest.raises(ValueError, match="NaN at a point of the higher-order probe"):
+    classify(quartic_with(jnp.nan))
+  assert jax.jit(lambda: classify(quartic_with(jnp.nan)))().kind_name == "not critical"
+
 
 def _tree_value(params):
   hidden = jnp.tanh(params["a"] @ params["c"]["d"][:4] + params["b"][:3])
