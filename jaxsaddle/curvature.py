@@ -412,8 +412,7 @@ def lanczos(
   Returns:
     A :class:`LanczosResult`.
   """
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+  _checks.check_loop_length("lanczos", "num_steps", num_steps)
   if not jax.tree.leaves(init_vector):
     raise ValueError("lanczos: init_vector has no array leaves; there is no vector to iterate.")
   # An integer start vector would be truncated, and the operator would only ever see zeros.
@@ -755,10 +754,12 @@ def extreme_eigenpairs(
   """
   if which not in ("smallest", "largest", "both"):
     raise ValueError(f"which must be 'smallest', 'largest' or 'both', got {which!r}.")
-  if k < 1 or k > num_steps:
+  _checks.check_loop_length("extreme_eigenpairs", "num_steps", num_steps)
+  _checks.check_loop_length("extreme_eigenpairs", "k", k)
+  if k > num_steps:
     raise ValueError(f"k must be in [1, num_steps={num_steps}], got {k}.")
-  if tol is not None and not tol > 0:
-    raise ValueError(f"tol must be positive, got {tol}.")
+  if tol is not None:
+    _checks.check_positive("extreme_eigenpairs", "tol", tol)
   if exact_residuals and not eigenvectors:
     raise ValueError(
       "exact_residuals=True needs the Ritz vectors: pass eigenvectors=True, or "

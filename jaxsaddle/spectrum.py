@@ -342,7 +342,7 @@ def hessian_extreme_eigenvalues(
       or, when called eagerly, a non-finite loss, gradient or Hessian-vector product.
   """
   owner = "hessian_extreme_eigenvalues"
-  _checks.check_at_least_one(owner, "num_steps", num_steps)
+  _checks.check_loop_length(owner, "num_steps", num_steps)
   _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
   if reorthogonalize is None:
     reorthogonalize = "partial" if k > 1 else False
@@ -485,13 +485,13 @@ def hessian_trace(
     An :class:`Estimate` of the trace and its standard error.
   """
   owner = "hessian_trace"
-  _checks.check_at_least_one(owner, "num_probes", num_probes)
+  _checks.check_loop_length(owner, "num_probes", num_probes)
   if method not in ("hutchinson", "hutch++"):
     raise ValueError(f"{owner}: method must be 'hutchinson' or 'hutch++', got {method!r}.")
   if method == "hutch++" and num_probes < 3:
     raise ValueError(f"{owner}: hutch++ needs num_probes >= 3, got {num_probes}.")
   if probe_batch_size is not None:
-    _checks.check_at_least_one(owner, "probe_batch_size", probe_batch_size)
+    _checks.check_loop_length(owner, "probe_batch_size", probe_batch_size)
   _check_value_fn(owner, value_fn, params)
   dtype = _compute_dtype(params)
   form = _second_derivative_form(value_fn, params, dtype)
@@ -683,8 +683,8 @@ def hessian_density(
     A :class:`SpectralDensity`.
   """
   owner = "hessian_density"
-  _checks.check_at_least_one(owner, "num_probes", num_probes)
-  _checks.check_at_least_one(owner, "num_steps", num_steps)
+  _checks.check_loop_length(owner, "num_probes", num_probes)
+  _checks.check_loop_length(owner, "num_steps", num_steps)
   if distribution not in ("rademacher", "gaussian"):
     raise ValueError(
       f"{owner}: distribution must be 'rademacher' or 'gaussian', got {distribution!r}."
@@ -692,7 +692,9 @@ def hessian_density(
   if broadening is not None:
     _checks.check_positive(owner, "broadening", broadening)
   if probe_batch_size is not None:
-    _checks.check_at_least_one(owner, "probe_batch_size", probe_batch_size)
+    _checks.check_loop_length(owner, "probe_batch_size", probe_batch_size)
+  if grid is not None and jnp.ndim(grid) != 1:
+    raise ValueError(f"{owner}: grid must be a 1-D array of points, got shape {jnp.shape(grid)}.")
   _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
   nodes, weights = _slq(
     hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonalize, probe_batch_size
@@ -751,6 +753,14 @@ def _spectrum_arrays(owner: str, spectrum) -> tuple[jax.Array, jax.Array]:
       raise ValueError(
         f"{owner}: nodes and weights must have one shape, got {nodes.shape} and {weights.shape}."
       )
+    if nodes.ndim == 0:
+      # Two eigenvalues in a tuple would otherwise be read as one node and its weight.
+      raise ValueError(
+        f"{owner}: a (nodes, weights) pair holds arrays, got two scalars; pass two eigenvalues "
+        "as a 1-D array."
+      )
+    if not isinstance(weights, jax.core.Tracer) and bool(jnp.any(weights < 0)):
+      raise ValueError(f"{owner}: weights must be non-negative, got {weights}.")
   else:
     nodes = jnp.asarray(spectrum)
     if nodes.ndim != 1:
@@ -823,8 +833,8 @@ def _degeneracy(nodes: jax.Array, weights: jax.Array, tol, atol) -> Degeneracy:
   threshold = jnp.maximum(atol, tol * scale).astype(nodes.dtype)
   near_zero = jnp.sum(jnp.where(jnp.abs(nodes) <= threshold, weights, 0))
   negative = jnp.sum(jnp.where(nodes < -threshold, weights, 0))
-  # Comparisons with NaN are False; this keeps a NaN spectrum from giving zero masses.
-  poisoned = jnp.isnan(jnp.sum(weights * nodes))
+  # Comparisons with NaN are False; this keeps a NaN (or infinite) spectrum from giving masses.
+  poisoned = ~jnp.isfinite(jnp.sum(weights * nodes))
   return Degeneracy(
     jnp.where(poisoned, jnp.nan, near_zero), jnp.where(poisoned, jnp.nan, negative), threshold
   )
@@ -922,7 +932,9 @@ def _semicircle_fit(nodes: jax.Array, weights: jax.Array, margin) -> SemicircleF
   def in_bulk(center, radius):
     return (weights != 0) & (jnp.abs(nodes - center) <= (1 + margin) * radius)
 
-  tiny = jnp.finfo(nodes.dtype).tiny
+  # Twice the smallest normal number: the fit's grid scales the radius by 0.9, and a subnormal
+  # radius flushed to zero would make a point mass's distances NaN.
+  tiny = 2 * jnp.finfo(nodes.dtype).tiny
   center = quantile(0.5)
   radius = jnp.maximum((quantile(0.75) - quantile(0.25)) / (2 * _SEMICIRCLE_QUARTILE), tiny)
   bulk = in_bulk(center, radius)
@@ -947,7 +959,7 @@ def _semicircle_fit(nodes: jax.Array, weights: jax.Array, margin) -> SemicircleF
   bulk = in_bulk(center, radius)
   outlier = ~bulk & (weights != 0)
   bulk_sorted = jnp.where(bulk[order], sorted_weights, 0)
-  return SemicircleFit(
+  fit = SemicircleFit(
     center=center,
     radius=radius,
     ks_distance=_ks_distance(sorted_nodes, sorted_weights, center, radius),
@@ -955,6 +967,9 @@ def _semicircle_fit(nodes: jax.Array, weights: jax.Array, margin) -> SemicircleF
     outlier_mass=jnp.sum(jnp.where(outlier, weights, 0)),
     outliers=jnp.where(outlier, nodes, jnp.nan),
   )
+  # A non-finite eigenvalue poisons every number, the outlier mass included.
+  poisoned = ~jnp.isfinite(jnp.sum(weights * nodes))
+  return jax.tree.map(lambda leaf: jnp.where(poisoned, jnp.nan, leaf), fit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1071,9 +1086,9 @@ def classify_critical_point(
   owner = "classify_critical_point"
   _checks.check_nonnegative(owner, "gradient_tol", gradient_tol)
   _checks.check_nonnegative(owner, "eigenvalue_tol", eigenvalue_tol)
-  _checks.check_at_least_one(owner, "num_steps", num_steps)
-  _checks.check_at_least_one(owner, "num_probes", num_probes)
-  _checks.check_at_least_one(owner, "num_probe_directions", num_probe_directions)
+  _checks.check_loop_length(owner, "num_steps", num_steps)
+  _checks.check_loop_length(owner, "num_probes", num_probes)
+  _checks.check_loop_length(owner, "num_probe_directions", num_probe_directions)
   radii = np.asarray(probe_radii, np.float64)
   if radii.ndim != 1 or radii.size == 0 or not np.all((radii > 0) & np.isfinite(radii)):
     raise ValueError(f"{owner}: probe_radii must be positive and finite, got {probe_radii!r}.")
@@ -1336,7 +1351,7 @@ def monitor_curvature(
   """
   owner = "monitor_curvature"
   _checks.check_at_least_one(owner, "every", every)
-  _checks.check_at_least_one(owner, "num_lanczos_steps", num_lanczos_steps)
+  _checks.check_loop_length(owner, "num_lanczos_steps", num_lanczos_steps)
 
   def init_fn(params):
     _checks.check_float_leaves(params, owner, "a Hessian")

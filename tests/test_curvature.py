@@ -846,6 +846,13 @@ def test_invalid_arguments_raise():
     curvature.lanczos(lambda x: x, {}, 2)
   with pytest.raises(ValueError, match="no array leaves"):
     curvature.extreme_eigenpairs(lambda x: x, {}, num_steps=2, key=0)
+  # Loop lengths and counts must be Python ints: a float or a bool fails late, or slices wrongly.
+  with pytest.raises(TypeError, match="k sets a loop length"):
+    curvature.extreme_eigenpairs(lambda x: x, jnp.ones(3), num_steps=2, key=0, k=True)
+  with pytest.raises(TypeError, match="num_steps sets a loop length"):
+    curvature.lanczos(lambda x: x, jnp.ones(3), 2.0)
+  with pytest.raises(ValueError, match="tol must be positive and finite"):
+    curvature.extreme_eigenpairs(lambda x: x, jnp.ones(3), num_steps=2, key=0, tol=float("inf"))
   for breakdown_tol in (-1e-3, float("nan")):
     with pytest.raises(ValueError, match="breakdown_tol"):
       curvature.lanczos(lambda x: x, jnp.ones(3), 2, breakdown_tol=breakdown_tol)

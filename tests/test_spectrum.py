@@ -845,8 +845,16 @@ def test_non_finite_loss_raises_eagerly_and_gives_nan_under_jit():
   assert float(report.index) == 0.0 and float(report.degeneracy) == 0.0
   assert report.kind_name == "not critical"
 
-  nan_mass = spectrum.degeneracy(jnp.array([1.0, jnp.nan]))
-  assert np.isnan(nan_mass.near_zero_mass) and np.isnan(nan_mass.negative_mass)
+  for poison in (jnp.nan, jnp.inf):
+    poisoned = jnp.array([1.0, -2.0, poison])
+    masses = spectrum.degeneracy(poisoned)
+    assert np.isnan(masses.near_zero_mass) and np.isnan(masses.negative_mass)
+    fit = spectrum.semicircle_fit(poisoned)
+    assert np.isnan(fit.outlier_mass) and np.isnan(fit.ks_distance) and np.isnan(fit.radius)
+  # A point mass is a semicircle of zero radius: finite scores, no outliers.
+  point = spectrum.semicircle_fit(jnp.ones(3))
+  np.testing.assert_allclose(point.center, 1.0)
+  assert np.isfinite(point.ks_distance) and float(point.outlier_mass) == 0.0
 
 
 def test_bad_input_raises():
@@ -865,6 +873,8 @@ def test_bad_input_raises():
     spectrum.hessian_density(quadratic, params, key=0, num_probes=0, num_steps=2)
   with pytest.raises(ValueError, match="num_probes"):
     spectrum.hessian_trace(quadratic, params, key=0, num_probes=0)
+  with pytest.raises(TypeError, match="num_steps sets a loop length"):
+    spectrum.hessian_density(quadratic, params, key=0, num_probes=2, num_steps=5.0)
   with pytest.raises(ValueError, match="hutch\\+\\+ needs"):
     spectrum.hessian_trace(quadratic, params, key=0, num_probes=2, method="hutch++")
   with pytest.raises(ValueError, match="method"):
@@ -904,6 +914,12 @@ def test_bad_input_raises():
     spectrum.hessian_trace(vector_loss, params, key=0, num_probes=2)
   with pytest.raises(ValueError, match="1-D array"):
     spectrum.degeneracy(jnp.ones((2, 2)))
+  with pytest.raises(ValueError, match="two scalars"):
+    spectrum.degeneracy((0.0, -3.0))  # two eigenvalues, not a node and its weight
+  with pytest.raises(ValueError, match="weights must be non-negative"):
+    spectrum.degeneracy((jnp.array([0.0, -2.0]), jnp.array([1.0, -0.5])))
+  with pytest.raises(ValueError, match="grid must be a 1-D array"):
+    spectrum.hessian_density(quadratic, params, key=0, num_probes=1, num_steps=2, grid=1.0)
   with pytest.raises(ValueError, match="one shape"):
     spectrum.semicircle_fit((jnp.ones((2, 3)), jnp.ones((2, 2))))
   with pytest.raises(ValueError, match="power"):
