@@ -72,8 +72,8 @@ def _absolute_inverse_first_column(result: curvature.LanczosResult, damping) -> 
   r"""Returns :math:`S (|\Theta| + \lambda)^{+} S^\top e_0` and the smallest Ritz value.
 
   Only the valid leading block of the tridiagonal enters. The invalid block is decoupled from
-  it (the breakdown zeroed the coupling) and is given a diagonal above the valid spectrum, so
-  it neither mixes into the result nor sorts first.
+  it (:func:`jaxsaddle.curvature.tridiagonal` keeps only the valid couplings) and is given a
+  diagonal above the valid spectrum, so it neither mixes into the result nor sorts first.
   """
   num_steps = result.alphas.shape[0]
   valid = jnp.arange(num_steps) < result.num_valid
