@@ -50,6 +50,12 @@ def check_loop_length(owner: str, name: str, value) -> None:
   check_at_least_one(owner, name, value)
 
 
+def check_learning_rate(owner: str, learning_rate) -> None:
+  """Raises unless a concrete learning rate is finite and >= 0 (schedules and tracers pass)."""
+  if not callable(learning_rate):
+    check_nonnegative(owner, "learning_rate", learning_rate)
+
+
 def learning_rate_at(learning_rate, count: jax.Array):
   """The step size at step ``count`` of a float or an optax schedule."""
   return learning_rate(count) if callable(learning_rate) else learning_rate
@@ -58,10 +64,12 @@ def learning_rate_at(learning_rate, count: jax.Array):
 def check_float_leaves(tree, owner: str, operation: str = "noise") -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array."""
   for path, leaf in jax.tree.leaves_with_path(tree):
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    # result_type: Python floats are leaves optax accepts too.
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
         f"{owner}: the parameter at {jax.tree_util.keystr(path) or '<root>'} has dtype "
-        f"{leaf.dtype}; {operation} is defined only for real floating-point parameters. "
+        f"{dtype}; {operation} is defined only for real floating-point parameters. "
         "Keep integer, boolean and complex arrays out of the optimized tree (e.g. "
         "nnx.Optimizer(model, tx, wrt=nnx.Param) or optax.masked)."
       )

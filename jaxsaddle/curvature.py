@@ -180,7 +180,7 @@ class RitzPairs(NamedTuple):
 
 def _compute_dtype(tree: PyTree) -> jnp.dtype:
   """float64 when any leaf is float64, else float32 (bfloat16 and float16 are upcast)."""
-  return jnp.result_type(jnp.float32, *(leaf.dtype for leaf in jax.tree.leaves(tree)))
+  return jnp.result_type(jnp.float32, *(jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)))
 
 
 def _cast(tree: PyTree, dtype) -> PyTree:

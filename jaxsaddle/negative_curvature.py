@@ -169,6 +169,7 @@ def negative_curvature_descent(
     Integer, boolean or complex parameters are rejected by ``init`` with a ``TypeError``.
   """
   owner = "negative_curvature_descent"
+  _checks.check_learning_rate(owner, learning_rate)
   _checks.check_positive(owner, "hessian_lipschitz", hessian_lipschitz)
   _checks.check_positive(owner, "epsilon", epsilon)
   _checks.check_loop_length(owner, "num_lanczos_steps", num_lanczos_steps)
@@ -294,8 +295,10 @@ def pagd(
   :math:`y_t`, the point where the caller evaluates the gradient, and ``updates`` is taken to
   be :math:`\nabla f(y_t)`. The state keeps :math:`v_t`, so :math:`x_t = y_t - (1 -
   \theta) v_t`, and each call returns :math:`y_{t+1} - y_t`, that is
-  :math:`(1 - \theta) v_{t+1} - \eta \nabla f(y_t)` after an accelerated step (the iteration
-  of ``optax.sgd(eta, momentum=1 - theta, nesterov=True)``, up to rounding) and
+  :math:`(1 - \theta) v_{t+1} - \eta \nabla f(y_t)` after an accelerated step (for a
+  constant :math:`\eta`, the iteration of ``optax.sgd(eta, momentum=1 - theta,
+  nesterov=True)``, up to rounding; with a schedule the velocity here accumulates
+  :math:`\eta_t g_t`, optax's accumulates :math:`g_t` and scales by :math:`\eta_t` last) and
   :math:`x_{t+1} - y_t` after NCE, where :math:`v_{t+1} = 0` makes :math:`y_{t+1} = x_{t+1}`.
   After training the parameters are :math:`y_T`, one momentum step from :math:`x_T`.
 
@@ -345,6 +348,7 @@ def pagd(
     ``value_fn``; without them it raises a ``ValueError`` that shows the call to make.
   """
   owner = "pagd"
+  _checks.check_learning_rate(owner, learning_rate)
   momentum_value = _checks.concrete_float(momentum, owner, "momentum")
   if momentum_value is not None and not 0 <= momentum_value < 1:
     raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum}.")
@@ -396,22 +400,30 @@ def pagd(
       # <grad f(y), x - y> = -m <g, v> and ||x - y||^2 = m^2 ||v||^2.
       slope = -momentum * curvature._tree_vdot(updates, velocity, dtype)
       squared_norm = curvature._tree_vdot(velocity, velocity, dtype)
+      # In jnp: a step size of 0 (a schedule's warm-up) makes gamma infinite, NCE never fires.
       gamma = (
-        (1 - momentum) ** 2 / step_size if curvature_threshold is None else curvature_threshold
+        (1 - momentum) ** 2 / jnp.asarray(step_size, dtype)
+        if curvature_threshold is None
+        else curvature_threshold
       )
       gap = loss_y + slope - 0.5 * gamma * momentum**2 * squared_norm - loss_x
       rounding = 16 * eps * (jnp.abs(loss_x) + jnp.abs(loss_y))
-      too_nonconvex = (squared_norm > 0) & (gap >= rounding)
+      # Strictly: with momentum 0, x_t = y_t and the gap is exactly 0.
+      too_nonconvex = (squared_norm > 0) & (gap > rounding)
       velocity_norm = jnp.sqrt(squared_norm)
+
+      def along_velocity(scale):
+        # s / ||v|| overflows float16 once ||v|| < s / 65504: scaled in the compute dtype.
+        return jax.tree.map(lambda v: (scale * v.astype(dtype)).astype(v.dtype), velocity)
 
       def exploit():
         def move_along():
           scale = exploitation_radius / velocity_norm
-          delta = _scale(scale, velocity)
+          delta = along_velocity(scale)
           plus = optax.tree.add(x, delta)
           minus = optax.tree.sub(x, delta)
           lower = _loss(value_fn, minus) < _loss(value_fn, plus)
-          return _scale(jnp.where(lower, -scale, scale), velocity)
+          return along_velocity(jnp.where(lower, -scale, scale))
 
         shift = jax.lax.cond(
           velocity_norm < exploitation_radius, move_along, lambda: optax.tree.zeros_like(velocity)

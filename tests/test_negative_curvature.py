@@ -465,6 +465,8 @@ def test_a_non_scalar_value_fn_is_rejected():
     ({"num_lanczos_steps": 0}, "num_lanczos_steps", ValueError),
     ({"num_lanczos_steps": 2.5}, "num_lanczos_steps", TypeError),
     ({"num_lanczos_steps": jnp.array(3)}, "num_lanczos_steps", TypeError),
+    ({"learning_rate": -0.1}, "learning_rate", ValueError),
+    ({"learning_rate": float("nan")}, "learning_rate", ValueError),
   ],
 )
 def test_ncd_rejects_bad_hyperparameters_naming_them(kwargs, name, error):
@@ -487,6 +489,42 @@ def test_ncd_rejects_bad_hyperparameters_naming_them(kwargs, name, error):
 def test_pagd_rejects_bad_hyperparameters_naming_them(kwargs, name):
   with pytest.raises(ValueError, match=name):
     pagd(0.1, **(_PAGD | kwargs))
+  for learning_rate in (-0.1, float("inf")):
+    with pytest.raises(ValueError, match="learning_rate"):
+      pagd(learning_rate, **_PAGD)
+
+
+def test_pagd_edge_cases_stay_finite_and_convex_losses_never_exploit():
+  # Momentum 0 makes x_t = y_t: the gap is exactly 0, and at a loss of exactly 0 the rounding
+  # allowance is 0 too; NCE must not fire (it threw the iterate from the minimum).
+  value_fn = lambda p: 0.5 * jnp.sum((p - 1.0) ** 2) - 0.5  # noqa: E731
+  tx = pagd(
+    0.5,
+    momentum=0.0,
+    perturbation_radius=1e-2,
+    gradient_threshold=1e-6,
+    escape_steps=5,
+    exploitation_radius=2.0,
+  )
+  params, state, _ = jax.jit(lambda p: _run(tx, value_fn, p, 12))(jnp.array([-1.0]))
+  assert int(state.num_exploitations) == 0
+  np.testing.assert_allclose(params, [1.0], atol=1e-3)  # the error halves at each step
+  # float16 params with a velocity so small that s / ||v|| overflows float16.
+  concave = lambda p: -0.5 * jnp.sum(p.astype(jnp.float32) ** 2)  # noqa: E731
+  tx = pagd(0.1, **(_PAGD | dict(gradient_threshold=1e-9, exploitation_radius=0.5)))
+  params, state, _ = jax.jit(lambda p: _run(tx, concave, p, 2))(jnp.array([1e-5, 0.0], jnp.float16))
+  assert int(state.num_exploitations) == 1
+  assert bool(jnp.all(jnp.isfinite(params)))
+  np.testing.assert_allclose(abs(float(params[0])), 0.5, rtol=1e-2)
+  # A learning rate of 0 (a warm-up's first step) makes the default gamma infinite: no NCE.
+  frozen = pagd(0.0, **_PAGD)
+  params = jnp.array([0.3, -0.2])
+  grads = jax.grad(_indefinite_quadratic)(params)
+  updates, state = frozen.update(grads, frozen.init(params), params, value_fn=_indefinite_quadratic)
+  np.testing.assert_array_equal(updates, 0.0)
+  assert int(state.num_exploitations) == 0
+  # Python floats are parameters optax accepts.
+  assert _ncd().init({"a": 1.0}).count == 0
 
 
 @pytest.mark.parametrize(

@@ -470,6 +470,7 @@ def test_a_missing_value_fn_or_params_is_explained(tx):
     ({"num_lanczos_steps": 0}, "num_lanczos_steps", ValueError),
     # A loop length cannot be a float (or traced): static_args under inject_hyperparams.
     ({"num_lanczos_steps": 2.5}, "num_lanczos_steps.*static_args", TypeError),
+    ({"learning_rate": float("nan")}, "learning_rate", ValueError),
   ],
 )
 def test_sfn_rejects_bad_hyperparameters_naming_them(kwargs, name, error):
@@ -488,6 +489,7 @@ def test_sfn_rejects_bad_hyperparameters_naming_them(kwargs, name, error):
     ({"subsolver_steps": 2.0}, "subsolver_steps"),
     ({"subsolver_learning_rate": 0.0}, "subsolver_learning_rate"),
     ({"perturbation_scale": -1.0}, "perturbation_scale"),
+    ({"learning_rate": -1.0}, "learning_rate"),
   ],
 )
 def test_cubic_rejects_bad_hyperparameters_naming_them(kwargs, name):
