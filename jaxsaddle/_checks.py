@@ -11,6 +11,11 @@ def concrete_float(value, owner: str = "jaxsaddle", name: str = "value") -> floa
   """The value as a float, or None when it is traced (e.g. under inject_hyperparams)."""
   if isinstance(value, jax.core.Tracer):
     return None
+  if callable(value):
+    raise TypeError(
+      f"{owner}: {name} must be a number, got the callable {value!r}; to change it during "
+      "training, wrap the optimizer in optax.inject_hyperparams and pass the schedule there."
+    )
   array = np.asarray(value)
   if array.ndim:
     raise ValueError(f"{owner}: {name} must be a scalar, got an array of shape {array.shape}.")
@@ -48,6 +53,13 @@ def check_loop_length(owner: str, name: str, value) -> None:
       f"optax.inject_hyperparams pass static_args=({name!r},)."
     )
   check_at_least_one(owner, name, value)
+
+
+def check_momentum(owner: str, momentum) -> None:
+  """Raises ValueError unless a concrete ``momentum`` lies in [0, 1) (traced values pass)."""
+  number = concrete_float(momentum, owner, "momentum")
+  if number is not None and not 0 <= number < 1:
+    raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum}.")
 
 
 def check_learning_rate(owner: str, learning_rate) -> None:

@@ -41,7 +41,8 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
   """Returns a typed PRNG key from an int seed, a typed key or a raw uint32 key."""
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
-  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == jnp.uint32:
+  # Raw key data has a trailing axis; a 0-d uint32 is a seed (vmapped seeds are).
+  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == jnp.uint32 and key.ndim >= 1:
     return jax.random.wrap_key_data(key)
   return jax.random.key(key)
 

@@ -19,6 +19,7 @@ import math
 from typing import NamedTuple
 
 import jax
+import numpy as np
 import optax
 
 from jaxsaddle import _checks
@@ -65,6 +66,7 @@ def pgd(
   Returns:
     A ``GradientTransformationExtraArgs``.
   """
+  _checks.check_learning_rate("pgd", learning_rate)
   return perturb_near_saddle(
     optax.scale_by_learning_rate(learning_rate),
     perturbation_radius=perturbation_radius,
@@ -106,6 +108,7 @@ def noisy_gd(
   Returns:
     A ``GradientTransformationExtraArgs``.
   """
+  _checks.check_learning_rate("noisy_gd", learning_rate)
   return optax.chain(
     add_isotropic_noise(noise_scale, distribution="sphere", key=key),
     optax.scale_by_learning_rate(learning_rate),
@@ -139,6 +142,7 @@ def perturbed_sgd(
   Returns:
     A ``GradientTransformationExtraArgs``.
   """
+  _checks.check_learning_rate("perturbed_sgd", learning_rate)
   return optax.chain(
     add_isotropic_noise(noise_scale, distribution="gaussian", key=key),
     optax.scale_by_learning_rate(learning_rate),
@@ -204,8 +208,11 @@ def pgd_hyperparameters(
     ("c", c),
   ]:
     _checks.check_positive(owner, name, value)
-  _checks.check_at_least_one(owner, "dim", dim)
-  if not 0 < failure_probability < 1:
+  # dim only enters a logarithm: no int32 cap (models pass 2**31 parameters).
+  if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+    raise ValueError(f"{owner}: dim must be a positive integer, got {dim!r}.")
+  failure_probability = _checks.concrete_float(failure_probability, owner, "failure_probability")
+  if failure_probability is None or not 0 < failure_probability < 1:
     raise ValueError(f"{owner}: failure_probability must lie in (0, 1), got {failure_probability}.")
   chi = 3 * max(math.log(dim * smoothness * loss_gap / (c * epsilon**2 * failure_probability)), 4.0)
   t_thres = chi / c**2 * smoothness / math.sqrt(hessian_lipschitz * epsilon)
@@ -271,6 +278,11 @@ def lsgd(
       updates, state = tx.update(jax.grad(value_fn)(params), state, params)
       params = optax.apply_updates(params, updates)
   """
+  _checks.check_learning_rate("lsgd", learning_rate)
+  if momentum is not None:
+    _checks.check_momentum("lsgd", momentum)
+  elif nesterov:
+    raise ValueError("lsgd: nesterov=True needs a momentum; pass momentum=0.9, for instance.")
   return optax.chain(
     laplacian_smoothing(sigma, order=order, mode=mode),
     optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None else optax.identity(),

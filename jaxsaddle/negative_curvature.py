@@ -349,9 +349,7 @@ def pagd(
   """
   owner = "pagd"
   _checks.check_learning_rate(owner, learning_rate)
-  momentum_value = _checks.concrete_float(momentum, owner, "momentum")
-  if momentum_value is not None and not 0 <= momentum_value < 1:
-    raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum}.")
+  _checks.check_momentum(owner, momentum)
   _checks.check_nonnegative(owner, "perturbation_radius", perturbation_radius)
   _checks.check_positive(owner, "gradient_threshold", gradient_threshold)
   _checks.check_at_least_one(owner, "escape_steps", escape_steps)

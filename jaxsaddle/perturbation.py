@@ -94,6 +94,8 @@ def add_isotropic_noise(
 
   def update_fn(updates, state, params=None):
     del params
+    # Integer updates would truncate the noise to zero.
+    _checks.check_float_leaves(updates, "add_isotropic_noise", "noise")
     rng_key, sample_key = jax.random.split(state.rng_key)
     noise = _random.sample_isotropic(sample_key, updates, noise_scale, distribution)
     updates = jax.tree.map(lambda g, n: g + n.astype(g.dtype), updates, noise)

@@ -254,7 +254,10 @@ def _fft_solve(x: jax.Array, sigma, order: int) -> jax.Array:
   n = x.shape[-1]
   symbol = (2 - 2 * np.cos(2 * np.pi * np.arange(n // 2 + 1) / n)) ** order
   if isinstance(sigma, jax.Array):
-    denominator = 1 + jnp.asarray(sigma, x.dtype) * symbol.astype(x.dtype)
+    # A traced sigma escapes the factory's check: a negative one would amplify (or divide by
+    # zero), so it gives NaN.
+    sigma = jnp.asarray(sigma, x.dtype)
+    denominator = jnp.where(sigma >= 0, 1 + sigma * symbol.astype(x.dtype), jnp.nan)
   else:
     denominator = (1 + float(sigma) * symbol).astype(x.dtype)
   # As a matrix of rows: on 8 CPU devices with Auto axes, XLA gave a sharded rank-3 FFT

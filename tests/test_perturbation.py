@@ -87,6 +87,8 @@ def test_pgd_hyperparameters_chi_floor_and_constant_c():
     ({"epsilon": 0.0}, "epsilon"),
     ({"failure_probability": 1.0}, "failure_probability"),
     ({"dim": 0}, "dim"),
+    ({"dim": 2.5}, "dim"),
+    ({"failure_probability": np.array([0.1, 0.2])}, "failure_probability"),
   ],
 )
 def test_pgd_hyperparameters_reject_bad_input(kwargs, name):
@@ -95,6 +97,10 @@ def test_pgd_hyperparameters_reject_bad_input(kwargs, name):
   )
   with pytest.raises(ValueError, match=name):
     jaxsaddle.pgd_hyperparameters(**(base | kwargs))
+  # dim enters a logarithm only: a model of 3e9 parameters is fine.
+  large = jaxsaddle.pgd_hyperparameters(**(base | {"dim": 3_000_000_000}))
+  small = jaxsaddle.pgd_hyperparameters(**base)
+  assert large.escape_steps > small.escape_steps
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -115,6 +121,29 @@ def test_pgd_rejects_bad_hyperparameters_naming_them(kwargs, name):
   base = dict(perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps=10)
   with pytest.raises(ValueError, match=name):
     jaxsaddle.pgd(0.1, **(base | kwargs))
+
+
+@pytest.mark.parametrize("learning_rate", [-0.1, float("nan"), float("inf")])
+def test_aliases_reject_bad_learning_rates(learning_rate):
+  with pytest.raises(ValueError, match="pgd: learning_rate"):
+    jaxsaddle.pgd(learning_rate, perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps=3)
+  with pytest.raises(ValueError, match="noisy_gd: learning_rate"):
+    jaxsaddle.noisy_gd(learning_rate, noise_scale=0.1)
+  with pytest.raises(ValueError, match="perturbed_sgd: learning_rate"):
+    jaxsaddle.perturbed_sgd(learning_rate, noise_scale=0.1)
+  with pytest.raises(ValueError, match="lsgd: learning_rate"):
+    jaxsaddle.lsgd(learning_rate)
+
+
+def test_a_schedule_where_a_number_is_expected_says_how_to_schedule_it():
+  with pytest.raises(TypeError, match="noise_scale must be a number.*inject_hyperparams"):
+    jaxsaddle.perturbed_sgd(0.1, noise_scale=optax.constant_schedule(0.1))
+  # The supported route: a schedule through inject_hyperparams.
+  tx = optax.inject_hyperparams(jaxsaddle.perturbed_sgd)(
+    learning_rate=0.1, noise_scale=optax.constant_schedule(0.1)
+  )
+  updates, _ = tx.update(jnp.zeros(3), tx.init(jnp.zeros(3)))
+  assert float(jnp.linalg.norm(updates)) > 0
 
 
 def test_pgd_rejects_integer_parameters_with_their_path():

@@ -263,6 +263,24 @@ def test_noise_rejects_integer_parameters_and_bad_arguments():
     jaxsaddle.add_isotropic_noise(1.0, distribution="cauchy")
   with pytest.raises(ValueError, match="noise_scale"):
     jaxsaddle.noisy_gd(0.1, noise_scale=-0.5)
+  # Integer updates would truncate the noise to zero.
+  tx = jaxsaddle.noisy_gd(1.0, noise_scale=1.0)
+  with pytest.raises(TypeError, match=r"\['a'\].*int32"):
+    tx.update({"a": jnp.ones(4, jnp.int32)}, tx.init({"a": jnp.ones(4)}))
+
+
+def test_zero_dimensional_uint32_seeds_are_seeds_and_vmap():
+  params = jnp.zeros(3)
+
+  def noise(seed):
+    tx = jaxsaddle.perturbed_sgd(1.0, noise_scale=1.0, key=seed)
+    return tx.update(params, tx.init(params))[0]
+
+  seeds = jnp.arange(3, dtype=jnp.uint32)
+  batched = jax.vmap(noise)(seeds)
+  for i in range(3):
+    np.testing.assert_array_equal(batched[i], noise(int(seeds[i])))
+  np.testing.assert_array_equal(noise(jnp.uint32(2)), noise(2))
 
 
 def test_isotropic_noise_state_is_readable_inside_a_chain():

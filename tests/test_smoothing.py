@@ -320,6 +320,22 @@ def test_bad_hyperparameters_raise_value_errors_naming_them(kwargs, name):
     jaxsaddle.lsgd(0.1, **kwargs)
 
 
+def test_lsgd_momentum_checks_and_a_negative_traced_sigma_gives_nan():
+  for momentum in (-0.1, 1.0, float("nan")):
+    with pytest.raises(ValueError, match="lsgd: momentum"):
+      jaxsaddle.lsgd(0.1, momentum=momentum)
+  with pytest.raises(ValueError, match="nesterov=True needs a momentum"):
+    jaxsaddle.lsgd(0.1, nesterov=True)
+  # A traced sigma (inject_hyperparams) escapes the factory's check; a negative one amplified.
+  update = jax.jit(
+    lambda sigma: jaxsaddle.laplacian_smoothing(sigma).update(
+      jnp.array([0.0, 0.0, 3.0, 0.0, 1.0]), optax.EmptyState()
+    )[0]
+  )
+  assert bool(jnp.all(jnp.isnan(update(-0.3))))
+  assert bool(jnp.all(jnp.isfinite(update(0.3))))
+
+
 # --- LSGD -------------------------------------------------------------------------------------
 
 
