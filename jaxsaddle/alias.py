@@ -56,7 +56,9 @@ def pgd(
   :func:`pgd_hyperparameters` gives the paper's constants.
 
   Args:
-    learning_rate: :math:`\eta`, a float or an optax schedule.
+    learning_rate: :math:`\eta`, a float or an optax schedule. A schedule passed here counts
+      gradient steps only (the inner state stands still on perturbing calls); one injected by
+      ``optax.inject_hyperparams`` counts every call, perturbing ones included.
     perturbation_radius: :math:`r`.
     gradient_threshold: :math:`g_{\rm thres}`.
     escape_steps: :math:`t_{\rm thres}`.
