@@ -129,8 +129,8 @@ def _check_value_fn(owner: str, value_fn: ValueFn, params: PyTree) -> None:
   """Raises unless ``value_fn`` maps ``params`` (real floating leaves) to a real scalar."""
   if not callable(value_fn):
     raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
-  if not jax.tree.leaves(params):
-    raise ValueError(f"{owner}: params has no array leaves; there is no Hessian to study.")
+  if not any(jnp.size(leaf) for leaf in jax.tree.leaves(params)):
+    raise ValueError(f"{owner}: params has no array elements; there is no Hessian to study.")
   _checks.check_float_leaves(params, owner, "a Hessian")
   out = jax.eval_shape(value_fn, params)
   if not (

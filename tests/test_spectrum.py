@@ -867,6 +867,9 @@ def test_bad_input_raises():
     spectrum.hessian_density(lambda x: (jnp.sum(x), x), params, key=0, num_probes=1, num_steps=2)
   with pytest.raises(ValueError, match="num_steps"):
     spectrum.hessian_extreme_eigenvalues(quadratic, params, num_steps=0, key=0)
+  for empty in ({}, {"w": jnp.zeros((0, 3))}):
+    with pytest.raises(ValueError, match="no array elements"):
+      spectrum.hessian_trace(quadratic, empty, key=0, num_probes=2)
   with pytest.raises(ValueError, match="num_steps"):
     spectrum.hessian_density(quadratic, params, key=0, num_probes=2, num_steps=0)
   with pytest.raises(ValueError, match="num_probes"):
