@@ -83,6 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsaddle import _checks
 from jaxsaddle import _random
 
 Kind = Literal["auto", "constant", "periodic", "general"]
@@ -201,6 +202,9 @@ def iteration_matrices(
     ValueError: for a non-square ``hessian``, ``num_steps < 1``, or a ``tx``
       that breaks one of the conditions above.
   """
+  if params_dtype is not None and not jnp.issubdtype(params_dtype, jnp.floating):
+    # Casting the Hessian to an integer dtype would truncate it.
+    raise ValueError(f"iteration_matrices: params_dtype must be floating, got {params_dtype}.")
   hessian = jnp.asarray(hessian, dtype=params_dtype)
   if not jnp.issubdtype(hessian.dtype, jnp.floating):
     hessian = hessian.astype(jnp.result_type(float))
@@ -529,17 +533,23 @@ def monte_carlo_attraction(
   Returns:
     A :class:`MonteCarloAttraction`.
   """
-  matrices = _as_stack(matrices, "monte_carlo_attraction")
+  owner = "monte_carlo_attraction"
+  matrices = _as_stack(matrices, owner)
   dim = matrices.shape[-1]
+  _checks.check_positive(owner, "tol", tol)
+  _checks.check_loop_length(owner, "num_starts", num_starts)
+  if not isinstance(matrices, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(matrices))):
+    raise ValueError(f"{owner}: the matrices contain NaN or Inf entries.")
   if slice_basis is None:
     slice_dim = dim if slice_dim is None else slice_dim
     if not 1 <= slice_dim <= dim:
       raise ValueError(f"monte_carlo_attraction: slice_dim must be in [1, {dim}], got {slice_dim}.")
   else:
     slice_basis = jnp.asarray(slice_basis, matrices.dtype)
-    if slice_basis.ndim != 2 or slice_basis.shape[0] != dim:
+    if slice_basis.ndim != 2 or slice_basis.shape[0] != dim or not 1 <= slice_basis.shape[1] <= dim:
       raise ValueError(
-        f"monte_carlo_attraction: slice_basis must have shape ({dim}, k), got {slice_basis.shape}."
+        f"monte_carlo_attraction: slice_basis must have shape ({dim}, k) with 1 <= k <= {dim}, "
+        f"got {slice_basis.shape}."
       )
     if slice_dim is not None and slice_dim != slice_basis.shape[1]:
       raise ValueError(
@@ -614,7 +624,11 @@ def _log_contraction(matrices: jax.Array, starts: jax.Array) -> jax.Array:
     return (directions, log_norm + jnp.log(norms)), None
 
   norms = jnp.linalg.norm(starts, axis=1)
-  initial = (starts / norms[:, None], jnp.zeros_like(norms))
+  # A start at the fixed point itself stays there: converged, log 0 = -inf (not 0 / 0).
+  initial = (
+    starts / jnp.where(norms > 0, norms, 1)[:, None],
+    jnp.where(norms > 0, 0, -jnp.inf).astype(norms.dtype),
+  )
   (_, log_contraction), _ = jax.lax.scan(step, initial, matrices)
   return log_contraction
 
@@ -622,6 +636,9 @@ def _log_contraction(matrices: jax.Array, starts: jax.Array) -> jax.Array:
 def _as_stack(matrices: jax.Array, owner: str) -> jax.Array:
   """The matrices as a float ``(T, n, n)`` array; a single ``(n, n)`` matrix becomes ``T = 1``."""
   matrices = jnp.asarray(matrices)
+  if jnp.issubdtype(matrices.dtype, jnp.complexfloating):
+    # Dropping the imaginary part would change every modulus.
+    raise ValueError(f"{owner}: the matrices must be real, got dtype {matrices.dtype}.")
   if not jnp.issubdtype(matrices.dtype, jnp.floating):
     matrices = matrices.astype(jnp.result_type(float))
   if matrices.ndim == 2:

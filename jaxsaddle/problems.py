@@ -94,6 +94,20 @@ def _random_orthonormal_columns(key: jax.Array | int, rows: int, cols: int) -> n
   return np.linalg.qr(np.asarray(gaussian, dtype=np.float64))[0]
 
 
+def _checked_params(name: str, params: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``params`` as an array, or an error naming a non-float dtype or a wrong shape.
+
+  The fixed data is cast to the params' dtype, so integer params would truncate it, and a
+  short vector would broadcast silently. Shapes and dtypes are static: free under jit.
+  """
+  params = jnp.asarray(params)
+  if not jnp.issubdtype(params.dtype, jnp.floating):
+    raise TypeError(f"{name}: params must be floating point, got dtype {params.dtype}.")
+  if params.shape != shape:
+    raise ValueError(f"{name}: params must have shape {shape}, got {params.shape}.")
+  return params
+
+
 def _sorted_f64(values: Sequence[float] | np.ndarray) -> np.ndarray:
   return np.sort(np.asarray(values, dtype=np.float64))
 
@@ -148,6 +162,8 @@ def quadratic_saddle(
   lam = np.asarray(eigenvalues, dtype=np.float64)
   if lam.ndim != 1 or lam.size == 0:
     raise ValueError(f"eigenvalues must be a non-empty 1-D sequence, got shape {lam.shape}.")
+  if not np.all(np.isfinite(lam)):
+    raise ValueError(f"eigenvalues must be finite, got {eigenvalues}.")
   dim = lam.size
   if rotation_key is None:
     rotation = np.eye(dim)
@@ -155,6 +171,7 @@ def quadratic_saddle(
     rotation = _random_orthonormal_columns(rotation_key, dim, dim)
 
   def value_fn(x: jax.Array) -> jax.Array:
+    x = _checked_params("quadratic_saddle", x, (dim,))
     coordinates = jnp.matmul(jnp.asarray(rotation, x.dtype).T, x, precision=_HIGHEST)
     return 0.5 * jnp.sum(jnp.asarray(lam, x.dtype) * coordinates**2)
 
@@ -196,7 +213,7 @@ def strict_saddle() -> Problem:
   """
 
   def value_fn(xy: jax.Array) -> jax.Array:
-    x, y = xy[0], xy[1]
+    x, y = _checked_params("strict_saddle", xy, (2,))
     return 0.5 * x**2 + 0.25 * y**4 - 0.5 * y**2
 
   minimum_eigenvalues = _sorted_f64([1.0, 2.0])
@@ -318,8 +335,14 @@ def octopus(
   """
   if dim < 1:
     raise ValueError(f"dim must be at least 1, got {dim}.")
-  if min(positive_curvature, negative_curvature, length_scale) <= 0:
-    raise ValueError("positive_curvature, negative_curvature and length_scale must be positive.")
+  if not all(
+    math.isfinite(value) and value > 0
+    for value in (positive_curvature, negative_curvature, length_scale)
+  ):
+    raise ValueError(
+      "positive_curvature, negative_curvature and length_scale must be positive and finite, got "
+      f"{positive_curvature}, {negative_curvature} and {length_scale}."
+    )
   big_l, gamma, tau = positive_curvature, negative_curvature, length_scale
   nu = octopus_saddle_gap(big_l, gamma, tau)
 
@@ -336,6 +359,7 @@ def octopus(
     return -gamma - (big_l + gamma) * (10 * u**3 + 15 * u**4 + 6 * u**5)
 
   def value_fn(x: jax.Array) -> jax.Array:
+    x = _checked_params("octopus", x, (dim,))
     a = jnp.abs(x)
     # The coordinates before the active index i have already escaped past 2 tau.
     num_escaped = jnp.sum(jnp.cumprod(a > 2 * tau))
@@ -448,6 +472,7 @@ def matrix_factorization(dim: int, rank: int, *, key: jax.Array | int = 0) -> Pr
   target = (basis * spectrum) @ basis.T
 
   def value_fn(u: jax.Array) -> jax.Array:
+    u = _checked_params("matrix_factorization", u, (dim, rank))
     residual = jnp.matmul(u, u.T, precision=_HIGHEST) - jnp.asarray(target, u.dtype)
     return 0.5 * jnp.sum(residual**2)
 

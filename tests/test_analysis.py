@@ -366,6 +366,31 @@ def test_attraction_dimension_rejects_nonperiodic_periodic_input_and_nan():
     analysis.attraction_dimension(np.diag([np.nan, 1.0]))
   with pytest.raises(ValueError, match="square matrices"):
     analysis.attraction_dimension(np.ones((2, 3)))
+  # Dropping the imaginary part would change the moduli (2 and 0.5, dimension 1).
+  with pytest.raises(ValueError, match="must be real"):
+    analysis.attraction_dimension(np.array([[2j, 0], [0, 0.5]]))
+  with pytest.raises(ValueError, match="params_dtype must be floating"):
+    analysis.iteration_matrices(optax.sgd(0.3), np.diag([-0.5, 0.5]), 2, params_dtype=jnp.int32)
+
+
+def test_monte_carlo_attraction_rejects_bad_arguments_and_counts_starts_at_the_saddle():
+  matrices = analysis.iteration_matrices(optax.sgd(0.3), np.diag([-1.0, 1.0, 2.0]), 40)
+  stable = np.eye(3)[:, 1:]
+  assert float(analysis.monte_carlo_attraction(matrices, 0, slice_basis=stable).fraction) == 1.0
+  # A tol of 0, below 0 or NaN made every start count as not converged: a fraction of 0.
+  for tol in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="tol"):
+      analysis.monte_carlo_attraction(matrices, 0, slice_basis=stable, tol=tol)
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    analysis.monte_carlo_attraction(matrices.at[3, 0, 0].set(jnp.nan), 0, slice_basis=stable)
+  with pytest.raises(ValueError, match="num_starts"):
+    analysis.monte_carlo_attraction(matrices, 0, num_starts=0)
+  with pytest.raises(ValueError, match="1 <= k <= 3"):
+    analysis.monte_carlo_attraction(matrices, 0, slice_basis=np.zeros((3, 0)))
+  # Starts exactly at the saddle stay there: converged (log 0), not NaN.
+  at_saddle = analysis.monte_carlo_attraction(matrices, 0, slice_basis=np.zeros((3, 1)))
+  assert float(at_saddle.fraction) == 1.0
+  assert bool(jnp.all(at_saddle.log_contraction == -jnp.inf))
 
 
 # --- Monte-Carlo cross-check ---------------------------------------------------------------------

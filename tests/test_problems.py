@@ -381,8 +381,28 @@ def test_matrix_factorization_target_is_well_conditioned_and_reproducible():
     lambda: problems.octopus(2, length_scale=0.0),
     lambda: problems.matrix_factorization(3, 4),
     lambda: problems.matrix_factorization(3, 0),
+    lambda: problems.quadratic_saddle([1.0, float("nan")]),
+    lambda: problems.octopus(2, positive_curvature=float("nan")),
+    lambda: problems.octopus(2, length_scale=float("inf")),
   ],
 )
 def test_bad_arguments_raise(make):
   with pytest.raises(ValueError):
     make()
+
+
+def test_value_fns_reject_integer_or_misshapen_params():
+  # The fixed data is cast to the params' dtype: integer params truncated it (a value of 0).
+  cases = [
+    (problems.quadratic_saddle([0.5, -0.5], rotation_key=0), (2,)),
+    (problems.strict_saddle(), (2,)),
+    (problems.octopus(3), (3,)),
+    (problems.matrix_factorization(3, 1, key=0), (3, 1)),
+  ]
+  for problem, shape in cases:
+    assert problem.init_shape == shape
+    with pytest.raises(TypeError, match="floating point"):
+      problem.value_fn(jnp.zeros(shape, jnp.int32))
+    with pytest.raises(ValueError, match="must have shape"):
+      problem.value_fn(jnp.zeros((1,)))  # a short vector broadcast silently
+    assert np.isfinite(float(problem.value_fn(jnp.zeros(shape))))
