@@ -33,6 +33,12 @@ def random_batch(key: jax.Array) -> tuple[jax.Array, jax.Array]:
   return inputs, labels
 
 
+def normalized(tree):
+  """``tree`` over its norm: the unit tangents the curvature benchmarks feed to products."""
+  norm = jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(tree)))
+  return jax.tree.map(lambda leaf: leaf / norm, tree)
+
+
 def loss_fn(params, batch) -> jax.Array:
   inputs, labels = batch
   hidden = inputs

@@ -53,11 +53,6 @@ MATFREE_REORTHO = ("full", "none")
 REORTHOGONALIZATIONS = (True, "partial", False)
 
 
-def _normalized(tree):
-  norm = jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(tree)))
-  return jax.tree.map(lambda leaf: leaf / norm, tree)
-
-
 def hessian_operator(params, batch, matvec: str):
   """``v -> H v`` at ``params``; ``linearized`` runs the forward pass once, here."""
   value_fn = lambda p: _mlp.loss_fn(p, batch)
@@ -107,14 +102,14 @@ def gradient_step(params, unused_params, batch):
 
 
 def hvp_step(tangent, params, batch):
-  return _normalized(hessian_operator(params, batch, "plain")(tangent))
+  return _mlp.normalized(hessian_operator(params, batch, "plain")(tangent))
 
 
 def hvp_loop_step(matvec: str):
   def step(tangent, params, batch):
     operator = hessian_operator(params, batch, matvec)
     return jax.lax.fori_loop(
-      0, NUM_STEPS, lambda _, v: _normalized(operator(v)), _normalized(tangent)
+      0, NUM_STEPS, lambda _, v: _mlp.normalized(operator(v)), _mlp.normalized(tangent)
     )
 
   return step
@@ -174,7 +169,7 @@ def time_curvature(settings: _timing.Settings) -> list[_timing.Timing]:
   params_key, batch_key, tangent_key = jax.random.split(jax.random.key(0), 3)
   params = _mlp.init_mlp(params_key)
   batch = _mlp.random_batch(batch_key)
-  tangent = _normalized(_mlp.init_mlp(tangent_key))
+  tangent = _mlp.normalized(_mlp.init_mlp(tangent_key))
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # each loop donates its own buffers
 
   loops = {

@@ -230,13 +230,8 @@ def products_alone(num_steps: int):
 
   def estimate(key, params, batch):
     _, hvp_fn = jaxsaddle.linearize_hvp(lambda p: _mlp.loss_fn(p, batch), params)
-
-    def normalized(vector):
-      norm = jnp.sqrt(sum(jnp.sum(leaf * leaf) for leaf in jax.tree.leaves(vector)))
-      return jax.tree.map(lambda leaf: leaf / norm, vector)
-
-    start = _random.tree_standard_normal(key, params)
-    return jax.lax.fori_loop(0, num_steps, lambda _, v: normalized(hvp_fn(v)), normalized(start))
+    start = _mlp.normalized(_random.tree_standard_normal(key, params))
+    return jax.lax.fori_loop(0, num_steps, lambda _, v: _mlp.normalized(hvp_fn(v)), start)
 
   return estimate
 

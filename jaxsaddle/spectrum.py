@@ -780,6 +780,11 @@ def _normalized(nodes: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Ar
   return _weighted_nodes(nodes.reshape(-1), weights), weights
 
 
+def _poisoned(nodes: jax.Array, weights: jax.Array) -> jax.Array:
+  """Whether a NaN or infinite node or weight makes every statistic of the spectrum NaN."""
+  return ~jnp.isfinite(jnp.sum(weights * nodes))
+
+
 class Degeneracy(NamedTuple):
   """The output of :func:`degeneracy`: fractions of the spectral mass."""
 
@@ -834,7 +839,7 @@ def _degeneracy(nodes: jax.Array, weights: jax.Array, tol, atol) -> Degeneracy:
   near_zero = jnp.sum(jnp.where(jnp.abs(nodes) <= threshold, weights, 0))
   negative = jnp.sum(jnp.where(nodes < -threshold, weights, 0))
   # Comparisons with NaN are False; this keeps a NaN (or infinite) spectrum from giving masses.
-  poisoned = ~jnp.isfinite(jnp.sum(weights * nodes))
+  poisoned = _poisoned(nodes, weights)
   return Degeneracy(
     jnp.where(poisoned, jnp.nan, near_zero), jnp.where(poisoned, jnp.nan, negative), threshold
   )
@@ -968,7 +973,7 @@ def _semicircle_fit(nodes: jax.Array, weights: jax.Array, margin) -> SemicircleF
     outliers=jnp.where(outlier, nodes, jnp.nan),
   )
   # A non-finite eigenvalue poisons every number, the outlier mass included.
-  poisoned = ~jnp.isfinite(jnp.sum(weights * nodes))
+  poisoned = _poisoned(nodes, weights)
   return jax.tree.map(lambda leaf: jnp.where(poisoned, jnp.nan, leaf), fit)
 
 
