@@ -52,12 +52,21 @@ def band_limits(values: np.ndarray, band: Band) -> tuple[np.ndarray, np.ndarray]
   raise ValueError(f"band must be 'minmax' or 'quantile', got {band!r}.")
 
 
-def _draw_curves(axes, curves: Mapping[str, np.ndarray], x: np.ndarray | None, band: Band) -> None:
-  """Per curve, the median over seeds (axis 0) as a line and the ``band`` as a shaded area."""
+XCoordinates = np.ndarray | Mapping[str, np.ndarray] | None
+
+
+def _draw_curves(axes, curves: Mapping[str, np.ndarray], x: XCoordinates, band: Band) -> None:
+  """Per curve, the median over seeds (axis 0) as a line and the ``band`` as a shaded area.
+
+  ``x`` is shared by every curve, given per curve label, or None for ``0, 1, ...``.
+  """
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for index, (label, values) in enumerate(curves.items()):
     values = np.asarray(values, dtype=np.float64)
-    points = np.arange(values.shape[1]) if x is None else np.asarray(x)
+    if x is None:
+      points = np.arange(values.shape[1])
+    else:
+      points = np.asarray(x[label] if isinstance(x, Mapping) else x)
     color = colors[index % len(colors)]
     lower, upper = band_limits(values, band)
     axes.fill_between(points, lower, upper, color=color, alpha=0.2, linewidth=0)
@@ -121,7 +130,7 @@ def plot_panels(
   title: str,
   ylabel: str = "loss",
   xlabel: str = "step",
-  x: np.ndarray | None = None,
+  x: XCoordinates = None,
   band: Band = "minmax",
   yscale: Literal["linear", "log", "symlog"] = "linear",
   columns: int = 3,
@@ -134,7 +143,7 @@ def plot_panels(
     title: the figure title.
     ylabel: the y-axis label.
     xlabel: the x-axis label.
-    x: the x coordinates of the points (default ``0, 1, ...``).
+    x: the x coordinates of the points, shared or per curve label (default ``0, 1, ...``).
     band: ``"minmax"`` for the range over seeds, ``"quantile"`` for 10–90%.
     yscale: a matplotlib y scale.
     columns: panels per row.

@@ -256,6 +256,15 @@ def check_seeds_and_steps(config) -> None:
     raise ValueError(f"seeds and steps must be at least 1, got {config.seeds}, {config.steps}.")
 
 
+def check_positive_integers(config, *names: str) -> None:
+  """Rejects fields of ``config`` that are not integers of at least 1 (a slice by a negative
+  ``max_train_examples`` would drop examples from the end instead)."""
+  for name in names:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be an integer of at least 1, got {value!r}.")
+
+
 def run_units(
   run: RunDirectory,
   units: Iterable[str],

@@ -106,7 +106,13 @@ def train_classifier(
   """
   x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
   num_examples = x.shape[0]
-  batch_size = num_examples if batch_size is None else min(batch_size, num_examples)
+  if batch_size is None:
+    batch_size = num_examples
+  elif not 1 <= batch_size <= num_examples:
+    # Clamping would train full-batch while the run's summary reports mini-batches.
+    raise ValueError(
+      f"batch_size must be in [1, {num_examples}] (the training set), got {batch_size}."
+    )
   graphdef, example_params = nnx.split(build_model(jax.random.key(0)))
   learning_rates = jnp.asarray(learning_rates, jnp.float32)
 

@@ -77,8 +77,10 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
   """Indices ``(train, test)`` with ``round(test_fraction * n_c)`` of each class's ``n_c`` in test.
 
-  Both index arrays are shuffled by ``np.random.default_rng(seed)``, whose
-  stream numpy keeps stable across versions.
+  Both index arrays are shuffled by ``np.random.default_rng(seed)``. NumPy keeps
+  its bit generators' streams across versions but not necessarily what
+  ``Generator`` methods draw from them, so the split is reproducible with the
+  numpy that ``requirements-lock.txt`` pins.
   """
   if not 0 < test_fraction < 1:
     raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
@@ -89,7 +91,13 @@ def stratified_split(
     num_test = round(test_fraction * len(members))
     test.append(members[:num_test])
     train.append(members[num_test:])
-  return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+  train, test = np.concatenate(train), np.concatenate(test)
+  if not train.size or not test.size:
+    raise ValueError(
+      f"test_fraction {test_fraction} of {labels.size} examples leaves "
+      f"{train.size} for training and {test.size} for testing; both need at least one."
+    )
+  return rng.permutation(train), rng.permutation(test)
 
 
 def _split_dataset(
@@ -217,7 +225,18 @@ def _read_cifar10_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
   try:
     with open(file, "rb") as handle:
       batch = _ArrayUnpickler(handle, encoding="bytes").load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+  # A corrupt pickle fails in many ways: a garbled opcode, codec name (LookupError) or length
+  # (MemoryError, OverflowError).
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    LookupError,
+    MemoryError,
+    OverflowError,
+  ) as error:
     raise ValueError(f"{file} is not a readable CIFAR-10 pickle: {error}") from error
   if not isinstance(batch, dict):
     raise ValueError(f"{file} holds a {type(batch).__name__}, not a CIFAR-10 batch dict.")

@@ -28,7 +28,7 @@ variance :math:`1/\text{fan-in}`; biases zero) multiplied by ``init_scale``.
 starts near the origin and ``init_scale=0`` exactly at it. The origin is a
 critical point of the deep linear network, and of the models with a hidden
 layer when the training classes are balanced: there the only gradient is the
-output bias's, the class frequencies minus ``1 / num_classes``. (Logistic
+output bias's, ``1 / num_classes`` minus the class frequencies. (Logistic
 regression is convex, with no saddle.)
 
 The deep linear network's saddle: with all weights zero the gradient

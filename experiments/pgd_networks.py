@@ -146,6 +146,7 @@ def parse_regime(regime: str) -> tuple[str, str]:
 
 def check_config(config: Config) -> None:
   _runner.check_seeds_and_steps(config)
+  _runner.check_positive_integers(config, "batch_size", "max_train_examples")
   for spec in config.architectures:
     parse_architecture(spec)
   for regime in config.regimes:

@@ -131,6 +131,7 @@ def default_config(quick: bool = False) -> Config:
 
 def check_config(config: Config) -> None:
   _runner.check_seeds_and_steps(config)
+  _runner.check_positive_integers(config, "batch_size", "max_train_examples")
   unknown = set(config.methods) - set(METHODS)
   if unknown:
     raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}.")
@@ -164,7 +165,7 @@ def gradient_cost(method: str, dataset: data.Dataset, config: Config) -> float:
   """The oracle cost of one step's gradient: the fraction of the training set it sees."""
   size = batch_size(method, config)
   num_examples = dataset.x_train.shape[0]
-  return 1.0 if size is None else min(size, num_examples) / num_examples
+  return 1.0 if size is None else size / num_examples
 
 
 def steps_per_gradient(method: str, dataset: data.Dataset, config: Config) -> int:
@@ -172,7 +173,7 @@ def steps_per_gradient(method: str, dataset: data.Dataset, config: Config) -> in
   or for SGD as many whole mini-batches as the training set holds."""
   size = batch_size(method, config)
   num_examples = dataset.x_train.shape[0]
-  return 1 if size is None else max(num_examples // size, 1)
+  return 1 if size is None else num_examples // size
 
 
 def oracle_budget(config: Config) -> float:
@@ -303,7 +304,6 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     {
       "learning_rate": rate,
       "step": log * config.log_every * repeats,
-      "budget_gradients": log * config.log_every,
       "wall_time": round(wall, 4),
       "loss": _runner.to_json_floats(result.loss[i, :, log]),
       "grad_norm": _runner.to_json_floats(result.grad_norm[i, :, log]),
@@ -377,9 +377,26 @@ def unit_names(config: Config) -> list[str]:
   return [f"{dataset}/{method}" for dataset in config.datasets for method in config.methods]
 
 
-def _mean(values) -> str:
+def _finite_mean(values) -> tuple[float, str]:
+  """The mean over the finite values, and a note of how many there are when some are not.
+
+  A seed that diverged at the chosen learning rate (picked by the median) has NaN losses and
+  spectra: it is counted, not dropped silently.
+  """
   values = np.asarray(values, np.float64)
-  return f"{np.nanmean(values):.3g}"
+  finite = np.isfinite(values)
+  note = "" if finite.all() else f" ({int(finite.sum())}/{finite.size} finite)"
+  return (float(np.mean(values[finite])) if finite.any() else float("nan")), note
+
+
+def _mean(values) -> str:
+  mean, note = _finite_mean(values)
+  return f"{mean:.3g}{note}"
+
+
+def _percent(values, digits: int) -> str:
+  mean, note = _finite_mean(values)
+  return f"{mean:.{digits}%}{note}"
 
 
 def _outliers(closing: dict, config: Config) -> str:
@@ -440,9 +457,9 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
     lines.append(
       f"- {c['dataset']}, {c['method']}: {critical}/{seeds} seeds end within the gradient "
       f"tolerance {config.gradient_tol:g}; {saddles}/{seeds} are classified saddles "
-      f"({degenerate} degenerate); on average {float(np.mean(c['near_zero_mass'])):.0%} of "
+      f"({degenerate} degenerate); on average {_percent(c['near_zero_mass'], 0)} of "
       f"the spectral mass is within {config.relative_tol:g}·λ_max of zero and "
-      f"{float(np.mean(c['negative_mass'])):.1%} is negative; the median number of top "
+      f"{_percent(c['negative_mass'], 1)} is negative; the median number of top "
       f"eigenvalues outside the semicircle bulk is {_outliers(c, config)} "
       f"for {c['num_classes']} classes."
     )
@@ -458,16 +475,15 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
       )
   escape = [c for c in units if c["method"] in ("pgd", "ncd")]
   if escape:
-    mean_degeneracy = float(np.mean([np.mean(c["near_zero_mass"]) for c in escape]))
-    negative = float(np.mean([np.mean(c["negative_mass"]) for c in escape]))
+    mean_degeneracy, degeneracy_note = _finite_mean([c["near_zero_mass"] for c in escape])
+    negative, negative_note = _finite_mean([c["negative_mass"] for c in escape])
     critical = sum(k != "not critical" for c in escape for k in c["classification"])
     seeds = sum(len(c["classification"]) for c in escape)
     lines.append(
-      f"- The escape methods (PGD, NC descent) end with {mean_degeneracy:.0%} of the mass near "
-      f"zero and {negative:.1%} negative on average: "
+      f"- The escape methods (PGD, NC descent) end with {mean_degeneracy:.0%}{degeneracy_note} "
+      f"of the mass near zero and {negative:.1%}{negative_note} negative on average: "
       + (
-        "the spectrum where they stop is highly degenerate, with a small negative part, as "
-        "Sankar and Balasubramanian report"
+        "the spectrum where they stop is highly degenerate, as Sankar and Balasubramanian report"
         if mean_degeneracy > 0.5
         else "this run does not show the high degeneracy Sankar and Balasubramanian report"
       )
@@ -478,13 +494,15 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
         else "none is a critical point yet by that standard: training had not converged."
       )
     )
-  ks = float(np.mean([np.mean(c["semicircle_bulk_ks"]) for c in units]))
+  ks, ks_note = _finite_mean([c["semicircle_bulk_ks"] for c in units])
+  near_zero, _ = _finite_mean([c["near_zero_mass"] for c in units])
   lines.append(
-    f"- The semicircle fits the bulk with a mean KS distance of {ks:.2f} "
+    f"- The semicircle fits the bulk with a mean KS distance of {ks:.2f}{ks_note} "
     + (
       "(close: the semicircle law is plausible for the bulk)."
       if ks < 0.1
-      else "(far: the bulk is not a semicircle here; it is dominated by the near-zero mass)."
+      else "(far: the bulk is not a semicircle here"
+      + (f"; {near_zero:.0%} of the mass is near zero on average)." if near_zero > 0.5 else ").")
     )
   )
   return lines
@@ -505,23 +523,24 @@ def make_figures(run: _runner.RunDirectory, config: Config) -> list[str]:
       panels, run.figures / f"{dataset}-spectrum.png", title=f"{dataset}: Hessian density (SLQ)"
     )
     paths.append(str(path.relative_to(run.path)))
-    curves = {}
+    curves, oracle_calls = {}, {}
     for m in config.methods:
       rate = units[f"{dataset}/{m}"]["learning_rate"]
       rows = sorted(
-        (r["step"], r["loss"])
+        (r["step"], r["loss"], r["oracle_calls"])
         for r in run.records()
         if r.get("unit") == f"{dataset}/{m}" and "step" in r and r["learning_rate"] == rate
       )
-      curves[m] = np.asarray([loss for _, loss in rows]).T
-    # Every method logs at the same oracle calls (SGD after as many steps as cost as much).
-    budget_gradients = np.arange(config.steps // config.log_every + 1) * config.log_every
+      curves[m] = np.asarray([loss for _, loss, _ in rows]).T
+      # NC descent's Lanczos calls make its spending differ from seed to seed and from the
+      # other methods', which log at equal gradient counts: each curve gets its own x.
+      oracle_calls[m] = np.median(np.asarray([calls for *_, calls in rows], np.float64), axis=1)
     path = _plots.plot_panels(
       {dataset: curves},
       run.figures / f"{dataset}-loss.png",
       title=f"{dataset}: training loss",
-      x=budget_gradients,
-      xlabel="oracle budget used (full-batch gradients)",
+      x=oracle_calls,
+      xlabel="oracle calls spent (full-batch gradients, median over seeds)",
       yscale="log",
       columns=1,
     )

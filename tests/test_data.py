@@ -1,5 +1,6 @@
 """The dataset loaders: shapes, dtypes, normalisation, splits, determinism, CIFAR-10 errors."""
 
+import collections
 import os
 import pickle
 import random
@@ -127,6 +128,15 @@ def test_mnist1d_rejects_bad_arguments(kwargs):
 @pytest.mark.parametrize("test_fraction", [0.0, 1.0, -0.1])
 def test_split_rejects_bad_fraction(test_fraction):
   with pytest.raises(ValueError, match="test_fraction"):
+    data.load_digits(test_fraction=test_fraction)
+
+
+@pytest.mark.parametrize(
+  "test_fraction, empty", [(0.001, "0 for testing"), (0.999, "0 for training")]
+)
+def test_split_rejects_a_fraction_that_empties_a_side(test_fraction, empty):
+  # 180 examples per class: 0.18 rounds to none in test, 179.8 to all of them.
+  with pytest.raises(ValueError, match=empty):
     data.load_digits(test_fraction=test_fraction)
 
 
@@ -314,3 +324,27 @@ def test_batches_rejects_bad_batch_size(digits, batch_size):
 def test_batches_rejects_mismatched_lengths(digits):
   with pytest.raises(ValueError, match="359 and 358 examples"):
     data.batches(digits.x_test, digits.y_test[:-1], 10, key=0)
+
+
+def test_cifar10_corrupt_bytes_raise_value_errors_only(tmp_path):
+  # Flipped bytes garble opcodes, lengths and codec names: each must read as a bad file.
+  rng = np.random.default_rng(0)
+  batch = {
+    b"labels": rng.integers(0, 10, 3).tolist(),
+    b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+    b"filenames": [b"a", b"b", b"c"],
+  }
+  raw = pickle.dumps(batch, protocol=2)
+  file = tmp_path / "data_batch_1"
+  outcomes = collections.Counter()
+  for _ in range(1000):
+    corrupt = bytearray(raw)
+    for index in rng.integers(0, 400, rng.integers(1, 4)):
+      corrupt[index] = rng.integers(0, 256)
+    file.write_bytes(bytes(corrupt))
+    try:
+      data._read_cifar10_batch(file)
+      outcomes["read"] += 1
+    except ValueError:
+      outcomes["ValueError"] += 1
+  assert outcomes["ValueError"] > 500

@@ -13,6 +13,8 @@ from _experiment_runs import read_metrics
 from _experiment_runs import shared_quick_run
 
 from experiments import _runner
+from experiments import _training
+from experiments import data
 from experiments import pgd_networks
 
 
@@ -45,12 +47,24 @@ def test_quick_run_records_every_rate_seed_and_log(quick_run):
 
 
 def test_methods_share_initialisations_and_batches(quick_run):
+  # Until PGD first perturbs, it takes GD's steps: the same losses at every log show the same
+  # initialisation and the same batches, step by step.
   records = read_metrics(quick_run)
-  first = {(r["unit"], r["learning_rate"]): r["loss"] for r in records if r.get("step") == 0}
-  pairs = [(u, rate) for (u, rate) in first if u.endswith("/gd")]
-  assert pairs
-  for unit, rate in pairs:
-    assert first[(unit, rate)] == first[(unit[: -len("gd")] + "pgd", rate)]
+  logs = {
+    (r["unit"], r["learning_rate"], r["step"]): r
+    for r in records
+    if "step" in r and r["unit"].endswith("gd")
+  }
+  compared = 0
+  for (unit, rate, step), gd in logs.items():
+    if not unit.endswith("/gd"):
+      continue
+    pgd = logs[(unit[: -len("gd")] + "pgd", rate, step)]
+    for seed, perturbations in enumerate(pgd["num_perturbations"]):
+      if perturbations == 0:
+        assert pgd["loss"][seed] == pytest.approx(gd["loss"][seed], rel=1e-6), (unit, rate, step)
+        compared += step > 0
+  assert compared > 0
 
 
 def test_quick_summary_states_the_comparison(quick_run):
@@ -79,11 +93,33 @@ def test_cifar10_is_skipped_without_a_path_and_kept_with_one():
     (dict(learning_rates=(0.1, -1.0)), "learning_rates"),
     (dict(steps=10, log_every=3), "multiple of log_every"),
     (dict(datasets=("imagenet",)), "unknown datasets"),
+    (dict(max_train_examples=-5), "max_train_examples"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(batch_size=32.0), "batch_size"),
   ],
 )
 def test_bad_configs_are_rejected(change, message):
   with pytest.raises(ValueError, match=message):
     pgd_networks.check_config(dataclasses.replace(pgd_networks.Config(), **change))
+
+
+@pytest.mark.parametrize("batch_size", [0, 11])
+def test_training_refuses_batches_outside_the_training_set(batch_size):
+  # Clamped, a batch larger than the training set would train full-batch under a summary that
+  # reports mini-batches.
+  x = np.zeros((10, 4), np.float32)
+  dataset = data.Dataset("tiny", x, np.zeros(10, np.int32), x, np.zeros(10, np.int32), 2)
+  with pytest.raises(ValueError, match=r"batch_size must be in \[1, 10\]"):
+    _training.train_classifier(
+      dataset,
+      lambda key: None,
+      lambda rate, key: None,
+      learning_rates=[0.1],
+      seeds=1,
+      steps=1,
+      log_every=1,
+      batch_size=batch_size,
+    )
 
 
 def test_confidence_interval_matches_student_t():

@@ -1,5 +1,6 @@
 """``python -m experiments saddles-good-enough --quick`` end to end."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -95,10 +96,23 @@ def test_every_method_has_the_same_oracle_budget_and_ncd_stops_within_it(quick_r
   for calls in sgd["oracle_calls"]:
     assert calls == pytest.approx(sgd["steps"] * sgd["gradient_cost"], rel=1e-5)
     assert budget - sgd["gradient_cost"] * config.steps < calls <= budget
-  sgd_logs = sorted(
-    (r["budget_gradients"], r["step"]) for r in records if r["unit"] == "digits/sgd" and "step" in r
-  )
-  assert {step for _, step in sgd_logs} == {gradients * repeats for gradients, _ in sgd_logs}
+
+  # Each SGD log comes at GD's oracle calls at the same log, less the remainder per gradient.
+  def logged_calls(method):
+    rows = sorted(
+      (r["step"], r["oracle_calls"])
+      for r in records
+      if r["unit"] == f"digits/{method}"
+      and "step" in r
+      and r["learning_rate"] == units[f"digits/{method}"]["learning_rate"]
+    )
+    return np.asarray([calls for _, calls in rows], np.float64)
+
+  gd_calls, sgd_calls = logged_calls("gd"), logged_calls("sgd")
+  assert gd_calls.shape == sgd_calls.shape and gd_calls[-1, 0] == budget
+  remainder = 1 - repeats * sgd["gradient_cost"]
+  assert np.all(sgd_calls <= gd_calls * (1 + 1e-6))
+  assert np.all(sgd_calls >= gd_calls * (1 - remainder) - 1e-4)
   ncd = units["digits/ncd"]
   # The quick run's threshold makes NC descent run Lanczos, which uses up its budget early.
   assert all(calls > 0 for calls in ncd["num_lanczos_calls"])
@@ -158,6 +172,35 @@ def test_oracle_budget_stops_a_method_exactly_when_the_next_step_would_exceed_it
   assert np.all(optax.tree.get(state, "stopped"))
   moved = np.abs(np.diff(np.asarray(trajectory), axis=1)).max(axis=-1)
   assert np.all(moved[:, :3] > 0) and np.all(moved[:, 3:] == 0)
+
+
+@pytest.mark.parametrize("num_examples", [960, 1000])
+def test_oracle_budget_lets_a_budget_that_float32_overshoots_be_spent_exactly(num_examples):
+  # 64 / 960 rounds up in float32, so 3,000 steps of it cost 200.00002 > 200.
+  gradient_cost, budget = 64 / num_examples, 200.0
+  num_steps = int(budget * num_examples) // 64
+  tx = _oracle.with_oracle_budget(
+    optax.sgd(0.1), budget=budget, gradient_cost=gradient_cost, lanczos_cost=1.0
+  )
+
+  def step(state, _):
+    _, state = tx.update(jnp.ones(2), state, jnp.zeros(2))
+    return state, None
+
+  state, _ = jax.lax.scan(step, tx.init(jnp.zeros(2)), length=num_steps + 1)
+  assert int(optax.tree.get(state, "num_steps_taken")) == num_steps
+  assert bool(optax.tree.get(state, "stopped"))  # the extra step does not fit
+  calls = float(optax.tree.get(state, "oracle_calls"))
+  assert calls <= budget and calls == pytest.approx(num_steps * gradient_cost, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+  "change", [dict(max_train_examples=0), dict(max_train_examples=-5), dict(batch_size=0)]
+)
+def test_bad_sizes_are_rejected(change):
+  (name,) = change
+  with pytest.raises(ValueError, match=name):
+    saddles_good_enough.check_config(dataclasses.replace(saddles_good_enough.Config(), **change))
 
 
 @pytest.mark.parametrize("name", ["budget", "gradient_cost", "lanczos_cost"])
