@@ -52,11 +52,19 @@ def make_value_fn(
   Returns:
     A function of the ``nnx.State`` of the ``wrt`` variables, pure or not, as
     ``nnx.Optimizer`` passes it. Variables outside ``wrt`` (batch-norm
-    statistics, rngs) are taken as they are when ``make_value_fn`` is called,
-    so build it inside the training step, where it costs nothing after
-    tracing.
+    statistics, rng counts) are copied as they are when ``make_value_fn`` is
+    called, so build it inside the training step, where it costs nothing after
+    tracing. Each evaluation starts from that copy and discards what the model
+    writes into it: the model itself is never changed, and the loss is one
+    deterministic function of the params, as curvature estimates need (a
+    dropout layer draws the same mask at every evaluation; batch norm in
+    training mode normalises by the batch's statistics and its running
+    averages are not updated).
   """
   graphdef, _, rest = nnx.split(model, wrt, ...)
+  # Pure arrays, not the model's live Variables: merging those would write batch-norm
+  # statistics and rng counts back into the model, across trace levels under jit or grad.
+  rest = nnx.as_pure(rest)
 
   def value_fn(params: nnx.State) -> jax.Array:
     return loss_fn(nnx.merge(graphdef, params, rest), *batch)

@@ -81,9 +81,14 @@ def test_nnx_optimizer_trains_an_mlp(tx):
   for _ in range(400):
     last = float(train_step(model, optimizer))
   assert last < 0.05 * first
-  # The optimizer's key lives in the nnx state and advanced with the noise draws.
-  keys = optax.tree.get_all_with_path(nnx.as_pure(optimizer.opt_state), "rng_key")
-  assert len(keys) == 1
+  # The optimizer's key lives in the nnx state and advanced with the noise draws: at every step
+  # for the noisy methods, at each perturbation for the others.
+  state = nnx.as_pure(optimizer.opt_state)
+  ((_, key),) = optax.tree.get_all_with_path(state, "rng_key")
+  ((_, initial),) = optax.tree.get_all_with_path(tx.init(nnx.state(model, nnx.Param)), "rng_key")
+  drew_noise = int(optax.tree.get(state, "num_perturbations", default=1)) > 0
+  advanced = not np.array_equal(jax.random.key_data(key), jax.random.key_data(initial))
+  assert advanced == drew_noise
 
 
 def _mse(model, x, y):
@@ -101,6 +106,53 @@ def test_make_value_fn_evaluates_the_loss_and_its_curvature_on_nnx_state():
   dense = jax.hessian(lambda v: value_fn(unravel(v)))(flat) @ tangent
   _, product = jax.jvp(jax.grad(value_fn), (params,), (unravel(tangent),))
   np.testing.assert_allclose(jax.flatten_util.ravel_pytree(product)[0], dense, rtol=1e-4, atol=1e-5)
+
+
+class NormalizedDropoutMLP(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(3, 16, rngs=rngs)
+    self.norm = nnx.BatchNorm(16, rngs=rngs)
+    self.dropout = nnx.Dropout(0.2, rngs=rngs)
+    self.out = nnx.Linear(16, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.dropout(self.norm(self.hidden(x)))))
+
+
+def test_make_value_fn_leaves_batch_norm_and_dropout_state_alone():
+  model = NormalizedDropoutMLP(nnx.Rngs(4))
+  x, y = _regression_data()
+  key_data = lambda leaf: (  # noqa: E731
+    jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+  )
+  before = jax.tree.map(key_data, nnx.as_pure(nnx.state(model)))
+  value_fn = jaxsaddle.flax.make_value_fn(model, _mse, x, y)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  # One deterministic function of the params: the same dropout mask and batch statistics at
+  # every evaluation, eagerly, under jit and inside a Hessian-vector product.
+  value = float(value_fn(params))
+  assert float(value_fn(params)) == value
+  np.testing.assert_allclose(jax.jit(value_fn)(params), value, rtol=1e-6)
+  product = jaxsaddle.hvp(value_fn, params, jax.tree.map(jnp.ones_like, params))
+  assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(product))
+  # The model's running statistics and rng counts are those it had.
+  after = jax.tree.map(key_data, nnx.as_pure(nnx.state(model)))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+
+  tx = jaxsaddle.negative_curvature_descent(
+    0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=3
+  )
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(_mse)(model, x, y)
+    value_fn = jaxsaddle.flax.make_value_fn(model, _mse, x, y)
+    optimizer.update(model, grads, value_fn=value_fn)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(20)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
 def test_make_value_fn_drives_lbfgs_under_nnx_optimizer():
