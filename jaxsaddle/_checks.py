@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -11,6 +12,9 @@ def concrete_float(value, owner: str = "jaxsaddle", name: str = "value") -> floa
   """The value as a float, or None when it is traced (e.g. under inject_hyperparams)."""
   if isinstance(value, jax.core.Tracer):
     return None
+  if isinstance(value, (str, bytes)):
+    # np.asarray would read "0.1" as a number here and the update would fail on the string.
+    raise TypeError(f"{owner}: {name} must be a number, got the string {value!r}.")
   if callable(value):
     raise TypeError(
       f"{owner}: {name} must be a number, got the callable {value!r}; to change it during "
@@ -105,7 +109,7 @@ def require_value_fn(owner: str, value_fn, params) -> None:
       "function of the parameters returning the scalar loss: call "
       "`tx.update(grads, state, params, value_fn=loss_fn)`, or with flax "
       "`optimizer.update(model, grads, value_fn=jaxsaddle.flax.make_value_fn(model, loss, "
-      "*batch))`."
+      "*batch))` (after `import jaxsaddle.flax`)."
     )
   if not callable(value_fn):
     raise ValueError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
@@ -114,3 +118,28 @@ def require_value_fn(owner: str, value_fn, params) -> None:
       f"{owner} needs the current parameters to take Hessian-vector products at them: call "
       "`tx.update(grads, state, params, value_fn=loss_fn)`."
     )
+
+
+def _as_arrays(tree):
+  """Python numbers as arrays; anything else (arrays, ShapeDtypeStructs) unchanged."""
+  if tree is None:
+    return None
+  return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, (int, float, complex)) else x, tree)
+
+
+def accepting_python_scalars(
+  tx: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` with Python numbers among the params and updates read as arrays.
+
+  optax's own transforms accept ``{"w": 1.0}``; jaxsaddle's read leaves' dtypes and sizes.
+  Other leaves pass through unchanged, so under ``jit`` this costs nothing.
+  """
+
+  def init_fn(params):
+    return tx.init(_as_arrays(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return tx.update(_as_arrays(updates), state, _as_arrays(params), **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

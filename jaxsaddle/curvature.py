@@ -437,7 +437,11 @@ def lanczos(
     return _cast(matvec(as_input), dtype)
 
   def norm(vector):
-    return jnp.sqrt(_tree_vdot(vector, vector, dtype))
+    # sqrt with a finite derivative at 0: once the Krylov space is exhausted w is zero, and
+    # sqrt's infinite slope there made gradients through the whole run NaN.
+    squared = _tree_vdot(vector, vector, dtype)
+    positive = squared > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1)), 0)
 
   start = _cast(init_vector, dtype)
   start_norm = norm(start)

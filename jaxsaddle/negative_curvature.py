@@ -240,7 +240,7 @@ def negative_curvature_descent(
     )
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 class PAGDState(NamedTuple):
@@ -450,4 +450,4 @@ def pagd(
     )
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -76,8 +76,9 @@ def add_isotropic_noise(
       keys are accepted, so the factory can be called inside ``jax.vmap``.
 
   Returns:
-    A ``GradientTransformation``. Integer, boolean or complex parameters are
-    rejected by ``init`` with a ``TypeError``.
+    A ``GradientTransformationExtraArgs`` (extra arguments are ignored).
+    Integer, boolean or complex parameters are rejected by ``init`` with a
+    ``TypeError``.
   """
   _checks.check_nonnegative("add_isotropic_noise", "noise_scale", noise_scale)
   if distribution not in _random.DISTRIBUTIONS:
@@ -92,8 +93,10 @@ def add_isotropic_noise(
       count=jnp.zeros([], jnp.int32), rng_key=_random.canonicalize_key(key)
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    # Extra arguments (value, value_fn) are accepted and unused, so the transform works alone
+    # under nnx.Optimizer.update(model, grads, **kwargs) as well as inside a chain.
+    del params, extra_args
     # Integer updates would truncate the noise to zero.
     _checks.check_float_leaves(updates, "add_isotropic_noise", "noise")
     rng_key, sample_key = jax.random.split(state.rng_key)
@@ -101,7 +104,7 @@ def add_isotropic_noise(
     updates = jax.tree.map(lambda g, n: g + n.astype(g.dtype), updates, noise)
     return updates, AddIsotropicNoiseState(optax.safe_increment(state.count), rng_key)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 def _scalar_loss(value, like: jax.Array) -> jax.Array:
@@ -269,4 +272,4 @@ def perturb_near_saddle(
     )
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))

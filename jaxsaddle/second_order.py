@@ -199,7 +199,7 @@ def saddle_free_newton(
     )
     return optax.tree.cast_like(step, updates), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
 
 # --- stochastic cubic regularisation ----------------------------------------------------------
@@ -391,4 +391,4 @@ def cubic_regularization(
     step = optax.tree.scale(_checks.learning_rate_at(learning_rate, state.count), step)
     return optax.tree.cast_like(step, updates), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -485,7 +485,7 @@ def laplacian_smoothing(
     mode: ``"leaf"``, ``"global"`` or ``"axis"``.
 
   Returns:
-    A stateless ``GradientTransformation``.
+    A stateless ``GradientTransformationExtraArgs`` (extra arguments are ignored).
 
   Example::
 
@@ -504,8 +504,8 @@ def laplacian_smoothing(
     _checks.check_float_leaves(params, owner, "smoothing")
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args  # accepted as by every jaxsaddle transform, and unused
     if mode == "global":
       leaves, treedef = jax.tree.flatten(updates)
       smoothed = _smooth_global([_replicated(leaf) for leaf in leaves], sigma, order)
@@ -524,4 +524,4 @@ def laplacian_smoothing(
 
     return jax.tree.map(smooth, updates), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))

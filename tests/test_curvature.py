@@ -148,6 +148,21 @@ def test_breakdown_gives_exactly_the_reachable_spectrum(use_x64, dimension, reor
     assert pairs.eigenvalues.dtype == dtype
 
 
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+def test_gradients_through_an_exhausted_krylov_space_are_finite(reorthogonalize):
+  # d(largest eigenvalue of diag(d)) / d = the unit vector at its largest entry. Five steps on
+  # three dimensions break down at the fourth, whose zero residual norm has sqrt's infinite slope.
+  def largest(diagonal):
+    result = curvature.lanczos(
+      lambda x: diagonal * x, jnp.ones(3), 5, reorthogonalize=reorthogonalize
+    )
+    return jnp.nanmax(_ritz_pairs(result).eigenvalues)
+
+  diagonal = jnp.array([1.0, 3.0, 2.0])
+  np.testing.assert_allclose(largest(diagonal), 3.0, rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(largest)(diagonal), [0.0, 1.0, 0.0], atol=1e-5)
+
+
 @pytest.mark.parametrize(
   "reorthogonalize, return_basis", [(True, True), ("partial", True), (False, True), (False, False)]
 )

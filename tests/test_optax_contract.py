@@ -288,6 +288,25 @@ def test_inject_hyperparams_matches_plain_transform(alias):
 
 
 @alias_parametrize
+def test_python_number_leaves_update_as_float32_arrays(alias):
+  # As optax's own transforms do: a tree of Python floats is a tree of float32 scalars.
+  opt = _make(alias)
+  as_numbers = {"a": 0.5, "b": -1.5}
+  as_arrays = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), as_numbers)
+  grads = {"a": 1.0, "b": -3.0}
+  expected, _ = opt.update(
+    jax.tree.map(jnp.float32, grads),
+    opt.init(as_arrays),
+    as_arrays,
+    **_extra_args(alias, _sum_of_squares(as_arrays)),
+  )
+  updates, _ = opt.update(
+    grads, opt.init(as_numbers), as_numbers, **_extra_args(alias, _sum_of_squares(as_arrays))
+  )
+  jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-6), updates, expected)
+
+
+@alias_parametrize
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_updates_keep_params_dtype(alias, dtype):
   opt = _make(alias)
@@ -415,3 +434,19 @@ def test_apply_if_finite_skips_nan_gradients(alias):
   assert int(state.notfinite_count) == 0
   assert int(state.total_notfinite) == 1
   assert all(count == 1 for count in _all_named(state, "num_perturbations"))
+
+
+@pytest.mark.parametrize(
+  "tx",
+  [jaxsaddle.add_isotropic_noise(1e-2, key=0), jaxsaddle.laplacian_smoothing(1.0)],
+  ids=["add_isotropic_noise", "laplacian_smoothing"],
+)
+def test_building_blocks_accept_and_ignore_extra_args(tx):
+  # nnx.Optimizer.update(model, grads, **kwargs) passes kwargs to a lone transform too.
+  params = {"w": jnp.linspace(-1.0, 1.0, 12)}
+  grads = {"w": jnp.cos(jnp.arange(12.0))}
+  state = tx.init(params)
+  plain, _ = tx.update(grads, state, params)
+  with_extra, _ = tx.update(grads, state, params, value=1.0, value_fn=lambda p: 0.0)
+  np.testing.assert_array_equal(with_extra["w"], plain["w"])
+  assert not np.allclose(plain["w"], grads["w"])

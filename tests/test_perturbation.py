@@ -146,6 +146,13 @@ def test_a_schedule_where_a_number_is_expected_says_how_to_schedule_it():
   assert float(jnp.linalg.norm(updates)) > 0
 
 
+def test_a_numeric_string_is_not_taken_for_a_number():
+  with pytest.raises(TypeError, match="noise_scale must be a number, got the string '0.1'"):
+    jaxsaddle.perturbed_sgd(0.1, noise_scale="0.1")
+  with pytest.raises(TypeError, match="escape_steps must be a number"):
+    jaxsaddle.pgd(0.1, perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps="3")
+
+
 def test_pgd_rejects_integer_parameters_with_their_path():
   tx = jaxsaddle.pgd(0.1, perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps=10)
   with pytest.raises(TypeError, match=r"\['layer'\]\['count'\].*int32"):
