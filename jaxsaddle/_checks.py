@@ -118,6 +118,17 @@ def require_value_fn(owner: str, value_fn, params) -> None:
       f"{owner} needs the current parameters to take Hessian-vector products at them: call "
       "`tx.update(grads, state, params, value_fn=loss_fn)`."
     )
+  # Traced abstractly, so a wrong return is named here rather than deep inside a product.
+  loss = jax.eval_shape(value_fn, params)
+  if not (
+    isinstance(loss, jax.ShapeDtypeStruct)
+    and loss.shape == ()
+    and jnp.issubdtype(loss.dtype, jnp.floating)
+  ):
+    raise ValueError(
+      f"{owner}: value_fn must return the scalar floating-point loss, got {loss} (reduce "
+      "per-example losses inside it)."
+    )
 
 
 def _as_arrays(tree):

@@ -38,13 +38,28 @@ DISTRIBUTIONS = ("gaussian", "sphere", "ball")
 
 
 def canonicalize_key(key: jax.Array | int) -> jax.Array:
-  """Returns a typed PRNG key from an int seed, a typed key or a raw uint32 key."""
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
+  """Returns a typed PRNG key from an int seed, a typed key or a raw uint32 key.
+
+  Raises ValueError for a batch of keys or seeds: a transform holds one key, and many seeds
+  run by building it inside ``jax.vmap`` over them.
+  """
+  typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   # Raw key data has a trailing axis; a 0-d uint32 is a seed (vmapped seeds are).
-  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == jnp.uint32 and key.ndim >= 1:
-    return jax.random.wrap_key_data(key)
-  return jax.random.key(key)
+  raw = (
+    not typed
+    and isinstance(key, (jax.Array, np.ndarray))
+    and key.dtype == jnp.uint32
+    and key.ndim >= 1
+  )
+  batch_shape = np.shape(key)[:-1] if raw else np.shape(key)
+  if batch_shape:
+    raise ValueError(
+      f"key must be one key or seed, got a batch of shape {batch_shape}; to run many seeds, "
+      "build the transform inside jax.vmap over the keys."
+    )
+  if typed:
+    return key
+  return jax.random.wrap_key_data(key) if raw else jax.random.key(key)
 
 
 def _lowbias32(x: jax.Array) -> jax.Array:

@@ -60,16 +60,6 @@ def _scale(scalar, tree: PyTree) -> PyTree:
   return jax.tree.map(lambda leaf: jnp.asarray(scalar, leaf.dtype) * leaf, tree)
 
 
-def _loss(value_fn: ValueFn, params: PyTree) -> jax.Array:
-  value = jnp.asarray(value_fn(params))
-  if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
-    raise ValueError(
-      f"value_fn must return the scalar floating-point loss, got {value.dtype} of shape "
-      f"{value.shape} (reduce per-example losses inside it)."
-    )
-  return value
-
-
 class NegativeCurvatureDescentState(NamedTuple):
   """State of :func:`negative_curvature_descent`; the counters are escape diagnostics."""
 
@@ -216,7 +206,7 @@ def negative_curvature_descent(
       def lower_candidate():
         plus = jax.tree.map(lambda p, s: p + s.astype(p.dtype), params, step)
         minus = jax.tree.map(lambda p, s: p - s.astype(p.dtype), params, step)
-        lower = _loss(value_fn, minus) < _loss(value_fn, plus)
+        lower = value_fn(minus) < value_fn(plus)
         return jnp.where(lower, -1, 1).astype(dtype)
 
       sign = jax.lax.cond(negative & (slope == 0), lower_candidate, lambda: -jnp.sign(slope))
@@ -392,7 +382,7 @@ def pagd(
         optax.tree.add(_scale(momentum, next_velocity), gradient_step), updates
       )
 
-      loss_x, loss_y = _loss(value_fn, x), _loss(value_fn, params)
+      loss_x, loss_y = value_fn(x), value_fn(params)
       eps = jnp.finfo(jnp.result_type(loss_x, loss_y)).eps
       loss_x, loss_y = loss_x.astype(dtype), loss_y.astype(dtype)
       # <grad f(y), x - y> = -m <g, v> and ||x - y||^2 = m^2 ||v||^2.
@@ -420,7 +410,7 @@ def pagd(
           delta = along_velocity(scale)
           plus = optax.tree.add(x, delta)
           minus = optax.tree.sub(x, delta)
-          lower = _loss(value_fn, minus) < _loss(value_fn, plus)
+          lower = value_fn(minus) < value_fn(plus)
           return along_velocity(jnp.where(lower, -scale, scale))
 
         shift = jax.lax.cond(

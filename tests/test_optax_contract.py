@@ -450,3 +450,18 @@ def test_building_blocks_accept_and_ignore_extra_args(tx):
   with_extra, _ = tx.update(grads, state, params, value=1.0, value_fn=lambda p: 0.0)
   np.testing.assert_array_equal(with_extra["w"], plain["w"])
   assert not np.allclose(plain["w"], grads["w"])
+
+
+@pytest.mark.parametrize(
+  "alias", [a for a in ALIASES if "value_fn" in a.extra_args], ids=lambda alias: alias.name
+)
+@pytest.mark.parametrize(
+  "value_fn",
+  [lambda p: p**2, lambda p: (jnp.sum(p**2), p), lambda p: jnp.sum(p**2).astype(jnp.int32)],
+  ids=["per-example", "with-aux", "integer"],
+)
+def test_a_value_fn_that_is_not_a_scalar_loss_is_named(alias, value_fn):
+  opt = _make(alias, **({"every": 1} if "every" in alias.kwargs else {}))
+  params = jnp.array([1.0, -2.0])
+  with pytest.raises(ValueError, match="value_fn must return the scalar floating-point loss"):
+    opt.update(2 * params, opt.init(params), params, value_fn=value_fn)

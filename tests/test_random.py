@@ -247,6 +247,21 @@ def test_every_key_form_is_accepted(key):
     )
 
 
+@pytest.mark.parametrize(
+  "keys",
+  [jnp.arange(3), jax.random.split(jax.random.key(0), 3), jax.random.split(jax.random.PRNGKey(0))],
+  ids=["seeds", "typed", "raw"],
+)
+def test_a_batch_of_keys_is_refused_with_the_vmap_route(keys):
+  with pytest.raises(ValueError, match=r"batch of shape \(\d+,\).*jax.vmap"):
+    jaxsaddle.noisy_gd(0.1, noise_scale=0.1, key=keys).init(jnp.zeros(3))
+  # The route it names: one transform per key.
+  states = jax.vmap(
+    lambda key: jaxsaddle.noisy_gd(0.1, noise_scale=0.1, key=key).init(jnp.zeros(3))
+  )(keys)
+  assert optax.tree.get(states, "rng_key").shape == (keys.shape[0],)
+
+
 def test_noise_never_hides_nan_gradients():
   tx = jaxsaddle.add_isotropic_noise(1.0, distribution="sphere", key=0)
   grads = jnp.array([1.0, jnp.nan, jnp.inf])
