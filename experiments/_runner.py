@@ -256,6 +256,13 @@ def check_seeds_and_steps(config) -> None:
     raise ValueError(f"seeds and steps must be at least 1, got {config.seeds}, {config.steps}.")
 
 
+def check_known(what: str, names, known) -> None:
+  """Rejects, before any unit runs, names (of methods, problems, datasets) not in ``known``."""
+  unknown = sorted(set(names) - set(known))
+  if unknown:
+    raise ValueError(f"unknown {what} {unknown}; known: {', '.join(known)}.")
+
+
 def check_positive_integers(config, *names: str) -> None:
   """Rejects fields of ``config`` that are not integers of at least 1 (a slice by a negative
   ``max_train_examples`` would drop examples from the end instead)."""

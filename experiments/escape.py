@@ -55,6 +55,8 @@ from jaxsaddle import problems
 
 NAME = "escape"
 SADDLE_CHECK = "saddle_check"
+PROBLEMS = ("quadratic", "mlp")
+METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +104,8 @@ class Config:
 
   seeds: int = 8
   steps: int = 400
-  problems: tuple[str, ...] = ("quadratic", "mlp")
-  methods: tuple[str, ...] = ("gd", "pgd", "noisy_gd", "perturbed_sgd")
+  problems: tuple[str, ...] = PROBLEMS
+  methods: tuple[str, ...] = METHODS
   pgd_perturbation_radius: float = 0.5
   pgd_gradient_threshold: float = 1e-3
   pgd_escape_steps: int = 50
@@ -200,7 +202,7 @@ def build_problem(name: str, config: Config) -> EscapeProblem:
     return quadratic_problem(config.quadratic)
   if name == "mlp":
     return mlp_problem(config.mlp)
-  raise ValueError(f"unknown problem {name!r}; known: quadratic, mlp.")
+  raise ValueError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}.")
 
 
 def make_optimizer(
@@ -222,7 +224,7 @@ def make_optimizer(
     return jaxsaddle.noisy_gd(learning_rate, noise_scale=config.noise_scale, key=key)
   if method == "perturbed_sgd":
     return jaxsaddle.perturbed_sgd(learning_rate, noise_scale=config.noise_scale, key=key)
-  raise ValueError(f"unknown method {method!r}; known: gd, pgd, noisy_gd, perturbed_sgd.")
+  raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
 
 
 def method_hyperparameters(method: str, learning_rate: float, config: Config) -> dict[str, Any]:
@@ -509,6 +511,8 @@ def run(run_dir: _runner.RunDirectory) -> str:
   """Computes the missing units, then writes the figures and summary; returns the table."""
   config: Config = run_dir.config
   _runner.check_seeds_and_steps(config)
+  _runner.check_known("problems", config.problems, PROBLEMS)
+  _runner.check_known("methods", config.methods, METHODS)
   _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
   figures = make_figures(run_dir, config)
   run_dir.write_summary(summary(run_dir, config, figures))

@@ -362,6 +362,8 @@ def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
 def run(run_dir: _runner.RunDirectory) -> str:
   config: Config = run_dir.config
   _runner.check_seeds_and_steps(config)
+  _runner.check_known("problems", config.problems, PROBLEMS)
+  _runner.check_known("methods", config.methods, METHODS)
   if min(config.dims) < 2:
     raise ValueError(f"dims must be at least 2 (a saddle needs two directions), got {config.dims}.")
   _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))

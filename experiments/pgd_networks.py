@@ -155,9 +155,7 @@ def check_config(config: Config) -> None:
     raise ValueError(f"learning_rates must be positive, got {config.learning_rates}.")
   if config.log_every < 1 or config.steps % config.log_every:
     raise ValueError(f"steps ({config.steps}) must be a multiple of log_every.")
-  unknown = set(config.datasets) - set(data.LOADERS)
-  if unknown:
-    raise ValueError(f"unknown datasets {sorted(unknown)}; known: {sorted(data.LOADERS)}.")
+  _runner.check_known("datasets", config.datasets, sorted(data.LOADERS))
 
 
 def runnable_datasets(config: Config) -> tuple[str, ...]:
@@ -416,7 +414,12 @@ def verdict(rows: list[dict], min_effect: float) -> str:
     sizes = [r["num_params"] for r in rows]
     gains = [r["advantage"][0] for r in rows]
     correlation = scipy.stats.spearmanr(sizes, gains)
-    if np.isfinite(correlation.statistic):
+    if not np.isfinite(correlation.statistic):
+      lines.append(
+        " No trend with model size can be computed: the mean advantage is not finite in every "
+        "setting, or does not vary."
+      )
+    else:
       if correlation.pvalue >= 0.05:
         trend = "shows no significant trend"
       else:

@@ -132,9 +132,7 @@ def default_config(quick: bool = False) -> Config:
 def check_config(config: Config) -> None:
   _runner.check_seeds_and_steps(config)
   _runner.check_positive_integers(config, "batch_size", "max_train_examples")
-  unknown = set(config.methods) - set(METHODS)
-  if unknown:
-    raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}.")
+  _runner.check_known("methods", config.methods, METHODS)
   if config.log_every < 1 or config.steps % config.log_every:
     raise ValueError(f"steps ({config.steps}) must be a multiple of log_every.")
 

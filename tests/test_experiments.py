@@ -22,6 +22,7 @@ from _experiment_runs import shared_quick_run
 
 from experiments import _runner
 from experiments import escape
+from experiments import escape_toy
 
 PROBLEMS = ("quadratic", "mlp")
 METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd")
@@ -159,3 +160,13 @@ def test_fast_compile_options_only_on_the_cpu_backend(monkeypatch):
   assert _runner.fast_compile_options() == _runner.FAST_COMPILE_OPTIONS
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert _runner.fast_compile_options() == {}
+
+
+@pytest.mark.parametrize("module", [escape, escape_toy], ids=["escape", "escape-toy"])
+@pytest.mark.parametrize("field", ["problems", "methods"])
+def test_unknown_problems_and_methods_are_refused_before_any_unit(module, field, tmp_path):
+  config = dataclasses.replace(module.Config(), **{field: (*getattr(module.Config(), field), "x")})
+  run = _runner.RunDirectory(tmp_path, module.NAME, config)
+  with pytest.raises(ValueError, match=rf"unknown {field} \['x'\]"):
+    module.run(run)
+  assert not run.metrics_path.exists()  # nothing was computed, not even the first unit
