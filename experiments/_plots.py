@@ -161,7 +161,7 @@ def plot_panels(
     axes.grid(alpha=0.3)
     axes.legend(fontsize="x-small")
   band_label = "min–max" if band == "minmax" else "10–90%"
-  figure.suptitle(f"{title} (median over seeds, band {band_label})")
+  figure.suptitle(f"{title} (median over seeds, band {band_label})", wrap=True)
   return _save(figure, path, dpi=110)
 
 

@@ -538,7 +538,7 @@ def make_figures(run: _runner.RunDirectory, config: Config) -> list[str]:
       run.figures / f"{dataset}-loss.png",
       title=f"{dataset}: training loss",
       x=oracle_calls,
-      xlabel="oracle calls spent (full-batch gradients, median over seeds)",
+      xlabel="oracle calls (full-batch gradients)",
       yscale="log",
       columns=1,
     )
