@@ -573,12 +573,13 @@ def _ranges(values: list[int]) -> str:
   return ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in groups)
 
 
-def converges_at_minima(run: _runner.RunDirectory, candidate: str) -> bool:
-  """Whether the candidate's iteration on every convex quadratic |H| had dimension n."""
+def converges_at_minima(run: _runner.RunDirectory, candidate: str, problem: str) -> bool:
+  """Whether the candidate's iteration on every convex quadratic |H| of ``problem`` had
+  dimension n."""
   return all(
     record["dimension_at_minimum"] == record["n"]
     for record in dimension_records(run)
-    if record["candidate"] == candidate
+    if record["candidate"] == candidate and record["problem"] == problem
   )
 
 
@@ -607,14 +608,18 @@ def make_figure(run: _runner.RunDirectory, config: Config) -> str:
         continue
       ns = sorted(by_n)
       label = candidate_label(candidate, config)
-      if not converges_at_minima(run, candidate):
+      if not converges_at_minima(run, candidate, problem):
         label += " [unstable at a minimum]"
       color = colors[index % len(colors)]
       # Hollow markers shrinking with the index, so that candidates on the same line show as
       # nested rings instead of hiding each other.
-      axes.plot(
+      # The largest dimension over rotations, with a bar down to the smallest where they differ.
+      highest = np.asarray([max(by_n[n]) for n in ns])
+      axes.errorbar(
         ns,
-        [max(by_n[n]) for n in ns],
+        highest,
+        yerr=[highest - np.asarray([min(by_n[n]) for n in ns]), np.zeros(len(ns))],
+        capsize=2,
         color=color,
         marker=MARKERS[index % len(MARKERS)],
         markersize=max(2.5, 9.0 - 0.8 * index),
@@ -695,7 +700,7 @@ def verdict_lines(run: _runner.RunDirectory, config: Config) -> list[str]:
       if not mine:
         continue
       label = candidate_label(candidate, config)
-      if not converges_at_minima(run, candidate):
+      if not converges_at_minima(run, candidate, problem):
         label += " (unstable at a minimum)"
       if all(r["dimension"] == floor_half(r["n"]) for r in mine):
         matching.append(label)
