@@ -329,12 +329,19 @@ def test_multi_steps_accumulates(alias):
   update = _jit_update(opt)
   state = opt.init(params)
 
+  def inner_counts(state):
+    return [int(count) for _, count in optax.tree.get_all_with_path(state.inner_opt_state, "count")]
+
   for _ in range(3):
     updates, state = update(grads, state, params, **_extra_args(alias, value))
     test_utils.assert_trees_all_equal(updates, jnp.zeros_like(grads))
-  updates, _ = update(grads, state, params, **_extra_args(alias, value))
+  # (lsgd with a constant learning rate keeps no count.)
+  assert all(count == 0 for count in inner_counts(state))
+  updates, state = update(grads, state, params, **_extra_args(alias, value))
   assert updates.dtype == params.dtype
   assert np.all(np.asarray(updates, np.float32) != 0)
+  # The inner transform ran once, on the fourth call.
+  assert all(count == 1 for count in inner_counts(state))
 
 
 @alias_parametrize

@@ -162,6 +162,12 @@ def test_sample_keeps_leaf_dtypes_and_is_float32_inside():
   tree = {"h": jnp.zeros(1000, jnp.float16), "b": jnp.zeros(1000, jnp.bfloat16)}
   noise = _random.sample_isotropic(jax.random.key(5), tree, 1.0, "sphere")
   assert noise["h"].dtype == jnp.float16 and noise["b"].dtype == jnp.bfloat16
+  # Drawn and normalised in float32, then rounded once: exactly the float32 sample, cast.
+  wide = _random.sample_isotropic(jax.random.key(5), jax.tree.map(jnp.float32, tree), 1.0, "sphere")
+  for name, leaf in noise.items():
+    np.testing.assert_array_equal(
+      np.asarray(leaf, np.float32), np.asarray(wide[name].astype(leaf.dtype), np.float32)
+    )
   # 2000 low-precision coordinates still lie on the unit sphere to their precision.
   assert abs(np.linalg.norm(_flat(noise)) - 1) < 1e-2
 
