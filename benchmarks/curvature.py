@@ -32,6 +32,14 @@ an output of the jitted call, as a caller that uses the Ritz vectors would, so
 XLA cannot skip writing the basis. After the timing, every Lanczos row of
 jaxsaddle is checked to have run all ``K`` steps (no breakdown, which would turn
 later products into products with zero) and every threaded output to be finite.
+
+A second table does the same on a small conv net (``benchmarks/_conv.py``) with
+``K = 10``, where XLA on the CPU runs the products many times slower inside a
+loop body (jax-ml/jax#12868): ten chained linearised products in a
+``fori_loop`` and unrolled in Python, and ``jaxsaddle.lanczos`` with full
+reorthogonalisation by default (which unrolls on the CPU when the operator
+convolves) and forced into its loop (``unroll=False``), all as ratios to the
+unrolled products.
 """
 
 import dataclasses
@@ -43,6 +51,7 @@ import matfree.decomp
 from jax.flatten_util import ravel_pytree
 
 import jaxsaddle
+from benchmarks import _conv
 from benchmarks import _mlp
 from benchmarks import _timing
 
@@ -53,9 +62,9 @@ MATFREE_REORTHO = ("full", "none")
 REORTHOGONALIZATIONS = (True, "partial", False)
 
 
-def hessian_operator(params, batch, matvec: str):
+def hessian_operator(params, batch, matvec: str, loss_fn=_mlp.loss_fn):
   """``v -> H v`` at ``params``; ``linearized`` runs the forward pass once, here."""
-  value_fn = lambda p: _mlp.loss_fn(p, batch)
+  value_fn = lambda p: loss_fn(p, batch)
   if matvec == "plain":
     return lambda tangent: jaxsaddle.hvp(value_fn, params, tangent)
   _, operator = jaxsaddle.linearize_hvp(value_fn, params)
@@ -105,23 +114,33 @@ def hvp_step(tangent, params, batch):
   return _mlp.normalized(hessian_operator(params, batch, "plain")(tangent))
 
 
-def hvp_loop_step(matvec: str):
+def hvp_loop_step(
+  matvec: str, num_steps: int = NUM_STEPS, loss_fn=_mlp.loss_fn, unroll: bool = False
+):
   def step(tangent, params, batch):
-    operator = hessian_operator(params, batch, matvec)
-    return jax.lax.fori_loop(
-      0, NUM_STEPS, lambda _, v: _mlp.normalized(operator(v)), _mlp.normalized(tangent)
+    operator = hessian_operator(params, batch, matvec, loss_fn)
+    return jaxsaddle.curvature.fori_loop(
+      num_steps, lambda _, v: _mlp.normalized(operator(v)), _mlp.normalized(tangent), unroll=unroll
     )
 
   return step
 
 
-def lanczos_step(matvec: str, reorthogonalize):
+def lanczos_step(
+  matvec: str,
+  reorthogonalize,
+  num_steps: int = NUM_STEPS,
+  loss_fn=_mlp.loss_fn,
+  unroll: bool | None = None,
+):
   """``((start, num_valid), params, batch) -> ((last vector, num_valid), LanczosResult)``."""
 
   def step(state, params, batch):
     start, _ = state
-    operator = hessian_operator(params, batch, matvec)
-    result = jaxsaddle.lanczos(operator, start, NUM_STEPS, reorthogonalize=reorthogonalize)
+    operator = hessian_operator(params, batch, matvec, loss_fn)
+    result = jaxsaddle.lanczos(
+      operator, start, num_steps, reorthogonalize=reorthogonalize, unroll=unroll
+    )
     return (jax.tree.map(lambda stacked: stacked[-1], result.basis), result.num_valid), result
 
   return step
@@ -224,6 +243,59 @@ def derived_ratios(median: dict[str, float]) -> dict[str, float]:
   return ratios
 
 
+CONV_STEPS = 10  # K for the conv net: its looped rows take seconds a call
+CONV_HVPS_LOOP = f"conv: {CONV_STEPS} hvps, fori_loop"
+CONV_HVPS_UNROLLED = f"conv: {CONV_STEPS} hvps, unrolled"
+CONV_LANCZOS = f"conv: lanczos {CONV_STEPS}, default (unrolled on the CPU)"
+CONV_LANCZOS_LOOP = f"conv: lanczos {CONV_STEPS}, unroll=False"
+
+
+def time_conv(settings: _timing.Settings) -> list[_timing.Timing]:
+  """Products and Lanczos on the conv net, in a loop and unrolled, both with reorthogonalisation."""
+  params_key, batch_key, tangent_key = jax.random.split(jax.random.key(1), 3)
+  params = _conv.init(params_key)
+  batch = _conv.random_batch(batch_key)
+  tangent = _mlp.normalized(_conv.init(tangent_key))
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+  start = lambda: (copy(tangent), jnp.zeros((), jnp.int32))  # noqa: E731
+  loops = {
+    CONV_HVPS_UNROLLED: Loop(
+      hvp_loop_step("linearized", CONV_STEPS, _conv.loss_fn, unroll=True),
+      copy(tangent),
+      params,
+      batch,
+    ),
+    CONV_HVPS_LOOP: Loop(
+      hvp_loop_step("linearized", CONV_STEPS, _conv.loss_fn), copy(tangent), params, batch
+    ),
+    CONV_LANCZOS: DecompositionLoop(
+      lanczos_step("linearized", True, CONV_STEPS, _conv.loss_fn), start(), params, batch
+    ),
+    CONV_LANCZOS_LOOP: DecompositionLoop(
+      lanczos_step("linearized", True, CONV_STEPS, _conv.loss_fn, unroll=False),
+      start(),
+      params,
+      batch,
+    ),
+  }
+  timings = _timing.time_interleaved(
+    [_timing.Candidate(name, loop, CONV_HVPS_UNROLLED) for name, loop in loops.items()], settings
+  )
+  for name in (CONV_LANCZOS, CONV_LANCZOS_LOOP):
+    _, num_valid = loops[name].state
+    if num_valid != CONV_STEPS:
+      raise RuntimeError(f"{name}: {num_valid} valid steps of {CONV_STEPS} (breakdown).")
+  return timings
+
+
+def conv_ratios(median: dict[str, float]) -> dict[str, float]:
+  return {
+    f"{CONV_HVPS_LOOP} / {CONV_HVPS_UNROLLED}": median[CONV_HVPS_LOOP] / median[CONV_HVPS_UNROLLED],
+    f"{CONV_LANCZOS} / {CONV_HVPS_UNROLLED}": median[CONV_LANCZOS] / median[CONV_HVPS_UNROLLED],
+    f"{CONV_LANCZOS_LOOP} / {CONV_LANCZOS}": median[CONV_LANCZOS_LOOP] / median[CONV_LANCZOS],
+  }
+
+
 def main() -> None:
   args = _timing.argument_parser(__doc__.splitlines()[0]).parse_args()
   settings = _timing.settings_from(args)
@@ -235,6 +307,15 @@ def main() -> None:
     load_at_start,
     timings,
     derived_ratios,
+  )
+  conv_load = os.getloadavg()[0]
+  conv_timings = time_conv(settings)
+  conv_wall, conv_cpu = _timing.print_report(
+    f"Hessian of the loss of {_conv.description()}, float32; K = {CONV_STEPS}",
+    settings,
+    conv_load,
+    conv_timings,
+    conv_ratios,
   )
 
   if args.json:
@@ -249,6 +330,12 @@ def main() -> None:
         "timings": _timing.as_json(timings),
         "derived_from_wall_clock": from_wall,
         "derived_from_cpu_time": from_cpu,
+        "conv": {
+          "num_steps": CONV_STEPS,
+          "timings": _timing.as_json(conv_timings),
+          "derived_from_wall_clock": conv_wall,
+          "derived_from_cpu_time": conv_cpu,
+        },
       },
     )
 

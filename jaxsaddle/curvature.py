@@ -46,6 +46,14 @@ float32, or float64 when a leaf is float64; bfloat16 and float16 leaves are upca
 operator still receives vectors in the leaves' own dtypes). The loop has a fixed trip count
 under ``lax.fori_loop``, so everything jits and vmaps.
 
+**Convolutions on the CPU.** XLA on the CPU runs a convolution's products far slower inside a
+loop body than in straight-line code (jax-ml/jax#12868): ten Hessian-vector products of a
+two-layer conv net took 2.4 s in a ``fori_loop`` (``unroll=True`` included) and 0.23 s
+unrolled in Python. So on the CPU, when the operator convolves (its jaxpr, traced once, holds
+a ``conv_general_dilated``), the steps are unrolled in Python instead; ``lanczos(...,
+unroll=...)`` forces either. Unrolled programs take longer to compile, about in proportion
+to the steps.
+
 **Random starts.** With a Gaussian start vector, :math:`m` steps find the largest
 eigenvalue :math:`\lambda_1` of a positive semi-definite :math:`A` of size :math:`n` to
 relative accuracy :math:`\varepsilon`, :math:`\theta_{\max} \ge (1 - \varepsilon)\lambda_1`,
@@ -88,6 +96,7 @@ from typing import Literal
 from typing import NamedTuple
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
@@ -258,6 +267,44 @@ def _subtract_rows(
   return jax.tree.map(per_leaf, basis, vector)
 
 
+def _contains_convolution(jaxpr: jax.extend.core.Jaxpr) -> bool:
+  """Whether ``jaxpr`` or any jaxpr nested in its equations' parameters convolves."""
+
+  def nested(value) -> list:
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+      return [value.jaxpr]
+    if isinstance(value, jax.extend.core.Jaxpr):
+      return [value]
+    if isinstance(value, (tuple, list)):
+      return [jaxpr for item in value for jaxpr in nested(item)]
+    return []
+
+  return any(
+    equation.primitive.name == "conv_general_dilated"
+    or any(_contains_convolution(inner) for v in equation.params.values() for inner in nested(v))
+    for equation in jaxpr.eqns
+  )
+
+
+def unroll_by_default(fn: Callable, *example_args) -> bool:
+  """Whether loops over ``fn`` run unrolled: on the CPU, when ``fn`` convolves.
+
+  ``fn`` is traced once, abstractly, on ``example_args``; see the module docstring.
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  return _contains_convolution(jax.make_jaxpr(fn)(*example_args).jaxpr)
+
+
+def fori_loop(num_steps: int, body: Callable[[Any, Any], Any], carry, *, unroll: bool):
+  """``lax.fori_loop(0, num_steps, body, carry)``, or the same steps unrolled in Python."""
+  if not unroll:
+    return jax.lax.fori_loop(0, num_steps, body, carry)
+  for step in range(num_steps):
+    carry = body(step, carry)
+  return carry
+
+
 def _reorthogonalization_mode(reorthogonalize: Reorthogonalization) -> str:
   """``"full"``, ``"partial"`` or ``"none"`` for the ``reorthogonalize`` argument of lanczos."""
   if isinstance(reorthogonalize, str):
@@ -322,6 +369,7 @@ def lanczos(
   return_basis: bool = True,
   breakdown_tol: float | None = None,
   converged: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+  unroll: bool | None = None,
 ) -> LanczosResult:
   r"""Runs ``num_steps`` Lanczos steps on a symmetric operator from ``init_vector``.
 
@@ -408,6 +456,10 @@ def lanczos(
       :math:`[-0.05, 0.05]` under an outlier at 100 stopped the recursion after three steps.
       The stop keeps :math:`\beta_j` as the final residual norm, so the Ritz residuals still
       bound each Ritz value's distance to an eigenvalue.
+    unroll: run the steps unrolled in Python instead of in a loop. None (the default) unrolls
+      on the CPU when ``matvec`` convolves, where a loop makes XLA's convolutions many times
+      slower (see the module docstring). Unrolled, a ``converged`` stop still stops the
+      recursion, but the remaining steps' products are computed and discarded.
 
   Returns:
     A :class:`LanczosResult`.
@@ -594,8 +646,10 @@ def lanczos(
       forced,
     )
 
-  if converged is None:
-    final = jax.lax.fori_loop(0, num_steps, step, init_carry)
+  if unroll is None:
+    unroll = unroll_by_default(apply, start)
+  if converged is None or unroll:
+    final = fori_loop(num_steps, step, init_carry, unroll=unroll)
   else:
     _, final = jax.lax.while_loop(
       lambda indexed: (indexed[0] < num_steps) & indexed[1][6],

@@ -298,7 +298,9 @@ def cubic_regularization(
       threshold :math:`\ell^2 / \rho` and the defaults of the subsolver.
     epsilon: :math:`\varepsilon > 0`, the target gradient norm: it sets :math:`\sigma` and
       the stopping test.
-    subsolver_steps: :math:`T \ge 1` (static: a loop length).
+    subsolver_steps: :math:`T \ge 1` (static: a loop length). On the CPU, when the loss
+      convolves, the loop is unrolled (see :mod:`jaxsaddle.curvature`), and compile time
+      grows with :math:`T`.
     subsolver_learning_rate: :math:`\eta_s > 0`; defaults to :math:`1 / (20 \ell)`. Gradient
       descent on the model is stable for :math:`\eta_s < 2 / \ell` near :math:`\Delta = 0`.
     perturbation_scale: :math:`\sigma \ge 0`; defaults to :math:`\sqrt{\varepsilon \rho} /
@@ -369,7 +371,13 @@ def cubic_regularization(
         return step, matvec(step)
 
       zeros = optax.tree.zeros_like(gradient)
-      step, hessian_step = jax.lax.fori_loop(0, subsolver_steps, body, (zeros, zeros))
+      # Unrolled on the CPU when the loss convolves, as Lanczos is (see jaxsaddle.curvature).
+      step, hessian_step = curvature.fori_loop(
+        subsolver_steps,
+        body,
+        (zeros, zeros),
+        unroll=curvature.unroll_by_default(matvec, gradient),
+      )
       return step, hessian_step, jnp.asarray(subsolver_steps, jnp.int32)
 
     step, hessian_step, num_hvps = jax.lax.cond(

@@ -479,7 +479,8 @@ def hessian_trace(
       CPUs, where a batch is not cheaper than its probes one by one and its probes and
       intermediate results must be written to memory; batches can pay on accelerators. Probes
       are drawn inside the loop, from a counter hash (``jaxsaddle._random``), so they are the
-      same whatever the batch size.
+      same whatever the batch size. For a convolutional model on the CPU pass None: XLA runs
+      convolutions inside a loop body many times slower (see :mod:`jaxsaddle.curvature`).
 
   Returns:
     An :class:`Estimate` of the trace and its standard error.

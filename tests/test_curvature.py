@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+import jaxsaddle
 from jaxsaddle import curvature
 from jaxsaddle import spectrum as spectrum_module
 from jaxsaddle._random import tree_standard_normal
@@ -857,3 +858,84 @@ def test_invalid_arguments_raise():
     curvature.extreme_eigenpairs(lambda x: x, jnp.ones(3), num_steps=2, key=0, which="middle")
   with pytest.raises(ValueError, match="k must be"):
     curvature.extreme_eigenpairs(lambda x: x, jnp.ones(3), num_steps=2, key=0, k=3)
+
+
+def _conv_loss(params):
+  inputs = jnp.cos(jnp.arange(2 * 6 * 6 * 1.0)).reshape(2, 6, 6, 1)
+  hidden = jax.lax.conv_general_dilated(
+    inputs, params["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  return jnp.sum(jnp.tanh(hidden) ** 2) + jnp.sum(params["scale"] ** 4)
+
+
+def _conv_params():
+  return {
+    "kernel": 0.3 * jnp.sin(jnp.arange(3 * 3 * 1 * 2.0)).reshape(3, 3, 1, 2),
+    "scale": jnp.array([0.5, -1.0]),
+  }
+
+
+def test_loops_unroll_by_default_on_the_cpu_only_when_the_operator_convolves():
+  params = _conv_params()
+  conv_operator = lambda v: curvature.hvp(_conv_loss, params, v)  # noqa: E731
+  assert jax.default_backend() == "cpu"
+  assert curvature.unroll_by_default(conv_operator, params)
+  # Nested inside a jit as well.
+  assert curvature.unroll_by_default(jax.jit(conv_operator), params)
+  dense = lambda v: jax.tree.map(lambda leaf: 2.0 * leaf, v)  # noqa: E731
+  assert not curvature.unroll_by_default(dense, params)
+  assert not curvature.unroll_by_default(
+    lambda v: curvature.hvp(lambda p: jnp.sum(jnp.cos(p["kernel"])), params, v), params
+  )
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_unrolled_lanczos_equals_the_loop(reorthogonalize, with_stop):
+  # On the conv operator the default unrolls; forced into a loop it must give the same run, and
+  # a stopping test must stop both at the same step.
+  params = _conv_params()
+  operator = lambda v: curvature.hvp(_conv_loss, params, v)  # noqa: E731
+  converged = (lambda alphas, betas, num_valid: num_valid >= 5) if with_stop else None
+
+  def run(unroll):
+    return jax.jit(
+      lambda v: curvature.lanczos(
+        operator, v, 8, reorthogonalize=reorthogonalize, converged=converged, unroll=unroll
+      )
+    )(jax.tree.map(jnp.ones_like, params))
+
+  unrolled, looped, default = run(True), run(False), run(None)
+  assert int(looped.num_valid) == (5 if with_stop else 8)
+  # The two programs round differently; a basis that is not kept orthonormal amplifies that once
+  # a Ritz value converges, so only its first steps are compared.
+  rows = 8 if reorthogonalize is True else 4
+  for result in (unrolled, default):
+    assert int(result.num_valid) == int(looped.num_valid)
+    np.testing.assert_allclose(result.alphas[:rows], looped.alphas[:rows], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.betas[:rows], looped.betas[:rows], rtol=1e-5, atol=1e-5)
+    for name in params:
+      np.testing.assert_allclose(
+        result.basis[name][:rows], looped.basis[name][:rows], rtol=1e-4, atol=1e-5
+      )
+
+
+def test_cubic_regularization_subsolver_unrolled_on_a_conv_loss_equals_the_loop(monkeypatch):
+  params = _conv_params()
+  tx = jaxsaddle.cubic_regularization(
+    1.0, hessian_lipschitz=10.0, smoothness=50.0, epsilon=1e-3, subsolver_steps=4, key=0
+  )
+
+  def update():
+    grads = jax.grad(_conv_loss)(params)
+    updates, _ = jax.jit(tx.update, static_argnames="value_fn")(
+      grads, tx.init(params), params, value_fn=_conv_loss
+    )
+    return updates
+
+  unrolled = update()
+  monkeypatch.setattr(curvature, "unroll_by_default", lambda *args: False)
+  looped = update()
+  for name in params:
+    assert np.all(np.asarray(unrolled[name]) != 0)
+    np.testing.assert_allclose(unrolled[name], looped[name], rtol=1e-5, atol=1e-7)
