@@ -296,46 +296,40 @@ def conv_ratios(median: dict[str, float]) -> dict[str, float]:
   }
 
 
-def main() -> None:
-  args = _timing.argument_parser(__doc__.splitlines()[0]).parse_args()
-  settings = _timing.settings_from(args)
+def timed_table(model: str, num_steps: int, time_rows, ratios, settings) -> dict:
+  """Times one table's rows, prints it, and returns what the JSON report keeps of it."""
   load_at_start = os.getloadavg()[0]
-  timings = time_curvature(settings)
+  timings = time_rows(settings)
   from_wall, from_cpu = _timing.print_report(
-    f"Hessian of the loss of {_mlp.description()}, float32; K = {NUM_STEPS}",
+    f"Hessian of the loss of {model}, float32; K = {num_steps}",
     settings,
     load_at_start,
     timings,
-    derived_ratios,
+    ratios,
   )
-  conv_load = os.getloadavg()[0]
-  conv_timings = time_conv(settings)
-  conv_wall, conv_cpu = _timing.print_report(
-    f"Hessian of the loss of {_conv.description()}, float32; K = {CONV_STEPS}",
-    settings,
-    conv_load,
-    conv_timings,
-    conv_ratios,
-  )
+  return {
+    "load_average_at_start": load_at_start,
+    "num_steps": num_steps,
+    "timings": _timing.as_json(timings),
+    "derived_from_wall_clock": from_wall,
+    "derived_from_cpu_time": from_cpu,
+  }
 
+
+def main() -> None:
+  args = _timing.argument_parser(__doc__.splitlines()[0]).parse_args()
+  settings = _timing.settings_from(args)
+  mlp = timed_table(_mlp.description(), NUM_STEPS, time_curvature, derived_ratios, settings)
+  conv = timed_table(_conv.description(), CONV_STEPS, time_conv, conv_ratios, settings)
   if args.json:
     _timing.write_json(
       args.json,
       {
         "benchmark": "curvature",
         "environment": _timing.environment(),
-        "load_average_at_start": load_at_start,
         "settings": dataclasses.asdict(settings),
-        "num_steps": NUM_STEPS,
-        "timings": _timing.as_json(timings),
-        "derived_from_wall_clock": from_wall,
-        "derived_from_cpu_time": from_cpu,
-        "conv": {
-          "num_steps": CONV_STEPS,
-          "timings": _timing.as_json(conv_timings),
-          "derived_from_wall_clock": conv_wall,
-          "derived_from_cpu_time": conv_cpu,
-        },
+        **mlp,
+        "conv": conv,
       },
     )
 

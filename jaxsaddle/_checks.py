@@ -118,7 +118,14 @@ def require_value_fn(owner: str, value_fn, params) -> None:
       f"{owner} needs the current parameters to take Hessian-vector products at them: call "
       "`tx.update(grads, state, params, value_fn=loss_fn)`."
     )
-  # Traced abstractly, so a wrong return is named here rather than deep inside a product.
+  check_scalar_loss(owner, value_fn, params)
+
+
+def check_scalar_loss(owner: str, value_fn, params) -> None:
+  """Raises ValueError unless ``value_fn(params)`` is a floating-point scalar.
+
+  Traced abstractly, so a wrong return is named here rather than deep inside a product.
+  """
   loss = jax.eval_shape(value_fn, params)
   if not (
     isinstance(loss, jax.ShapeDtypeStruct)
@@ -126,8 +133,8 @@ def require_value_fn(owner: str, value_fn, params) -> None:
     and jnp.issubdtype(loss.dtype, jnp.floating)
   ):
     raise ValueError(
-      f"{owner}: value_fn must return the scalar floating-point loss, got {loss} (reduce "
-      "per-example losses inside it)."
+      f"{owner}: value_fn must return the scalar floating-point loss, got {loss}. Reduce "
+      "per-example losses (e.g. with jnp.mean) and drop auxiliary outputs."
     )
 
 

@@ -132,16 +132,7 @@ def _check_value_fn(owner: str, value_fn: ValueFn, params: PyTree) -> None:
   if not any(jnp.size(leaf) for leaf in jax.tree.leaves(params)):
     raise ValueError(f"{owner}: params has no array elements; there is no Hessian to study.")
   _checks.check_float_leaves(params, owner, "a Hessian")
-  out = jax.eval_shape(value_fn, params)
-  if not (
-    isinstance(out, jax.ShapeDtypeStruct)
-    and out.shape == ()
-    and jnp.issubdtype(out.dtype, jnp.floating)
-  ):
-    raise ValueError(
-      f"{owner}: value_fn must return the loss as a real floating-point scalar, got {out}. "
-      "Reduce per-example losses (e.g. with jnp.mean) and drop auxiliary outputs."
-    )
+  _checks.check_scalar_loss(owner, value_fn, params)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
