@@ -125,13 +125,22 @@ _FIT_GRID_POINTS = 21
 _compute_dtype = curvature._compute_dtype
 
 
-def _check_value_fn(owner: str, value_fn: ValueFn, params: PyTree) -> None:
-  """Raises unless ``value_fn`` maps ``params`` (real floating leaves) to a real scalar."""
-  if not callable(value_fn):
-    raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
+def _check_params(owner: str, params: PyTree) -> None:
+  """Raises unless ``params`` has array elements, all of them real floating point."""
   if not any(jnp.size(leaf) for leaf in jax.tree.leaves(params)):
     raise ValueError(f"{owner}: params has no array elements; there is no Hessian to study.")
   _checks.check_float_leaves(params, owner, "a Hessian")
+
+
+def _check_value_fn(owner: str, value_fn: ValueFn, params: PyTree) -> None:
+  """Raises unless ``value_fn`` maps ``params`` (real floating leaves) to a real scalar.
+
+  Every public function calls it once, before anything is traced: the scalar-loss check is an
+  abstract evaluation of ``value_fn``, paid at every eager call.
+  """
+  if not callable(value_fn):
+    raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
+  _check_params(owner, params)
   _checks.check_scalar_loss(owner, value_fn, params)
 
 
@@ -139,9 +148,8 @@ def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _linearize(owner: str, value_fn: ValueFn, params: PyTree):
-  """Validates ``value_fn``; returns the loss, gradient, an HVP function and a finiteness flag."""
-  _check_value_fn(owner, value_fn, params)
+def _linearize(value_fn: ValueFn, params: PyTree):
+  """The loss, gradient, an HVP function and a finiteness flag, for a checked ``value_fn``."""
   # Linearising value_and_grad gives the loss from the same forward pass as the gradient.
   (value, gradient), linear = jax.linearize(jax.value_and_grad(value_fn), params)
 
@@ -334,7 +342,8 @@ def hessian_extreme_eigenvalues(
   """
   owner = "hessian_extreme_eigenvalues"
   _checks.check_loop_length(owner, "num_steps", num_steps)
-  _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
+  _check_value_fn(owner, value_fn, params)
+  _, _, hvp_fn, finite = _linearize(value_fn, params)
   if reorthogonalize is None:
     reorthogonalize = "partial" if k > 1 else False
   if exact_residuals is None:
@@ -489,7 +498,7 @@ def hessian_trace(
   form = _second_derivative_form(value_fn, params, dtype)
   finite = jnp.array(True)
   if method == "hutch++" or form is None:
-    _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
+    _, _, hvp_fn, finite = _linearize(value_fn, params)
   if form is None:
     form = lambda vector: (_quadratic_form(hvp_fn, vector, dtype), jnp.array(True))  # noqa: E731
   keys = jax.random.split(_random.canonicalize_key(key), num_probes)
@@ -687,7 +696,8 @@ def hessian_density(
     _checks.check_loop_length(owner, "probe_batch_size", probe_batch_size)
   if grid is not None and jnp.ndim(grid) != 1:
     raise ValueError(f"{owner}: grid must be a 1-D array of points, got shape {jnp.shape(grid)}.")
-  _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
+  _check_value_fn(owner, value_fn, params)
+  _, _, hvp_fn, finite = _linearize(value_fn, params)
   nodes, weights = _slq(
     hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonalize, probe_batch_size
   )
@@ -1089,7 +1099,8 @@ def classify_critical_point(
   radii = np.asarray(probe_radii, np.float64)
   if radii.ndim != 1 or radii.size == 0 or not np.all((radii > 0) & np.isfinite(radii)):
     raise ValueError(f"{owner}: probe_radii must be positive and finite, got {probe_radii!r}.")
-  value, gradient, hvp_fn, finite = _linearize(owner, value_fn, params)
+  _check_value_fn(owner, value_fn, params)
+  value, gradient, hvp_fn, finite = _linearize(value_fn, params)
   dtype = _compute_dtype(params)
   value = value.astype(dtype)
   lanczos_key, slq_key, direction_key = jax.random.split(_random.canonicalize_key(key), 3)
@@ -1365,12 +1376,12 @@ def monitor_curvature(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _check_value_fn(owner, value_fn, params)
+    _check_params(owner, params)
     dtype = state.smallest_eigenvalue.dtype
 
     def estimate(rng_key):
       rng_key, lanczos_key = jax.random.split(rng_key)
-      _, _, hvp_fn, finite = _linearize(owner, value_fn, params)
+      _, _, hvp_fn, finite = _linearize(value_fn, params)
       pairs = curvature.extreme_eigenpairs(
         hvp_fn,
         params,
