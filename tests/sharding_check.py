@@ -16,7 +16,7 @@ What is checked, on 1-D and 2-D meshes with Explicit and Auto axis types:
 - sharded results equal the single-device results for the same params and key: the raw noise
   bitwise, the updates to float32 rounding (the sphere and ball radii sum squares shard by shard,
   in another order than one device; today the updates happen to come out bitwise equal too);
-- the compiled update contains no all-gather (and perturbed SGD's no collective at all);
+- the compiled update communicates nothing but all-reduces of scalars (perturbed SGD nothing);
 - ``vmap`` over 16 keys of a jitted step works on sharded params;
 - LSGD in ``"axis"`` mode smooths leaves sharded along their other axes without communication
   under Explicit axes (and without an all-gather under Auto ones, except for the FFT of a traced
@@ -27,6 +27,7 @@ What is checked, on 1-D and 2-D meshes with Explicit and Auto axis types:
 
 import contextlib
 import functools
+import re
 from typing import Any
 from typing import NamedTuple
 
@@ -257,6 +258,12 @@ def test_updates_and_state_keep_their_sharding(optimizer_name, mesh_name):
       _per_parameter_leaves(trajectory.init_state),
       "state after step 0",
     )
+    params_devices = jax.tree.leaves(trajectory.params)[0].sharding.device_set
+    for path, leaf in jax.tree.leaves_with_path(trajectory.states[0]):
+      if leaf.ndim == 0:
+        name = f"state after step 0{jax.tree_util.keystr(path)}"
+        assert leaf.sharding.is_fully_replicated, f"{name}: {leaf.sharding}"
+        assert leaf.sharding.device_set == params_devices, f"{name}: {leaf.sharding}"
   if trajectory.jitted_init_state is not None:
     _assert_same_sharding(trajectory.jitted_init_state, trajectory.init_state, "jitted init")
 
@@ -285,22 +292,42 @@ def test_results_equal_the_single_device_results(optimizer_name, mesh_name):
     )
 
 
+def _collectives(hlo_text: str) -> list[tuple[str, tuple[str, ...]]]:
+  """``(collective, [shape of each result])`` for every collective instruction in ``hlo_text``."""
+  names = "|".join(re.escape(name) for name in COLLECTIVES)
+  pattern = re.compile(rf"=\s*(\([^)]*\)|\S+)\s+({names})(?:-start)?\(")
+  return [
+    (match.group(2), tuple(re.findall(r"\w+\[[\d,]*\]", match.group(1))))
+    for match in pattern.finditer(hlo_text)
+  ]
+
+
 @optimizer_names
 @mesh_names
-def test_compiled_update_does_not_gather_params(optimizer_name, mesh_name):
-  compiled = _sharded_trajectory(optimizer_name, mesh_name).compiled_update
-  assert "all-gather" not in compiled
+def test_compiled_update_communicates_only_scalars(optimizer_name, mesh_name):
+  collectives = _collectives(_sharded_trajectory(optimizer_name, mesh_name).compiled_update)
   if optimizer_name == "perturbed_sgd":
     # Gaussian noise needs no global norm and the step no gradient test: nothing to communicate.
-    assert not [c for c in COLLECTIVES if c in compiled]
+    assert collectives == []
+  # The gradient test and the sphere's radius sum squares shard by shard: their only
+  # communication is an all-reduce of scalars. A gather, or one done as an all-reduce of a
+  # padded array, would move a tensor.
+  for name, shapes in collectives:
+    assert name == "all-reduce", collectives
+    assert all(shape.endswith("[]") for shape in shapes), collectives
 
 
-def test_gather_detection_sees_a_deliberate_gather():
-  # Guards the test above against an HLO spelling that would make it pass vacuously.
+def test_collective_parser_reads_compiled_collectives():
+  # Guards the test above against an HLO spelling that the parser would not see.
   mesh = _mesh("auto_2d_no_context_mesh")
-  kernel = _sharded_params("auto_2d_no_context_mesh")["hidden"]["kernel"]
-  replicate = jax.jit(lambda a: a + 1, out_shardings=NamedSharding(mesh, P()))
-  assert "all-gather" in replicate.lower(kernel).compile().as_text()
+  sharded = NamedSharding(mesh, P("x", "y"))
+  summed = jax.jit(lambda x: jnp.sum(x * x), in_shardings=sharded)
+  replicated = jax.jit(lambda x: x, in_shardings=sharded, out_shardings=NamedSharding(mesh, P()))
+  x = jnp.ones((8, 8))
+  sum_collectives = _collectives(summed.lower(x).compile().as_text())
+  assert sum_collectives and set(sum_collectives) == {("all-reduce", ("f32[]",))}
+  gather_collectives = _collectives(replicated.lower(x).compile().as_text())
+  assert gather_collectives and {name for name, _ in gather_collectives} == {"all-gather"}
 
 
 @pytest.mark.parametrize(("optimizer_name", "mesh_name"), VMAP_CASES)
