@@ -16,6 +16,14 @@ On a machine shared with other jobs, wall-clock time includes the time the
 process waits for a core and CPU time does not (though it still pays for
 evicted caches), so when the wall-clock ratio and the paired ratio disagree the
 machine was busy and the CPU-time ratio is the better estimate.
+
+The header also names the memory allocator's settings. On Linux, glibc's malloc maps every
+buffer above its mmap threshold (32 MB at most, by default) afresh and unmaps it when freed,
+and returns freed memory at the top of its heap to the kernel: XLA's output and temporary
+buffers of that size then fault their pages in again at every call, which on the MLP benchmarks
+costs as much as a fifth of a Lanczos run. ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` (or a preloaded allocator) change this for the whole process, so the
+same setting applies to every candidate of a run, peers included.
 """
 
 import argparse
@@ -197,9 +205,24 @@ def as_json(timings: Sequence[Timing]) -> list[dict]:
   ]
 
 
+ALLOCATOR_VARIABLES = (
+  "MALLOC_MMAP_THRESHOLD_",
+  "MALLOC_TRIM_THRESHOLD_",
+  "GLIBC_TUNABLES",
+  "LD_PRELOAD",
+)
+
+
+def allocator() -> str:
+  """The allocator settings this process started with, ``"glibc defaults"`` when none is set."""
+  settings = [f"{name}={os.environ[name]}" for name in ALLOCATOR_VARIABLES if name in os.environ]
+  return ", ".join(settings) or "glibc defaults"
+
+
 def environment() -> dict:
   """What the numbers depend on, recorded next to them."""
   return {
+    "allocator": allocator(),
     "jax": jax.__version__,
     "backend": jax.default_backend(),
     "devices": [str(d) for d in jax.devices()],
@@ -246,7 +269,8 @@ def print_report(
   print(
     f"{what}; {settings.rounds} interleaved rounds, medians over rounds; "
     f"{jax.default_backend()}, {jax.device_count()} device(s), 1-minute load average "
-    f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n"
+    f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; allocator: "
+    f"{allocator()}.\n"
   )
   print(markdown_table(timings))
   print("\nDerived ratios, from wall-clock medians (from CPU-time medians):\n")

@@ -181,7 +181,8 @@ def main() -> None:
   print(
     f"Training step of {_mlp.description()}, sigma {SIGMA:g}, order 1, params and state donated; "
     f"{settings.rounds} interleaved rounds, medians over rounds; {jax.default_backend()}, "
-    f"{jax.device_count()} device(s), load average {os.getloadavg()[0]:.1f}.\n"
+    f"{jax.device_count()} device(s), load average {os.getloadavg()[0]:.1f}; allocator: "
+    f"{_timing.allocator()}.\n"
   )
   print(_timing.markdown_table(step_timings))
   print(f"\nSolvers alone on one flattened {SOLVER_SHAPE[0]}x{SOLVER_SHAPE[1]} leaf, float32:\n")
