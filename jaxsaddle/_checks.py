@@ -145,19 +145,52 @@ def _as_arrays(tree):
   return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, (int, float, complex)) else x, tree)
 
 
-def accepting_python_scalars(
-  tx: optax.GradientTransformationExtraArgs,
-) -> optax.GradientTransformationExtraArgs:
-  """``tx`` with Python numbers among the params and updates read as arrays.
+def _within_ranges(positive, nonnegative, fractions) -> jax.Array | None:
+  """Whether the traced values lie in their ranges (finite, and > 0, >= 0 or in [0, 1)); None
+  when none is traced, since the factories have checked concrete values already."""
+  traced = lambda values: [v for v in values if isinstance(v, jax.core.Tracer)]  # noqa: E731
+  conditions = (
+    [(v > 0) & (v < jnp.inf) for v in traced(positive)]
+    + [(v >= 0) & (v < jnp.inf) for v in traced(nonnegative)]
+    + [(v >= 0) & (v < 1) for v in traced(fractions)]
+  )
+  return jnp.all(jnp.stack(conditions)) if conditions else None
 
-  optax's own transforms accept ``{"w": 1.0}``; jaxsaddle's read leaves' dtypes and sizes.
-  Other leaves pass through unchanged, so under ``jit`` this costs nothing.
+
+def public_transform(
+  tx: optax.GradientTransformationExtraArgs,
+  *,
+  positive=(),
+  nonnegative=(),
+  fractions=(),
+) -> optax.GradientTransformationExtraArgs:
+  """``tx`` as jaxsaddle returns it, with two guards every transform shares.
+
+  - Python numbers among the params and updates are read as arrays: optax's own transforms
+    accept ``{"w": 1.0}``; jaxsaddle's read leaves' dtypes and sizes.
+  - The factories check concrete hyperparameters, but a traced one (``optax.inject_hyperparams``
+    under ``jit``) reaches ``update`` unchecked. When one of those in ``positive``,
+    ``nonnegative`` or ``fractions`` (in [0, 1), momenta) is out of its range, NaN or infinite,
+    the updates are NaN, as ``lsgd``'s are for a negative traced sigma, instead of a step that
+    silently stalls or explodes; ``optax.apply_if_finite`` then skips them. None entries (an
+    optional hyperparameter left out) are ignored.
+
+  Other leaves pass through unchanged, and with no traced hyperparameter nothing is added, so
+  under ``jit`` this costs nothing.
   """
+  positive, nonnegative, fractions = (
+    [v for v in values if v is not None and not callable(v)]
+    for values in (positive, nonnegative, fractions)
+  )
 
   def init_fn(params):
     return tx.init(_as_arrays(params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    return tx.update(_as_arrays(updates), state, _as_arrays(params), **extra_args)
+    updates, state = tx.update(_as_arrays(updates), state, _as_arrays(params), **extra_args)
+    valid = _within_ranges(positive, nonnegative, fractions)
+    if valid is not None:
+      updates = jax.tree.map(lambda u: jnp.where(valid, u, jnp.nan).astype(u.dtype), updates)
+    return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -230,7 +230,11 @@ def negative_curvature_descent(
     )
     return new_updates, new_state
 
-  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn),
+    positive=[hessian_lipschitz, epsilon, gradient_threshold],
+    nonnegative=[learning_rate],
+  )
 
 
 class PAGDState(NamedTuple):
@@ -440,4 +444,9 @@ def pagd(
     )
     return new_updates, new_state
 
-  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn),
+    positive=[gradient_threshold, escape_steps, exploitation_radius, curvature_threshold],
+    nonnegative=[learning_rate, perturbation_radius],
+    fractions=[momentum],
+  )

@@ -104,7 +104,10 @@ def add_isotropic_noise(
     updates = jax.tree.map(lambda g, n: g + n.astype(g.dtype), updates, noise)
     return updates, AddIsotropicNoiseState(optax.safe_increment(state.count), rng_key)
 
-  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn),
+    nonnegative=[noise_scale],
+  )
 
 
 def _scalar_loss(value, like: jax.Array) -> jax.Array:
@@ -272,4 +275,8 @@ def perturb_near_saddle(
     )
     return new_updates, new_state
 
-  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn),
+    positive=[gradient_threshold, escape_steps, escape_threshold],
+    nonnegative=[perturbation_radius],
+  )

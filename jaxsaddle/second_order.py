@@ -199,7 +199,10 @@ def saddle_free_newton(
     )
     return optax.tree.cast_like(step, updates), new_state
 
-  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn),
+    nonnegative=[learning_rate, damping],
+  )
 
 
 # --- stochastic cubic regularisation ----------------------------------------------------------
@@ -399,4 +402,8 @@ def cubic_regularization(
     step = optax.tree.scale(_checks.learning_rate_at(learning_rate, state.count), step)
     return optax.tree.cast_like(step, updates), new_state
 
-  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn),
+    positive=[hessian_lipschitz, smoothness, epsilon, subsolver_learning_rate],
+    nonnegative=[learning_rate, perturbation_scale],
+  )

@@ -524,4 +524,4 @@ def laplacian_smoothing(
 
     return jax.tree.map(smooth, updates), state
 
-  return _checks.accepting_python_scalars(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return _checks.public_transform(optax.GradientTransformationExtraArgs(init_fn, update_fn))

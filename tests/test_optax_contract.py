@@ -287,6 +287,35 @@ def test_inject_hyperparams_matches_plain_transform(alias):
     )
 
 
+# A traced hyperparameter out of its range, per alias: (name, value). optax's own parts (the
+# learning rates of pgd and the noisy aliases, which optax.sgd scales by) are not jaxsaddle's.
+OUT_OF_RANGE = [
+  ("pgd", "gradient_threshold", float("nan")),
+  ("noisy_gd", "noise_scale", -1.0),
+  ("perturb_near_saddle_adam", "escape_steps", 0),
+  ("lsgd", "sigma", -1.0),
+  ("negative_curvature_descent", "hessian_lipschitz", float("nan")),
+  ("pagd", "momentum", 1.5),
+  ("saddle_free_newton", "damping", -1.0),
+  ("cubic_regularization", "learning_rate", -1.0),
+]
+
+
+@pytest.mark.parametrize(("alias_name", "name", "value"), OUT_OF_RANGE)
+def test_traced_hyperparameter_out_of_range_gives_nan_updates(alias_name, name, value):
+  # The factory cannot see a value that inject_hyperparams passes traced under jit: a NaN
+  # threshold never perturbed, a negative damping exploded, a NaN rho stalled. NaN updates say
+  # so, and apply_if_finite would skip them.
+  alias = {alias.name: alias for alias in ALIASES}[alias_name]
+  inject = optax.inject_hyperparams(alias.factory, static_args=alias.static_args)(**alias.kwargs)
+  params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
+  grads = optax.tree.zeros_like(params)
+  state = inject.init(params)
+  state.hyperparams[name] = jnp.asarray(value, jnp.result_type(state.hyperparams[name]))
+  updates, _ = _jit_update(inject)(grads, state, params, **_extra_args(alias, jnp.array(1.0)))
+  assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(updates))
+
+
 @alias_parametrize
 def test_python_number_leaves_update_as_float32_arrays(alias):
   # As optax's own transforms do: a tree of Python floats is a tree of float32 scalars.
