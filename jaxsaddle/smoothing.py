@@ -121,7 +121,8 @@ def _poles(sigma: float, order: int) -> tuple[np.ndarray, np.ndarray]:
   r = np.arange(order)
   roots = sigma ** (-1 / order) * np.exp(1j * np.pi * (2 * r + 1) / order)  # w_r^p = -1/sigma
   a = 2 - roots
-  s = np.sqrt(a * a - 4 + 0j)
+  # a^2 - 4 = -w (4 - w): the difference form cancels when sigma is large and w small.
+  s = np.sqrt(-roots * (4 - roots) + 0j)
   # Of the two roots of rho + 1/rho = a take the one inside the unit circle, written
   # without the cancellation of a - sqrt(a^2 - 4) when sigma is large.
   s = np.where((a.conj() * s).real >= 0, s, -s)
@@ -131,8 +132,9 @@ def _poles(sigma: float, order: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _order_one_rho(sigma: float) -> float:
+  # a^2 - 4 with a = 2 + 1/sigma, as (4 + 1/sigma) / sigma: no cancellation at large sigma.
   a = 2 + 1 / sigma
-  return 2 / (a + math.sqrt(a * a - 4))
+  return 2 / (a + math.sqrt((4 + 1 / sigma) / sigma))
 
 
 @functools.cache
@@ -300,8 +302,14 @@ def smooth_last_axis(
 
   Computes in float32 (float64 for float64 input) and returns ``x``'s dtype.
   ``method`` overrides the automatic choice (:func:`choose_method`); a traced
-  ``sigma`` always uses ``"fft"``.
+  ``sigma`` always uses ``"fft"``. ``"recursive"`` solves order 1 only.
   """
+  if method not in (None, "fft", "direct", "recursive"):
+    raise ValueError(
+      f"smooth_last_axis: method must be 'fft', 'direct', 'recursive' or None, got {method!r}."
+    )
+  if method == "recursive" and order != 1:
+    raise ValueError(f"smooth_last_axis: the recursive solver is for order 1, got order {order}.")
   dtype = x.dtype
   n = x.shape[-1]
   x = x.astype(_checks.compute_dtype(dtype))
@@ -456,11 +464,12 @@ def laplacian_smoothing(
   - ``"axis"``: every row along the last axis of every leaf independently.
     The other axes may be sharded: the solve works on each row locally.
 
-  Scalars and vectors shorter than 3 pass through unchanged (the operator is
-  degenerate there), as do leaves whose last axis is shorter than 3 in
-  ``"axis"`` mode. In ``"global"`` mode every leaf, scalars included, is part
-  of the one vector, and only a tree with fewer than 3 elements in all passes
-  through. bfloat16 and float16 updates are smoothed in float32 and cast
+  Scalars and vectors shorter than 3 pass through unchanged (a choice: the
+  periodic Laplacian of 1 or 2 points couples an element with itself or with its
+  one neighbour twice, and smoothing them means little), as do leaves whose last
+  axis is shorter than 3 in ``"axis"`` mode. In ``"global"`` mode every leaf,
+  scalars included, is part of the one vector, and only a tree with fewer than 3
+  elements in all passes through. bfloat16 and float16 updates are smoothed in float32 and cast
   back.
 
   Sharding: in ``"axis"`` mode every row is solved where it lies. Under an
