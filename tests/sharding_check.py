@@ -59,7 +59,15 @@ TINY_GRADIENT_FACTOR = 1e-6
 # float32 results may differ by a few units in the last place between sharded and unsharded runs.
 RTOL = 1e-6
 NUM_KEYS = 16
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+COLLECTIVES = (
+  "all-gather",
+  "all-reduce",
+  "all-to-all",
+  "ragged-all-to-all",
+  "collective-broadcast",
+  "collective-permute",
+  "reduce-scatter",
+)
 
 # Params of a small two-layer MLP: 16 -> 8 -> 32.
 PARAM_SHAPES = {"hidden": {"kernel": (16, 8), "bias": (8,)}, "head": {"kernel": (8, 32)}}
@@ -295,7 +303,9 @@ def test_results_equal_the_single_device_results(optimizer_name, mesh_name):
 def _collectives(hlo_text: str) -> list[tuple[str, tuple[str, ...]]]:
   """``(collective, [shape of each result])`` for every collective instruction in ``hlo_text``."""
   names = "|".join(re.escape(name) for name in COLLECTIVES)
-  pattern = re.compile(rf"=\s*(\([^)]*\)|\S+)\s+({names})(?:-start)?\(")
+  # The result shape is everything between "=" and the opcode: async collectives return nested
+  # tuples, which a pattern for one level of parentheses would skip.
+  pattern = re.compile(rf"=\s*(.*?)\s({names})(?:-start)?\(")
   return [
     (match.group(2), tuple(re.findall(r"\w+\[[\d,]*\]", match.group(1))))
     for match in pattern.finditer(hlo_text)
@@ -328,6 +338,11 @@ def test_collective_parser_reads_compiled_collectives():
   assert sum_collectives and set(sum_collectives) == {("all-reduce", ("f32[]",))}
   gather_collectives = _collectives(replicated.lower(x).compile().as_text())
   assert gather_collectives and {name for name, _ in gather_collectives} == {"all-gather"}
+  nested = "%a = ((f32[4]{0}, f32[4]{0}), (f32[8]{0}, f32[8]{0})) all-gather-start(%b, %c)"
+  assert _collectives(nested) == [("all-gather", ("f32[4]", "f32[4]", "f32[8]", "f32[8]"))]
+  assert _collectives("%r = s32[6]{0} ragged-all-to-all(%x)") == [
+    ("ragged-all-to-all", ("s32[6]",))
+  ]
 
 
 @pytest.mark.parametrize(("optimizer_name", "mesh_name"), VMAP_CASES)
