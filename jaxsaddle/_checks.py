@@ -12,6 +12,8 @@ def concrete_float(value, owner: str = "jaxsaddle", name: str = "value") -> floa
   """The value as a float, or None when it is traced (e.g. under inject_hyperparams)."""
   if isinstance(value, jax.core.Tracer):
     return None
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{owner}: {name} must be a number, got the boolean {value!r}.")
   if isinstance(value, (str, bytes)):
     # np.asarray would read "0.1" as a number here and the update would fail on the string.
     raise TypeError(f"{owner}: {name} must be a number, got the string {value!r}.")
@@ -21,6 +23,8 @@ def concrete_float(value, owner: str = "jaxsaddle", name: str = "value") -> floa
       "training, wrap the optimizer in optax.inject_hyperparams and pass the schedule there."
     )
   array = np.asarray(value)
+  if array.dtype == np.bool_:
+    raise TypeError(f"{owner}: {name} must be a number, got the boolean array {value!r}.")
   if array.ndim:
     raise ValueError(f"{owner}: {name} must be a scalar, got an array of shape {array.shape}.")
   return float(array)
@@ -96,6 +100,26 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def check_updates_like_params(owner: str, updates, params) -> None:
+  """Raises ValueError unless ``updates`` has the tree structure and leaf shapes of ``params``.
+
+  The curvature transforms combine gradients with Hessian-vector products taken at ``params``;
+  a mismatch would otherwise fail deep inside ``jax.linearize`` or a tree map.
+  """
+  if jax.tree.structure(updates) != jax.tree.structure(params):
+    raise ValueError(
+      f"{owner}: updates and params must have one tree structure, got {jax.tree.structure(updates)}"
+      f" and {jax.tree.structure(params)}."
+    )
+  leaves = zip(jax.tree.leaves_with_path(params), jax.tree.leaves(updates), strict=True)
+  for (path, param), update in leaves:
+    if jnp.shape(update) != jnp.shape(param):
+      raise ValueError(
+        f"{owner}: the update at {jax.tree_util.keystr(path) or '<root>'} has shape "
+        f"{jnp.shape(update)}, its parameter {jnp.shape(param)}."
+      )
+
+
 def require_value_fn(owner: str, value_fn, params) -> None:
   """Raises ValueError, saying how to pass them, unless ``value_fn`` and ``params`` are given.
 
@@ -145,12 +169,13 @@ def _as_arrays(tree):
   return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, (int, float, complex)) else x, tree)
 
 
-def _within_ranges(positive, nonnegative, fractions) -> jax.Array | None:
-  """Whether the traced values lie in their ranges (finite, and > 0, >= 0 or in [0, 1)); None
-  when none is traced, since the factories have checked concrete values already."""
+def within_ranges(positive, nonnegative, fractions, counts=()) -> jax.Array | None:
+  """Whether the traced values lie in their ranges (finite, and > 0, >= 0, in [0, 1), or
+  integers >= 1); None when none is traced, since the factories have checked concrete values."""
   traced = lambda values: [v for v in values if isinstance(v, jax.core.Tracer)]  # noqa: E731
   conditions = (
     [(v > 0) & (v < jnp.inf) for v in traced(positive)]
+    + [(v >= 1) & (v == jnp.floor(v)) for v in traced(counts)]
     + [(v >= 0) & (v < jnp.inf) for v in traced(nonnegative)]
     + [(v >= 0) & (v < 1) for v in traced(fractions)]
   )
@@ -163,6 +188,7 @@ def public_transform(
   positive=(),
   nonnegative=(),
   fractions=(),
+  counts=(),
 ) -> optax.GradientTransformationExtraArgs:
   """``tx`` as jaxsaddle returns it, with two guards every transform shares.
 
@@ -170,17 +196,17 @@ def public_transform(
     accept ``{"w": 1.0}``; jaxsaddle's read leaves' dtypes and sizes.
   - The factories check concrete hyperparameters, but a traced one (``optax.inject_hyperparams``
     under ``jit``) reaches ``update`` unchecked. When one of those in ``positive``,
-    ``nonnegative`` or ``fractions`` (in [0, 1), momenta) is out of its range, NaN or infinite,
-    the updates are NaN, as ``lsgd``'s are for a negative traced sigma, instead of a step that
-    silently stalls or explodes; ``optax.apply_if_finite`` then skips them. None entries (an
-    optional hyperparameter left out) are ignored.
+    ``nonnegative``, ``fractions`` (in [0, 1), momenta) or ``counts`` (integers >= 1) is out
+    of its range, NaN or infinite, the updates are NaN, as ``lsgd``'s are for a negative
+    traced sigma, instead of a step that silently stalls or explodes; ``optax.apply_if_finite``
+    then skips them. None entries (an optional hyperparameter left out) are ignored.
 
   Other leaves pass through unchanged, and with no traced hyperparameter nothing is added, so
   under ``jit`` this costs nothing.
   """
-  positive, nonnegative, fractions = (
+  positive, nonnegative, fractions, counts = (
     [v for v in values if v is not None and not callable(v)]
-    for values in (positive, nonnegative, fractions)
+    for values in (positive, nonnegative, fractions, counts)
   )
 
   def init_fn(params):
@@ -188,7 +214,7 @@ def public_transform(
 
   def update_fn(updates, state, params=None, **extra_args):
     updates, state = tx.update(_as_arrays(updates), state, _as_arrays(params), **extra_args)
-    valid = _within_ranges(positive, nonnegative, fractions)
+    valid = within_ranges(positive, nonnegative, fractions, counts)
     if valid is not None:
       updates = jax.tree.map(lambda u: jnp.where(valid, u, jnp.nan).astype(u.dtype), updates)
     return updates, state

@@ -44,6 +44,15 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
   run by building it inside ``jax.vmap`` over them.
   """
   typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if not typed and (
+    key is None
+    or isinstance(key, (bool, str, bytes))
+    or not jnp.issubdtype(jnp.result_type(key), jnp.integer)
+  ):
+    raise TypeError(
+      "key must be a typed PRNG key (jax.random.key), raw uint32 key data "
+      f"(jax.random.PRNGKey) or an int seed, got {key!r}."
+    )
   # Raw key data has a trailing axis; a 0-d uint32 is a seed (vmapped seeds are).
   raw = (
     not typed

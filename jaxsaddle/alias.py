@@ -69,7 +69,7 @@ def pgd(
     A ``GradientTransformationExtraArgs``.
   """
   _checks.check_learning_rate("pgd", learning_rate)
-  return perturb_near_saddle(
+  tx = perturb_near_saddle(
     optax.scale_by_learning_rate(learning_rate),
     perturbation_radius=perturbation_radius,
     gradient_threshold=gradient_threshold,
@@ -77,6 +77,7 @@ def pgd(
     escape_threshold=escape_threshold,
     key=key,
   )
+  return _checks.public_transform(tx, nonnegative=[learning_rate])
 
 
 def noisy_gd(
@@ -111,10 +112,11 @@ def noisy_gd(
     A ``GradientTransformationExtraArgs``.
   """
   _checks.check_learning_rate("noisy_gd", learning_rate)
-  return optax.chain(
+  tx = optax.chain(
     add_isotropic_noise(noise_scale, distribution="sphere", key=key),
     optax.scale_by_learning_rate(learning_rate),
   )
+  return _checks.public_transform(tx, nonnegative=[learning_rate])
 
 
 def perturbed_sgd(
@@ -145,10 +147,11 @@ def perturbed_sgd(
     A ``GradientTransformationExtraArgs``.
   """
   _checks.check_learning_rate("perturbed_sgd", learning_rate)
-  return optax.chain(
+  tx = optax.chain(
     add_isotropic_noise(noise_scale, distribution="gaussian", key=key),
     optax.scale_by_learning_rate(learning_rate),
   )
+  return _checks.public_transform(tx, nonnegative=[learning_rate])
 
 
 class PGDHyperparameters(NamedTuple):
@@ -216,16 +219,30 @@ def pgd_hyperparameters(
   failure_probability = _checks.concrete_float(failure_probability, owner, "failure_probability")
   if failure_probability is None or not 0 < failure_probability < 1:
     raise ValueError(f"{owner}: failure_probability must lie in (0, 1), got {failure_probability}.")
-  chi = 3 * max(math.log(dim * smoothness * loss_gap / (c * epsilon**2 * failure_probability)), 4.0)
-  t_thres = chi / c**2 * smoothness / math.sqrt(hessian_lipschitz * epsilon)
-  return PGDHyperparameters(
-    chi=chi,
-    learning_rate=c / smoothness,
-    perturbation_radius=math.sqrt(c) / chi**2 * epsilon / smoothness,
-    gradient_threshold=math.sqrt(c) / chi**2 * epsilon,
-    escape_threshold=c / chi**3 * math.sqrt(epsilon**3 / hessian_lipschitz),
-    escape_steps=math.ceil(t_thres),
-  )
+  try:
+    chi = 3 * max(
+      math.log(dim * smoothness * loss_gap / (c * epsilon**2 * failure_probability)), 4.0
+    )
+    t_thres = chi / c**2 * smoothness / math.sqrt(hessian_lipschitz * epsilon)
+    hyperparameters = PGDHyperparameters(
+      chi=chi,
+      learning_rate=c / smoothness,
+      perturbation_radius=math.sqrt(c) / chi**2 * epsilon / smoothness,
+      gradient_threshold=math.sqrt(c) / chi**2 * epsilon,
+      escape_threshold=c / chi**3 * math.sqrt(epsilon**3 / hessian_lipschitz),
+      escape_steps=math.ceil(t_thres),
+    )
+  except (ZeroDivisionError, OverflowError, ValueError) as error:
+    raise ValueError(
+      f"{owner}: the constants are so extreme that the formulas over- or underflow ({error}); "
+      "rescale the problem so that smoothness, hessian_lipschitz and epsilon are moderate."
+    ) from error
+  if not all(0 < value < math.inf for value in hyperparameters):
+    raise ValueError(
+      f"{owner}: the constants give hyperparameters that are zero or infinite in float64, "
+      f"{hyperparameters}; rescale the problem."
+    )
+  return hyperparameters
 
 
 def lsgd(
@@ -285,8 +302,9 @@ def lsgd(
     _checks.check_momentum("lsgd", momentum)
   elif nesterov:
     raise ValueError("lsgd: nesterov=True needs a momentum; pass momentum=0.9, for instance.")
-  return optax.chain(
+  tx = optax.chain(
     laplacian_smoothing(sigma, order=order, mode=mode),
     optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None else optax.identity(),
     optax.scale_by_learning_rate(learning_rate),
   )
+  return _checks.public_transform(tx, nonnegative=[learning_rate], fractions=[momentum])

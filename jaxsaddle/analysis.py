@@ -205,6 +205,9 @@ def iteration_matrices(
   if params_dtype is not None and not jnp.issubdtype(params_dtype, jnp.floating):
     # Casting the Hessian to an integer dtype would truncate it.
     raise ValueError(f"iteration_matrices: params_dtype must be floating, got {params_dtype}.")
+  if jnp.issubdtype(jnp.result_type(hessian), jnp.complexfloating):
+    # Dropping the imaginary part would change the iteration.
+    raise ValueError(f"iteration_matrices: hessian must be real, got {jnp.result_type(hessian)}.")
   hessian = jnp.asarray(hessian, dtype=params_dtype)
   if not jnp.issubdtype(hessian.dtype, jnp.floating):
     hessian = hessian.astype(jnp.result_type(float))
@@ -411,9 +414,14 @@ def attraction_dimension(
     kind: ``"auto"``, ``"constant"``, ``"periodic"`` or ``"general"``.
     period: the period for ``kind="periodic"``; must be None for other kinds.
     tol: the neutral tolerance on the exponents, in nats per step. Defaults to
-      :math:`\epsilon^{1/3}` of the dtype for the eigenvalue methods (so an
-      eigenvalue on the unit circle stays neutral under rounding, even in a
-      Jordan block of size 3), and to :math:`1/T` for ``"general"``: over the
+      :math:`\epsilon^{1/3}` of the dtype for the eigenvalue methods: rounding
+      moves a semisimple eigenvalue on the unit circle by about :math:`\epsilon`
+      and one in a Jordan block of size :math:`k` by about :math:`c\,
+      \epsilon^{1/k}`, with :math:`c` the block's conditioning, so well-conditioned
+      blocks of size 2 stay neutral but blocks of size 3 may not (16 of 100 random similarity
+      transforms of one were miscounted in float64): pass a larger ``tol`` for
+      defective iterations. Gradient descent and LSGD iterations are
+      diagonalisable. Defaults to :math:`1/T` for ``"general"``: over the
       horizon a neutral direction changes by less than a factor :math:`e`,
       which a finite-horizon estimate cannot tell from 0.
 
@@ -459,9 +467,9 @@ def attraction_dimension(
   else:
     exponents = floquet_exponents(host_matrices[:period])
     default_tol = float(jnp.finfo(matrices.dtype).eps) ** (1 / 3)
+  if tol is not None:
+    _checks.check_nonnegative("attraction_dimension", "tol", tol)
   tol = default_tol if tol is None else float(tol)
-  if not tol >= 0:
-    raise ValueError(f"attraction_dimension: tol must be non-negative, got {tol}.")
   host_exponents = np.asarray(exponents)
   return AttractionDimension(
     dimension=int(np.sum(host_exponents < -tol)),
@@ -540,6 +548,13 @@ def monte_carlo_attraction(
   _checks.check_loop_length(owner, "num_starts", num_starts)
   if not isinstance(matrices, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(matrices))):
     raise ValueError(f"{owner}: the matrices contain NaN or Inf entries.")
+  if slice_dim is not None:
+    _checks.check_loop_length(owner, "slice_dim", slice_dim)
+  for name, value in (("slice_basis", slice_basis), ("slice_offset", slice_offset)):
+    if value is not None and jnp.issubdtype(jnp.result_type(value), jnp.complexfloating):
+      raise ValueError(f"{owner}: {name} must be real, got dtype {jnp.result_type(value)}.")
+    if not isinstance(value, (type(None), jax.core.Tracer)) and not np.all(np.isfinite(value)):
+      raise ValueError(f"{owner}: {name} contains NaN or Inf entries.")
   if slice_basis is None:
     slice_dim = dim if slice_dim is None else slice_dim
     if not 1 <= slice_dim <= dim:
@@ -550,6 +565,16 @@ def monte_carlo_attraction(
       raise ValueError(
         f"monte_carlo_attraction: slice_basis must have shape ({dim}, k) with 1 <= k <= {dim}, "
         f"got {slice_basis.shape}."
+      )
+    if not isinstance(slice_basis, jax.core.Tracer) and (
+      np.linalg.matrix_rank(np.asarray(slice_basis, np.float64)) < slice_basis.shape[1]
+    ):
+      # Dependent columns span a smaller slice than its coordinates pretend: a zero basis put
+      # every start at the origin and reported that all of them converge.
+      raise ValueError(
+        f"{owner}: the columns of slice_basis must be linearly independent, got rank "
+        f"{np.linalg.matrix_rank(np.asarray(slice_basis, np.float64))} for "
+        f"{slice_basis.shape[1]} columns."
       )
     if slice_dim is not None and slice_dim != slice_basis.shape[1]:
       raise ValueError(

@@ -465,8 +465,8 @@ def lanczos(
     A :class:`LanczosResult`.
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
-  if not jax.tree.leaves(init_vector):
-    raise ValueError("lanczos: init_vector has no array leaves; there is no vector to iterate.")
+  if not any(jnp.size(leaf) for leaf in jax.tree.leaves(init_vector)):
+    raise ValueError("lanczos: init_vector has no array elements; there is no vector to iterate.")
   # An integer start vector would be truncated, and the operator would only ever see zeros.
   _checks.check_float_leaves(init_vector, "lanczos", "Lanczos")
   if breakdown_tol is not None:
@@ -486,18 +486,30 @@ def lanczos(
 
   def apply(vector):
     as_input = jax.tree.map(lambda leaf, d: leaf.astype(d), vector, leaf_dtypes)
-    return _cast(matvec(as_input), dtype)
+    image = matvec(as_input)
+    if jax.tree.structure(image) != jax.tree.structure(vector) or any(
+      jnp.shape(a) != jnp.shape(b)
+      for a, b in zip(jax.tree.leaves(image), jax.tree.leaves(vector), strict=True)
+    ):
+      raise ValueError(
+        "lanczos: matvec must map a vector to one of the same structure and shapes; given "
+        f"{jax.tree.structure(vector)} it returned {jax.tree.structure(image)} with shapes "
+        f"{[jnp.shape(leaf) for leaf in jax.tree.leaves(image)]}."
+      )
+    return _cast(image, dtype)
 
   def norm(vector):
     # sqrt with a finite derivative at 0: once the Krylov space is exhausted w is zero, and
     # sqrt's infinite slope there made gradients through the whole run NaN.
     squared = _tree_vdot(vector, vector, dtype)
     positive = squared > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1)), 0)
+    # Otherwise squared is 0, or NaN, which must stay NaN.
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1)), squared)
 
   start = _cast(init_vector, dtype)
   start_norm = norm(start)
-  has_start = start_norm > 0
+  # Not `> 0`: a NaN start must give NaN coefficients, not the empty result of a zero start.
+  has_start = start_norm != 0
   inv_norm = _reciprocal_where(has_start, start_norm)
   start = jax.tree.map(lambda leaf: leaf * inv_norm, start)
 

@@ -181,6 +181,7 @@ def negative_curvature_descent(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
+    _checks.check_updates_like_params(owner, updates, params)
     gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
     small_gradient = _random.norm_at_most(updates, gradient_threshold)
     rng_key, lanczos_key = jax.random.split(state.rng_key)
@@ -365,6 +366,7 @@ def pagd(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
+    _checks.check_updates_like_params(owner, updates, params)
     near_saddle = _random.norm_at_most(updates, gradient_threshold) & (
       state.steps_since_perturbation > escape_steps
     )
@@ -446,7 +448,8 @@ def pagd(
 
   return _checks.public_transform(
     optax.GradientTransformationExtraArgs(init_fn, update_fn),
-    positive=[gradient_threshold, escape_steps, exploitation_radius, curvature_threshold],
+    positive=[gradient_threshold, exploitation_radius, curvature_threshold],
+    counts=[escape_steps],
     nonnegative=[learning_rate, perturbation_radius],
     fractions=[momentum],
   )

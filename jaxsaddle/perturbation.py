@@ -277,6 +277,7 @@ def perturb_near_saddle(
 
   return _checks.public_transform(
     optax.GradientTransformationExtraArgs(init_fn, update_fn),
-    positive=[gradient_threshold, escape_steps, escape_threshold],
+    positive=[gradient_threshold, escape_threshold],
+    counts=[escape_steps],
     nonnegative=[perturbation_radius],
   )

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsaddle import _checks
 from jaxsaddle import _random
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -333,8 +334,7 @@ def octopus(
   Returns:
     A :class:`Problem` on params of shape ``(dim,)``.
   """
-  if dim < 1:
-    raise ValueError(f"dim must be at least 1, got {dim}.")
+  _checks.check_loop_length("octopus", "dim", dim)
   if not all(
     math.isfinite(value) and value > 0
     for value in (positive_curvature, negative_curvature, length_scale)
@@ -463,6 +463,8 @@ def matrix_factorization(dim: int, rank: int, *, key: jax.Array | int = 0) -> Pr
   Returns:
     A :class:`Problem` on params of shape ``(dim, rank)``.
   """
+  _checks.check_loop_length("matrix_factorization", "dim", dim)
+  _checks.check_loop_length("matrix_factorization", "rank", rank)
   if not 1 <= rank <= dim:
     raise ValueError(f"need 1 <= rank <= dim, got rank={rank}, dim={dim}.")
   basis_key, spectrum_key = jax.random.split(_random.canonicalize_key(key))

@@ -585,7 +585,9 @@ def _broadened_density(nodes, weights, grid, broadening):
     broadening = _DEFAULT_RELATIVE_BROADENING * jnp.where(
       width > 0, width, jnp.maximum(jnp.abs(high), 1)
     )
+  # A traced broadening escapes hessian_density's check: a non-positive one gives NaN.
   broadening = jnp.asarray(broadening, nodes.dtype)
+  broadening = jnp.where(broadening > 0, broadening, jnp.nan)
   if grid is None:
     grid = jnp.linspace(
       low - _GRID_MARGIN * broadening, high + _GRID_MARGIN * broadening, _DEFAULT_GRID_POINTS
@@ -696,6 +698,8 @@ def hessian_density(
     _checks.check_loop_length(owner, "probe_batch_size", probe_batch_size)
   if grid is not None and jnp.ndim(grid) != 1:
     raise ValueError(f"{owner}: grid must be a 1-D array of points, got shape {jnp.shape(grid)}.")
+  if grid is not None and jnp.issubdtype(jnp.result_type(grid), jnp.complexfloating):
+    raise TypeError(f"{owner}: grid must hold real numbers, got dtype {jnp.result_type(grid)}.")
   _check_value_fn(owner, value_fn, params)
   _, _, hvp_fn, finite = _linearize(value_fn, params)
   nodes, weights = _slq(
@@ -726,15 +730,17 @@ def spectral_moment(
   Returns:
     An :class:`Estimate`.
   """
+  owner = "spectral_moment"
   nodes, weights = spectrum[:2]
   if jnp.ndim(nodes) != 2 or jnp.shape(nodes) != jnp.shape(weights):
     raise ValueError(
-      "spectral_moment: nodes and weights must both have shape (num_probes, num_steps), got "
+      f"{owner}: nodes and weights must both have shape (num_probes, num_steps), got "
       f"{jnp.shape(nodes)} and {jnp.shape(weights)}."
     )
-  if isinstance(power, bool) or not isinstance(power, int) or power < 0:
-    raise ValueError(f"spectral_moment: power must be a non-negative int, got {power!r}.")
-  return _spectral_moment(jnp.asarray(nodes), jnp.asarray(weights), power)
+  if isinstance(power, bool) or not isinstance(power, (int, np.integer)) or power < 0:
+    raise ValueError(f"{owner}: power must be a non-negative int, got {power!r}.")
+  nodes, weights = _spectrum_arrays(owner, (nodes, weights))
+  return _spectral_moment(nodes, weights, int(power))
 
 
 @jax.jit(static_argnames="power")
@@ -771,6 +777,12 @@ def _spectrum_arrays(owner: str, spectrum) -> tuple[jax.Array, jax.Array]:
         f"eigenvalues, got an array of shape {nodes.shape}."
       )
     weights = jnp.ones_like(nodes)
+  for name, array in (("nodes", nodes), ("weights", weights)):
+    # A Hessian's spectrum is real: complex values would be cast, dropping their imaginary part.
+    if jnp.issubdtype(array.dtype, jnp.complexfloating) or array.dtype == bool:
+      raise TypeError(f"{owner}: {name} must be real numbers, got dtype {array.dtype}.")
+  if nodes.size == 0:
+    raise ValueError(f"{owner}: the spectrum is empty.")
   if not jnp.issubdtype(nodes.dtype, jnp.floating):
     nodes = nodes.astype(jnp.float32)
   return nodes, weights.astype(nodes.dtype)
@@ -1158,6 +1170,10 @@ def classify_critical_point(
       "shown a minimum; set probe_radii to where the loss is defined."
     )
   finite = finite & ~probe_undefined
+  # Traced tolerances escape the checks above; out of range they void the report like NaN input.
+  tolerances_valid = _checks.within_ranges((), (gradient_tol, eigenvalue_tol), ())
+  if tolerances_valid is not None:
+    finite = finite & tolerances_valid
   report = CriticalPointReport(
     kind=jnp.where(finite, kind, _NOT_CRITICAL).astype(jnp.int32),
     value=value,
@@ -1291,10 +1307,15 @@ def dataset_value_fn(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: Py
     first = jax.tree.map(lambda leaf: leaf[0], batches)
     out = jax.eval_shape(loss_fn, params, first)
     # jnp.mean would also average a vector of per-example losses into a plausible scalar.
-    if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()):
+    # And it would turn an integer loss, whose Hessian is not defined, into a float one.
+    if not (
+      isinstance(out, jax.ShapeDtypeStruct)
+      and out.shape == ()
+      and jnp.issubdtype(out.dtype, jnp.floating)
+    ):
       raise ValueError(
-        f"dataset_value_fn: loss_fn(params, batch) must return a scalar, got {out}. Reduce "
-        "per-example losses within the batch (e.g. with jnp.mean)."
+        f"dataset_value_fn: loss_fn(params, batch) must return the scalar floating-point loss, "
+        f"got {out}. Reduce per-example losses within the batch (e.g. with jnp.mean)."
       )
     return jnp.mean(jax.lax.map(lambda batch: checkpointed(params, batch), batches))
 

@@ -838,7 +838,7 @@ def test_invalid_arguments_raise():
     curvature.lanczos(lambda x: x, jnp.ones(3, jnp.int32), 2)
   with pytest.raises(TypeError, match="dtype int32"):
     curvature.extreme_eigenpairs(lambda x: x, jnp.zeros(3, jnp.int32), num_steps=2, key=0)
-  with pytest.raises(ValueError, match="no array leaves"):
+  with pytest.raises(ValueError, match="no array elements"):
     curvature.lanczos(lambda x: x, {}, 2)
   with pytest.raises(ValueError, match="no array leaves"):
     curvature.extreme_eigenpairs(lambda x: x, {}, num_steps=2, key=0)

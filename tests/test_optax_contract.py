@@ -287,10 +287,11 @@ def test_inject_hyperparams_matches_plain_transform(alias):
     )
 
 
-# A traced hyperparameter out of its range, per alias: (name, value). optax's own parts (the
-# learning rates of pgd and the noisy aliases, which optax.sgd scales by) are not jaxsaddle's.
+# A traced hyperparameter out of its range, per alias: (name, value). The adam that
+# perturb_near_saddle_adam wraps checks nothing of its own: its learning rate is optax's.
 OUT_OF_RANGE = [
   ("pgd", "gradient_threshold", float("nan")),
+  ("perturbed_sgd", "learning_rate", -1.0),
   ("noisy_gd", "noise_scale", -1.0),
   ("perturb_near_saddle_adam", "escape_steps", 0),
   ("lsgd", "sigma", -1.0),

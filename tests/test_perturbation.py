@@ -195,17 +195,17 @@ def test_a_non_scalar_value_is_rejected():
 
 
 @pytest.mark.parametrize(
-  ("kwargs", "name"),
+  ("kwargs", "name", "error"),
   [
-    ({"escape_steps": True}, "escape_steps"),
-    ({"escape_steps": 2**31}, "escape_steps"),
-    ({"gradient_threshold": float("inf")}, "gradient_threshold"),
-    ({"perturbation_radius": jnp.ones(2)}, "perturbation_radius"),
+    ({"escape_steps": True}, "escape_steps", TypeError),
+    ({"escape_steps": 2**31}, "escape_steps", ValueError),
+    ({"gradient_threshold": float("inf")}, "gradient_threshold", ValueError),
+    ({"perturbation_radius": jnp.ones(2)}, "perturbation_radius", ValueError),
   ],
 )
-def test_pgd_rejects_unusable_values_naming_them(kwargs, name):
+def test_pgd_rejects_unusable_values_naming_them(kwargs, name, error):
   base = dict(perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps=10)
-  with pytest.raises(ValueError, match=name):
+  with pytest.raises(error, match=name):
     jaxsaddle.pgd(0.1, **(base | kwargs))
 
 

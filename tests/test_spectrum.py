@@ -913,7 +913,7 @@ def test_bad_input_raises():
   with pytest.raises(ValueError, match="shaped like sub_params"):
     restriction.value_fn({"a": params, "b": jnp.ones(2)})  # the full tree, not the subtree
   vector_loss = spectrum.dataset_value_fn(lambda p, batch: p * jnp.sum(batch), jnp.ones((2, 4)))
-  with pytest.raises(ValueError, match="must return a scalar"):
+  with pytest.raises(ValueError, match="must return the scalar floating-point loss"):
     spectrum.hessian_trace(vector_loss, params, key=0, num_probes=2)
   with pytest.raises(ValueError, match="1-D array"):
     spectrum.degeneracy(jnp.ones((2, 2)))

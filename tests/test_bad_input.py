@@ -1,0 +1,159 @@
+"""Bad input across the public API: a clear error naming the problem, or NaN, never a number.
+
+Each case is one a silent wrong answer or a foreign error message once answered; the errors
+raised where the input is concrete, the NaN where it is traced (under ``jit``), as the README's
+bad-input contract says.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsaddle
+from jaxsaddle import analysis
+from jaxsaddle import curvature
+from jaxsaddle import problems
+from jaxsaddle import spectrum
+from jaxsaddle._random import canonicalize_key
+
+
+def _quadratic(params):
+  return 0.5 * jnp.sum(params * params)
+
+
+SPECTRUM_ERRORS = [
+  # A complex spectrum lost its imaginary part; an empty one failed inside a reduction.
+  (lambda: spectrum.degeneracy(jnp.array([1 + 5j, -2 + 0j])), TypeError, "nodes must be real"),
+  (lambda: spectrum.semicircle_fit(jnp.array([1 + 5j, -2 + 0j])), TypeError, "must be real"),
+  (lambda: spectrum.degeneracy(jnp.zeros(0)), ValueError, "spectrum is empty"),
+  # spectral_moment accepted negative weights that degeneracy rejects.
+  (
+    lambda: spectrum.spectral_moment((jnp.ones((1, 2)), -jnp.ones((1, 2))), 2),
+    ValueError,
+    "weights must be non-negative",
+  ),
+  (
+    lambda: spectrum.hessian_density(
+      _quadratic, jnp.ones(3), key=0, num_probes=1, num_steps=2, grid=jnp.linspace(0, 1, 5) + 1j
+    ),
+    TypeError,
+    "grid must hold real numbers",
+  ),
+  # jnp.mean turned an integer loss, whose Hessian is zero, into a float one.
+  (
+    lambda: spectrum.hessian_trace(
+      spectrum.dataset_value_fn(
+        lambda p, b: (100 * jnp.sum(p * p) * b.sum()).astype(jnp.int32), jnp.ones((2, 1))
+      ),
+      jnp.ones(2),
+      key=0,
+      num_probes=2,
+    ),
+    ValueError,
+    "scalar floating-point loss",
+  ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), SPECTRUM_ERRORS)
+def test_bad_spectrum_input_raises(call, error, message):
+  with pytest.raises(error, match=message):
+    call()
+
+
+def test_traced_out_of_range_arguments_give_nan_spectrum_results():
+  nodes, weights = jnp.array([[0.0, 1.0, 2.0]]), jnp.full((1, 3), 1 / 3)
+  density = jax.jit(spectrum._broadened_density)(nodes.reshape(-1), weights.reshape(-1), None, -0.1)
+  assert np.isnan(density[1]).all()
+
+  def classify(gradient_tol):
+    return spectrum.classify_critical_point(
+      _quadratic, jnp.zeros(2), gradient_tol=gradient_tol, eigenvalue_tol=1e-3, num_steps=2, key=0
+    )
+
+  valid, invalid = jax.jit(classify)(1e-6), jax.jit(classify)(jnp.nan)
+  assert valid.kind_name == "minimum"
+  assert invalid.kind_name == "not critical"
+  assert np.isnan(invalid.smallest_eigenvalue)
+
+
+def test_lanczos_reports_a_nan_start_and_refuses_an_empty_one():
+  # A NaN start was read as a zero one: no steps, alphas 0, a plausible empty result.
+  result = curvature.lanczos(lambda v: 2 * v, jnp.array([jnp.nan, 1.0]), 2)
+  assert int(result.num_valid) == 1 and np.isnan(result.alphas[0])
+  with pytest.raises(ValueError, match="no array elements"):
+    curvature.lanczos(lambda v: v, jnp.zeros(0), 2)
+  with pytest.raises(ValueError, match="same structure and shapes"):
+    curvature.lanczos(lambda v: {"w": v}, jnp.ones(3), 2)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: jaxsaddle.negative_curvature_descent(
+      0.1, hessian_lipschitz=1.0, epsilon=1e-3, num_lanczos_steps=2
+    ),
+    lambda: jaxsaddle.saddle_free_newton(1.0, num_lanczos_steps=2, damping=0.1),
+  ],
+)
+def test_curvature_transforms_name_updates_unlike_params(make):
+  tx = make()
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  state = tx.init(params)
+
+  def value_fn(p):
+    return _quadratic(p["a"]) + _quadratic(p["b"])
+
+  with pytest.raises(ValueError, match="one tree structure"):
+    tx.update({"a": jnp.ones(2)}, state, params, value_fn=value_fn)
+  with pytest.raises(ValueError, match=r"\['b'\] has shape \(2,\)"):
+    tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state, params, value_fn=value_fn)
+
+
+ANALYSIS_ERRORS = [
+  (
+    lambda: analysis.iteration_matrices(optax.sgd(0.1), jnp.eye(2) + 1j * jnp.eye(2), 1),
+    "hessian must be real",
+  ),
+  (
+    lambda: analysis.monte_carlo_attraction(
+      jnp.diag(jnp.array([0.5, 2.0])), key=0, num_starts=4, slice_offset=jnp.array([jnp.nan, 0])
+    ),
+    "slice_offset contains NaN",
+  ),
+  (lambda: analysis.attraction_dimension(jnp.eye(2), tol=np.inf), "tol must be non-negative"),
+]
+
+
+@pytest.mark.parametrize(("call", "message"), ANALYSIS_ERRORS)
+def test_bad_analysis_input_raises(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+@pytest.mark.parametrize(
+  ("call", "message"),
+  [
+    (lambda: canonicalize_key(None), "key must be a typed PRNG key"),
+    (lambda: canonicalize_key(0.5), "key must be a typed PRNG key"),
+    (lambda: jaxsaddle.lsgd(True), "learning_rate must be a number, got the boolean"),
+    (lambda: problems.octopus(2.5), "dim sets a loop length"),
+  ],
+)
+def test_wrong_types_are_named(call, message):
+  with pytest.raises(TypeError, match=message):
+    call()
+
+
+def test_pgd_hyperparameters_refuse_constants_that_overflow():
+  with pytest.raises(ValueError, match="rescale the problem"):
+    jaxsaddle.pgd_hyperparameters(
+      smoothness=1e300,
+      hessian_lipschitz=1e-300,
+      epsilon=1e-300,
+      failure_probability=0.1,
+      loss_gap=1.0,
+      dim=10,
+    )
