@@ -485,7 +485,9 @@ def test_building_blocks_accept_and_ignore_extra_args(tx):
   state = tx.init(params)
   plain, _ = tx.update(grads, state, params)
   with_extra, _ = tx.update(grads, state, params, value=1.0, value_fn=lambda p: 0.0)
-  np.testing.assert_array_equal(with_extra["w"], plain["w"])
+  # Equal up to float32 rounding: an eager call with a callable among its extra arguments runs
+  # op by op, one without it jitted (see _checks.public_transform).
+  np.testing.assert_allclose(with_extra["w"], plain["w"], rtol=2e-6, atol=0)
   assert not np.allclose(plain["w"], grads["w"])
 
 

@@ -300,7 +300,8 @@ def test_zero_dimensional_uint32_seeds_are_seeds_and_vmap():
   seeds = jnp.arange(3, dtype=jnp.uint32)
   batched = jax.vmap(noise)(seeds)
   for i in range(3):
-    np.testing.assert_array_equal(batched[i], noise(int(seeds[i])))
+    # To float32 rounding: the loop's eager calls run jitted, the vmapped ones op by op.
+    np.testing.assert_allclose(batched[i], noise(int(seeds[i])), rtol=1e-6, atol=0)
   np.testing.assert_array_equal(noise(jnp.uint32(2)), noise(2))
 
 
