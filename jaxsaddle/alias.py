@@ -200,6 +200,8 @@ def pgd_hyperparameters(
 
   Example::
 
+    import jaxsaddle
+
     hp = jaxsaddle.pgd_hyperparameters(smoothness=1.0, hessian_lipschitz=1.0,
         epsilon=1e-2, failure_probability=0.1, loss_gap=10.0, dim=100)
     tx = jaxsaddle.pgd(**hp.pgd_kwargs(), key=0)

@@ -138,9 +138,15 @@ def negative_curvature_descent(
 
   Example::
 
-    tx = negative_curvature_descent(
-        0.1, hessian_lipschitz=6.0, epsilon=1e-3, num_lanczos_steps=10)
-    updates, state = tx.update(grads, state, params, value_fn=loss_fn)
+    import jax, jax.numpy as jnp, jaxsaddle
+
+    loss_fn = lambda p: p[0] ** 2 - p[1] ** 2 + p[1] ** 4  # strict saddle at 0
+    params = jnp.zeros(2)
+    tx = jaxsaddle.negative_curvature_descent(
+        0.1, hessian_lipschitz=6.0, epsilon=1e-3, num_lanczos_steps=2)
+    state = tx.init(params)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, value_fn=loss_fn)
+    print(updates, state.num_curvature_steps)  # a step of 1/3 along +-y, 1
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule of the update count.
@@ -322,9 +328,18 @@ def pagd(
 
   Example::
 
-    tx = pagd(0.1, momentum=0.9, perturbation_radius=1e-2, gradient_threshold=1e-3,
-              escape_steps=20, exploitation_radius=0.05)
-    updates, state = tx.update(grads_at_params, state, params, value_fn=loss_fn)
+    import jax, jax.numpy as jnp, optax, jaxsaddle
+
+    loss_fn = lambda p: p[0] ** 2 - p[1] ** 2 + p[1] ** 4  # strict saddle at 0
+    tx = jaxsaddle.pagd(0.1, momentum=0.9, perturbation_radius=1e-2,
+                        gradient_threshold=1e-3, escape_steps=20, exploitation_radius=0.05)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, value_fn=loss_fn))
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    for _ in range(100):
+      updates, state = step(params, state)
+      params = optax.apply_updates(params, updates)
+    print(params)  # near (0, +-1/sqrt 2)
 
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule of the update count.

@@ -1366,9 +1366,15 @@ def monitor_curvature(
 
   Example::
 
-    tx = optax.chain(optax.sgd(0.1), monitor_curvature(every=100, num_lanczos_steps=20))
-    updates, state = tx.update(grads, state, params, value_fn=loss_fn)
-    optax.tree.get(state, "largest_eigenvalue")
+    import jax, jax.numpy as jnp, optax, jaxsaddle
+
+    loss_fn = lambda p: jnp.sum(jnp.arange(1.0, 5.0) * p**2)  # Hessian diag(2, 4, 6, 8)
+    tx = optax.chain(
+        optax.sgd(0.1), jaxsaddle.monitor_curvature(every=100, num_lanczos_steps=4))
+    params = jnp.ones(4)
+    state = tx.init(params)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, value_fn=loss_fn)
+    print(optax.tree.get(state, "largest_eigenvalue"))  # 8.0
 
   Args:
     every: estimate at steps 0, ``every``, ``2 every``, ... (at least 1).
