@@ -1444,4 +1444,6 @@ def monitor_curvature(
     )
     return updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn), counts=[every]
+  )

@@ -299,6 +299,7 @@ OUT_OF_RANGE = [
   ("pagd", "momentum", 1.5),
   ("saddle_free_newton", "damping", -1.0),
   ("cubic_regularization", "learning_rate", -1.0),
+  ("monitor_curvature_sgd", "every", 0),
 ]
 
 
