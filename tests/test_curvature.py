@@ -1,5 +1,6 @@
 """Tests for Hessian-vector products and the pytree Lanczos method."""
 
+import functools
 import math
 
 import jax
@@ -906,7 +907,17 @@ def test_unrolled_lanczos_equals_the_loop(reorthogonalize, with_stop):
       )
     )(jax.tree.map(jnp.ones_like, params))
 
-  # The default unrolls here (the detection test shows it); True is forced once.
+  def convolutions(unroll) -> int:
+    jaxpr = jax.make_jaxpr(
+      lambda v: curvature.lanczos(
+        operator, v, 8, reorthogonalize=reorthogonalize, converged=converged, unroll=unroll
+      )
+    )(jax.tree.map(jnp.ones_like, params))
+    return str(jaxpr).count("conv_general_dilated")
+
+  # The default unrolls here, one product per step written out (else the comparisons below
+  # would compare the loop with itself); True is forced once.
+  assert convolutions(None) == 8 * convolutions(False) > 0
   looped, default = run(False), run(None)
   unrolled = run(True) if reorthogonalize is True and not with_stop else default
   assert int(looped.num_valid) == (5 if with_stop else 8)
@@ -925,20 +936,24 @@ def test_unrolled_lanczos_equals_the_loop(reorthogonalize, with_stop):
 
 def test_cubic_regularization_subsolver_unrolled_on_a_conv_loss_equals_the_loop(monkeypatch):
   params = _conv_params()
-  tx = jaxsaddle.cubic_regularization(
-    1.0, hessian_lipschitz=10.0, smoothness=50.0, epsilon=1e-3, subsolver_steps=4, key=0
-  )
+  grads = jax.grad(_conv_loss)(params)
 
   def update():
-    grads = jax.grad(_conv_loss)(params)
-    updates, _ = jax.jit(tx.update, static_argnames="value_fn")(
-      grads, tx.init(params), params, value_fn=_conv_loss
+    # A fresh transform each time: jit would otherwise reuse the first trace, never consulting
+    # the patched detection below.
+    tx = jaxsaddle.cubic_regularization(
+      1.0, hessian_lipschitz=10.0, smoothness=50.0, epsilon=1e-3, subsolver_steps=4, key=0
     )
-    return updates
+    step = functools.partial(tx.update, value_fn=_conv_loss)
+    arguments = (grads, tx.init(params), params)
+    jaxpr = str(jax.make_jaxpr(step)(*arguments))
+    return jax.jit(step)(*arguments)[0], jaxpr.count("conv_general_dilated")
 
-  unrolled = update()
+  unrolled, unrolled_convolutions = update()
   monkeypatch.setattr(curvature, "unroll_by_default", lambda *args: False)
-  looped = update()
+  looped, looped_convolutions = update()
+  # Four subsolver steps written out against one loop body (plus the products outside it).
+  assert unrolled_convolutions > looped_convolutions
   for name in params:
     assert np.all(np.asarray(unrolled[name]) != 0)
     np.testing.assert_allclose(unrolled[name], looped[name], rtol=1e-5, atol=1e-7)

@@ -204,8 +204,9 @@ def test_cubic_takes_the_cauchy_step_when_the_gradient_is_large():
   value_fn = _quadratic(hessian, linear)
   params = jnp.zeros(4)
   g = np.asarray(jax.grad(value_fn)(params), np.float64)  # = linear, ||g|| = 5.5 >= 2^2 / 1
+  # The update is the learning rate times the model's step Delta.
   tx = cubic_regularization(
-    hessian_lipschitz=1.0, smoothness=2.0, epsilon=1e-3, subsolver_steps=7, key=0
+    0.5, hessian_lipschitz=1.0, smoothness=2.0, epsilon=1e-3, subsolver_steps=7, key=0
   )
   updates, state = _update(tx)(
     jnp.asarray(g, jnp.float32), tx.init(params), params, value_fn=value_fn
@@ -214,7 +215,7 @@ def test_cubic_takes_the_cauchy_step_when_the_gradient_is_large():
   kappa = g @ hessian @ g / (rho * norm**2)
   radius = -kappa + math.sqrt(kappa**2 + 2 * norm / rho)
   expected = -radius * g / norm
-  np.testing.assert_allclose(updates, expected, rtol=1e-5)
+  np.testing.assert_allclose(updates, 0.5 * expected, rtol=1e-5)
   # The Cauchy radius minimises the model along -g.
   for other in [0.99 * radius, 1.01 * radius]:
     assert _cubic_model(g, hessian, rho, expected) < _cubic_model(
@@ -275,6 +276,12 @@ def test_cubic_escapes_an_exact_saddle_only_through_its_perturbation():
 
   tx = cubic_regularization(**kwargs, key=3)  # sigma = sqrt(eps rho) / ell = 3.5e-3
   updates, state = _update(tx)(grads, tx.init(params), params, value_fn=problem.value_fn)
+  # That default, and no other scale, draws this perturbation.
+  sigma = (kwargs["epsilon"] * rho) ** 0.5 / kwargs["smoothness"]
+  for scale, same in [(sigma, True), (0.1 * sigma, False)]:
+    explicit = cubic_regularization(**kwargs, perturbation_scale=scale, key=3)
+    other, _ = _update(explicit)(grads, explicit.init(params), params, value_fn=problem.value_fn)
+    assert np.array_equal(np.asarray(other), np.asarray(updates)) == same
   step = np.asarray(updates, np.float64)
   assert np.linalg.norm(step) == pytest.approx(2 * gamma / rho, rel=1e-2)
   assert abs(step @ v_min) / np.linalg.norm(step) > 0.999
@@ -295,6 +302,27 @@ def test_cubic_flags_a_second_order_stationary_point_at_a_minimum():
   # raises it: no decrease, below the paper's sqrt(eps^3 / rho) / 100 = 1e-5.
   assert float(state.model_decrease) < 1e-5
   assert bool(state.second_order_stationary)
+
+
+@pytest.mark.parametrize(("gradient_norm", "stationary"), [(4e-3, True), (5e-3, False)])
+def test_cubic_stationarity_threshold_is_the_papers(gradient_norm, stationary):
+  # H = I, rho = 1, ell = 1e-3: the Cauchy step, whose model decrease is about |g|^2 / 2 (8.0e-6
+  # and 1.25e-5 here), against sqrt(eps^3 / rho) / 100 = 1e-5 for eps = 1e-2.
+  value_fn = _quadratic(np.eye(4), np.zeros(4))
+  params = jnp.zeros(4)
+  tx = cubic_regularization(
+    hessian_lipschitz=1.0,
+    smoothness=1e-3,
+    epsilon=1e-2,
+    subsolver_steps=5,
+    perturbation_scale=0.0,
+  )
+  grads = jnp.full(4, gradient_norm / 2)
+  _, state = _update(tx)(grads, tx.init(params), params, value_fn=value_fn)
+  radius = -1 + math.sqrt(1 + 2 * gradient_norm)
+  decrease = radius * gradient_norm - radius**2 / 2 - radius**3 / 6
+  assert float(state.model_decrease) == pytest.approx(decrease, rel=1e-4)
+  assert bool(state.second_order_stationary) == stationary
 
 
 # --- cubic regularisation against SGD on a noisy saddle ---------------------------------------
