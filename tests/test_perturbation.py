@@ -221,11 +221,36 @@ def test_escape_check_never_uses_the_loss_of_an_older_perturbation():
   _, state = tx.update(grads, state, params, value=5.0)
   _, state = tx.update(grads, state, params, value=4.0)  # the check: it fell by 1 > 0.5
   assert not bool(state.second_order_stationary)
+  _, state = tx.update(grads, state, params, value=5.0)  # perturbs, baseline 5
+  _, state = tx.update(grads, state, params, value=5.0)
+  _, state = tx.update(grads, state, params, value=5.0)  # the check: no decrease
+  assert bool(state.second_order_stationary)
   _, state = tx.update(grads, state, params)  # perturbs with no loss: baseline unknown
-  assert int(state.num_perturbations) == 2 and np.isnan(state.value_at_perturbation)
+  assert int(state.num_perturbations) == 3 and np.isnan(state.value_at_perturbation)
   _, state = tx.update(grads, state, params, value=100.0)
   _, state = tx.update(grads, state, params, value=100.0)  # the check: no baseline, no verdict
-  assert not bool(state.second_order_stationary)
+  # The verdict of the last check stands: compared with the stale baseline 5 (or with NaN,
+  # read as a decrease) it would have turned.
+  assert bool(state.second_order_stationary)
+
+
+def test_pgd_perturbation_is_uniform_in_the_ball():
+  # |x| / r of a uniform draw in the 5-ball has P(<= t) = t^5: mean 5/6, P(< 1/2) = 1/32.
+  dim, radius = 5, 0.1
+
+  def displacement(key):
+    tx = jaxsaddle.pgd(
+      1.0, perturbation_radius=radius, gradient_threshold=1e-3, escape_steps=5, key=key
+    )
+    params = jnp.zeros(dim)
+    return tx.update(jnp.zeros(dim), tx.init(params), params)[0]
+
+  keys = jax.random.split(jax.random.key(0), 4000)
+  draws = np.asarray(jax.jit(jax.vmap(displacement))(keys), np.float64)
+  norms = np.linalg.norm(draws, axis=1) / radius
+  assert norms.max() <= 1 + 1e-6 and norms.max() > 0.99
+  assert abs(norms.mean() - 5 / 6) < 0.01
+  assert abs(np.mean(norms < 0.5) - 1 / 32) < 0.01
 
 
 # --- step accounting --------------------------------------------------------------------------
