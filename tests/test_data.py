@@ -94,6 +94,15 @@ def test_digits_split_and_scaling(digits):
   )
   assert_datasets_equal(digits, data.load("digits"))
   assert not np.array_equal(data.load_digits(seed=3).y_test, digits.y_test)
+  # Each image keeps its own label (sklearn's 1,797 images are distinct, and no transposed one
+  # equals another): shuffled labels or transposed images would break this.
+  raw = load_digits()
+  expected = dict(zip(image_keys(raw.images.astype(np.uint8)), raw.target.tolist(), strict=True))
+  ours = {}
+  for x, y in [(digits.x_train, digits.y_train), (digits.x_test, digits.y_test)]:
+    images = np.round(x[..., 0] * 16).astype(np.uint8)
+    ours |= dict(zip(image_keys(images), y.tolist(), strict=True))
+  assert len(expected) == 1797 and ours == expected
 
 
 def test_mnist1d_generated_in_memory(tmp_path, monkeypatch):

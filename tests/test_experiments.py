@@ -119,6 +119,9 @@ def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
   partial = [json.dumps(r) for r in original if r["unit"] == missing][:3]
   partial[-1] = partial[-1][: len(partial[-1]) // 2]
   (run_dir / "metrics.jsonl").write_text("\n".join(kept_lines + partial) + "\n")
+  # The summary and figure are written again, not kept from the copy.
+  (run_dir / "summary.md").unlink()
+  (run_dir / "figures" / "mlp.png").unlink()
 
   result = run_experiments("escape", "--resume", str(run_dir))
   assert f"computed 1 unit(s): {missing}\n" in result.stdout
@@ -133,7 +136,8 @@ def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
     assert after[unit] == before[unit]
   # Same keys, same program: the recomputed unit reproduces the original run exactly.
   np.testing.assert_array_equal(step_losses(resumed, missing), step_losses(original, missing))
-  assert (run_dir / "figures" / "mlp.png").stat().st_size > 0
+  assert_is_figure(run_dir / "figures" / "mlp.png", taller_than=200, wider_than=300)
+  assert (run_dir / "summary.md").read_text() == (quick_run / "summary.md").read_text()
 
 
 def test_cli_refuses_to_overwrite_a_run_or_to_change_a_resumed_config(quick_run):

@@ -106,6 +106,14 @@ def test_make_value_fn_evaluates_the_loss_and_its_curvature_on_nnx_state():
   dense = jax.hessian(lambda v: value_fn(unravel(v)))(flat) @ tangent
   _, product = jax.jvp(jax.grad(value_fn), (params,), (unravel(tangent),))
   np.testing.assert_allclose(jax.flatten_util.ravel_pytree(product)[0], dense, rtol=1e-4, atol=1e-5)
+  # It is a function of the params it is given: at moved params it is the moved model's loss
+  # (a value_fn that ignored its argument passed the checks above, whose Hessian was 0 = 0).
+  moved = unravel(flat + 0.1 * jax.random.normal(jax.random.key(3), flat.shape))
+  clone = nnx.clone(model)
+  nnx.update(clone, moved)
+  np.testing.assert_allclose(value_fn(moved), _mse(clone, x, y), rtol=1e-6)
+  assert abs(float(value_fn(moved) - value_fn(params))) > 1e-3
+  assert float(jnp.linalg.norm(dense)) > 1e-3
 
 
 class NormalizedDropoutMLP(nnx.Module):
@@ -133,8 +141,16 @@ def test_make_value_fn_leaves_batch_norm_and_dropout_state_alone():
   value = float(value_fn(params))
   assert float(value_fn(params)) == value
   np.testing.assert_allclose(jax.jit(value_fn)(params), value, rtol=1e-6)
-  product = jaxsaddle.hvp(value_fn, params, jax.tree.map(jnp.ones_like, params))
-  assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(product))
+  # The product is the curvature of this function of the params: a central difference of its
+  # gradients agrees (a value_fn that froze the params would give zero against nonzero).
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  tangent = jax.random.normal(jax.random.key(5), flat.shape) / np.sqrt(flat.size)
+  product = jax.flatten_util.ravel_pytree(jaxsaddle.hvp(value_fn, params, unravel(tangent)))[0]
+  gradient = jax.jit(lambda v: jax.flatten_util.ravel_pytree(jax.grad(value_fn)(unravel(v)))[0])
+  step = 1e-2
+  difference = (gradient(flat + step * tangent) - gradient(flat - step * tangent)) / (2 * step)
+  assert float(jnp.linalg.norm(product)) > 1e-2
+  np.testing.assert_allclose(product, difference, rtol=0, atol=2e-2 * float(jnp.abs(product).max()))
   # The model's running statistics and rng counts are those it had.
   after = jax.tree.map(key_data, nnx.as_pure(nnx.state(model)))
   jax.tree.map(np.testing.assert_array_equal, after, before)

@@ -128,6 +128,41 @@ def test_output_shape_and_parameter_count(name, dataset):
   assert _random.tree_size(nnx.state(model, nnx.Param)) == parameter_count(name, input_shape)
 
 
+def test_forward_passes_equal_their_definitions(digits):
+  # Written out independently: dense layers with tanh between them (relu when asked), and the
+  # CNN's two SAME 3x3 convolutions, each followed by the activation and a 2x2 average pool.
+  x = np.asarray(digits.x_test[:4], np.float64)
+  flat = x.reshape(4, -1)
+  for activation, function in (("tanh", np.tanh), ("relu", lambda z: np.maximum(z, 0))):
+    mlp = build("mlp", activation=activation)
+    expected = flat
+    for i, layer in enumerate(mlp.layers):
+      expected = expected @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])
+      if i < len(mlp.layers) - 1:
+        expected = function(expected)
+    np.testing.assert_allclose(mlp(jnp.asarray(x, jnp.float32)), expected, rtol=1e-4, atol=1e-5)
+
+  cnn = build("cnn")
+  hidden = x
+  for conv in (cnn.conv1, cnn.conv2):
+    hidden = jax.lax.conv_general_dilated(
+      jnp.asarray(hidden, jnp.float32),
+      conv.kernel[...],
+      (1, 1),
+      "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision="highest",
+    )
+    hidden = np.tanh(np.asarray(hidden, np.float64) + np.asarray(conv.bias[...]))
+    n, height, width, channels = hidden.shape
+    hidden = hidden[:, : height // 2 * 2, : width // 2 * 2]
+    hidden = hidden.reshape(n, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
+  expected = hidden.reshape(4, -1) @ np.asarray(cnn.dense.kernel[...]) + np.asarray(
+    cnn.dense.bias[...]
+  )
+  np.testing.assert_allclose(cnn(jnp.asarray(x, jnp.float32)), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_models_take_extra_batch_axes(standard_models, digits):
   x = jnp.asarray(digits.x_test[:6])
   for name in ("mlp", "cnn"):  # the two forward passes

@@ -335,6 +335,7 @@ def test_python_number_leaves_update_as_float32_arrays(alias):
     grads, opt.init(as_numbers), as_numbers, **_extra_args(alias, _sum_of_squares(as_arrays))
   )
   jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-6), updates, expected)
+  assert all(isinstance(u, jax.Array) and u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
 
 
 @alias_parametrize

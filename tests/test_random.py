@@ -33,8 +33,10 @@ def test_standard_normal_moments_and_shape():
 def test_extreme_bits_give_finite_symmetric_normals(dtype):
   with jax.enable_x64(dtype == jnp.float64):
     bits = jnp.array([0, 511, 512, 2**31 - 1, 2**31, 2**32 - 512, 2**32 - 1], jnp.uint32)
-    uniform = np.asarray(_random.uniform_from_bits(bits, dtype), np.float64)
-    assert uniform.dtype == np.float64 and np.all(np.abs(uniform) < 1)
+    drawn = _random.uniform_from_bits(bits, dtype)
+    assert drawn.dtype == dtype
+    uniform = np.asarray(drawn, np.float64)
+    assert np.all(np.abs(uniform) < 1)
     np.testing.assert_array_equal(uniform[[0, 1]], -1 + 2.0**-23)
     np.testing.assert_array_equal(uniform[[-1, -2]], 1 - 2.0**-23)
     complement = _random.uniform_from_bits(~bits, dtype)
@@ -273,6 +275,8 @@ def test_noise_never_hides_nan_gradients():
   grads = jnp.array([1.0, jnp.nan, jnp.inf])
   updates, _ = tx.update(grads, tx.init(grads))
   assert np.isnan(updates[1]) and np.isposinf(updates[2]) and np.isfinite(updates[0])
+  # Noise was added where the gradient is finite (the sphere's radius is 1).
+  assert 0 < abs(float(updates[0]) - 1.0) <= 1.0
 
 
 def test_noise_rejects_integer_parameters_and_bad_arguments():
