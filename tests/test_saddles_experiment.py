@@ -51,6 +51,29 @@ def test_every_method_gets_a_spectrum_per_seed(closing):
       assert smallest <= np.nanmax(top)
 
 
+def test_classifications_follow_from_the_recorded_numbers(closing):
+  # classify_critical_point's rules, recomputed from each seed's record: "not critical" above
+  # the gradient tolerance; below it, a strict saddle exactly when the smallest eigenvalue is
+  # below -relative_tol * lambda_max, a minimum whenever it is above +relative_tol * lambda_max.
+  config, units = closing
+  for record in units.values():
+    rows = zip(
+      record["classification"],
+      record["gradient_norm"],
+      record["smallest_eigenvalue"],
+      record["top_eigenvalues"],
+      strict=True,
+    )
+    for kind, gradient_norm, smallest, top in rows:
+      tolerance = config.relative_tol * np.nanmax(top)
+      if not gradient_norm <= config.gradient_tol:
+        assert kind == "not critical"
+        continue
+      assert (kind == "strict saddle") == (smallest < -tolerance)
+      if smallest > tolerance:
+        assert kind == "minimum"
+
+
 def test_lanczos_matches_the_dense_hessian(closing):
   _, units = closing
   for record in units.values():
