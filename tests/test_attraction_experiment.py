@@ -123,6 +123,26 @@ def test_the_flipped_laplacian_dimensions_match_a_dense_recomputation(quick_run)
     assert int(np.sum(moduli < np.exp(-r["tol"]))) == r["dimension"], r["unit"]
 
 
+def test_the_on_off_dimensions_match_a_dense_monodromy(quick_run):
+  # Recomputed without the library: smoothing with sigma, then a plain GD step; the Floquet
+  # exponents are half the logs of the two-step monodromy's moduli.
+  sigma = json.loads((quick_run / "config.json").read_text())["config"]["on_off_sigma"]
+  records = [
+    r
+    for r in dimension_records(quick_run)
+    if r["candidate"] == "lsgd_sigma_on_off" and r["problem"] != "rotated"
+  ]
+  assert records
+  for r in records:
+    n = r["n"]
+    hessian = quick_hessian(r["problem"], n)
+    smoothing = np.eye(n) - sigma * laplacian(n) if n >= 3 else np.eye(n)
+    smoothed_step = np.eye(n) - r["eta"] * np.linalg.solve(smoothing, hessian)
+    plain_step = np.eye(n) - r["eta"] * hessian
+    moduli = np.abs(np.linalg.eigvals(plain_step @ smoothed_step))
+    assert int(np.sum(moduli < np.exp(-2 * r["tol"]))) == r["dimension"], r["unit"]
+
+
 def test_transform_matrices_agree_with_the_dense_iteration(quick_run):
   mismatches = [
     r["dense_mismatch"]
