@@ -364,16 +364,24 @@ def test_multi_steps_accumulates(alias):
   def inner_counts(state):
     return [int(count) for _, count in optax.tree.get_all_with_path(state.inner_opt_state, "count")]
 
-  for _ in range(3):
-    updates, state = update(grads, state, params, **_extra_args(alias, value))
+  # Different gradients at each call: the inner transform must see their mean, 2.5 grads.
+  for k in range(3):
+    updates, state = update((k + 1) * grads, state, params, **_extra_args(alias, value))
     test_utils.assert_trees_all_equal(updates, jnp.zeros_like(grads))
   # (lsgd with a constant learning rate keeps no count.)
   assert all(count == 0 for count in inner_counts(state))
-  updates, state = update(grads, state, params, **_extra_args(alias, value))
+  updates, state = update(4 * grads, state, params, **_extra_args(alias, value))
   assert updates.dtype == params.dtype
   assert np.all(np.asarray(updates, np.float32) != 0)
-  # The inner transform ran once, on the fourth call.
+  # The inner transform ran once, on the fourth call, on the mean gradient (bfloat16 rounding).
   assert all(count == 1 for count in inner_counts(state))
+  inner = _make(alias)
+  expected, _ = _jit_update(inner)(
+    2.5 * grads, inner.init(params), params, **_extra_args(alias, value)
+  )
+  np.testing.assert_allclose(
+    np.asarray(updates, np.float32), np.asarray(expected, np.float32), rtol=2e-2, atol=1e-3
+  )
 
 
 @alias_parametrize
