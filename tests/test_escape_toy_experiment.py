@@ -90,10 +90,27 @@ def test_octopus_gd_slows_down_with_dimension_faster_than_pgd(closing):
   assert gd_growth > 3 * pgd_growth
 
 
-def test_summary_and_figure(quick_run):
+def test_summary_and_figure(quick_run, closing):
   summary = (quick_run / "summary.md").read_text()
   assert "| problem | method | d=2 |" in summary
   assert "log-escape-time slope" in summary
+  # Its numbers are the closing records': each cell, and each uncensored slope of
+  # log(median escape step) against d (the quick run has two dimensions).
+  config, units = closing
+  low, high = config.dims[0], config.dims[-1]
+  for problem in config.problems:
+    for method in config.methods:
+      records = [units[f"{problem}/{dim}/{method}"] for dim in config.dims]
+      cells = [
+        f"{record['median_escape_step']:.0f} "
+        f"({round(record['escaped_fraction'] * config.seeds)}/{config.seeds})"
+        for record in records
+      ]
+      assert f"| {problem} | {method} | {' | '.join(cells)} |" in summary
+      medians = [record["median_escape_step"] for record in records]
+      if None not in medians:
+        slope = math.log(medians[-1] / medians[0]) / (high - low)
+        assert f"- {problem}, {method}: log-escape-time slope {slope:+.2f}" in summary
   assert_is_figure(quick_run / "figures" / "escape_time.png", taller_than=200, wider_than=300)
 
 
