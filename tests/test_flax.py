@@ -52,7 +52,8 @@ class MLP(nnx.Module):
 @pytest.mark.parametrize(
   "tx",
   [
-    jaxsaddle.pgd(0.1, perturbation_radius=1e-2, gradient_threshold=1e-2, escape_steps=50, key=0),
+    # A threshold the training passes: PGD perturbs (5 times) under nnx.Optimizer too.
+    jaxsaddle.pgd(0.1, perturbation_radius=1e-2, gradient_threshold=3e-2, escape_steps=50, key=0),
     jaxsaddle.noisy_gd(0.1, noise_scale=1e-2, key=0),
     jaxsaddle.perturbed_sgd(0.1, noise_scale=1e-2, key=0),
     jaxsaddle.perturb_near_saddle(
@@ -88,7 +89,7 @@ def test_nnx_optimizer_trains_an_mlp(tx):
   ((_, initial),) = optax.tree.get_all_with_path(tx.init(nnx.state(model, nnx.Param)), "rng_key")
   drew_noise = int(optax.tree.get(state, "num_perturbations", default=1)) > 0
   advanced = not np.array_equal(jax.random.key_data(key), jax.random.key_data(initial))
-  assert advanced == drew_noise
+  assert drew_noise and advanced
 
 
 def _mse(model, x, y):
