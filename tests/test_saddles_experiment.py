@@ -83,10 +83,23 @@ def test_lanczos_matches_the_dense_hessian(closing):
     assert abs(check["lanczos_smallest"] - check["smallest"]) <= 1e-3 * scale
 
 
-def test_summary_and_figures(quick_run):
+def test_summary_and_figures(quick_run, closing):
   summary = (quick_run / "summary.md").read_text()
   assert "| dataset | method | lr | final loss |" in summary
   assert "## What the numbers say" in summary
+  # Its counts are the records': critical seeds, saddles and degenerate saddles per unit.
+  config, units = closing
+  for unit, record in units.items():
+    dataset, method = unit.split("/")
+    kinds = record["classification"]
+    critical = sum(kind != "not critical" for kind in kinds)
+    saddles = sum(kind.endswith("saddle") for kind in kinds)
+    degenerate = kinds.count("degenerate saddle")
+    assert (
+      f"- {dataset}, {method}: {critical}/{len(kinds)} seeds end within the gradient tolerance "
+      f"{config.gradient_tol:g}; {saddles}/{len(kinds)} are classified saddles ({degenerate} "
+      "degenerate)"
+    ) in summary
   assert "## Dense check" in summary
   assert_is_figure(quick_run / "figures" / "digits-spectrum.png", taller_than=200, wider_than=300)
   assert_is_figure(quick_run / "figures" / "digits-loss.png", taller_than=200, wider_than=300)
