@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 from _experiment_runs import assert_is_figure
 from _experiment_runs import assert_resume_recomputes_only
 from _experiment_runs import closing_records
@@ -72,8 +73,34 @@ def test_methods_share_initialisations_and_batches(quick_run):
   assert compared > 0
 
 
+def _mean_and_half_width(values) -> str:
+  """``mean ± half-width`` of the 95% Student-t interval, written out independently."""
+  values = np.asarray(values, np.float64)
+  half = scipy.stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
+  return f"{values.mean():.4f} ± {half:.4f}"
+
+
 def test_quick_summary_states_the_comparison(quick_run):
   summary = (quick_run / "summary.md").read_text()
+  # Each setting's row carries its records' final losses and their paired difference.
+  closing = closing_records(read_metrics(quick_run))
+  for unit, gd in closing.items():
+    if not unit.endswith("/gd"):
+      continue
+    dataset, spec, batch, init, _ = unit.split("/")
+    pgd = closing[unit[: -len("gd")] + "pgd"]
+    row = next(
+      line
+      for line in summary.splitlines()
+      if line.startswith(f"| {dataset} | {spec} | {batch}/{init} |")
+    )
+    difference = np.subtract(gd["final_loss"], pgd["final_loss"])
+    cells = [
+      _mean_and_half_width(gd["final_loss"]),
+      _mean_and_half_width(pgd["final_loss"]),
+      _mean_and_half_width(difference),
+    ]
+    assert f"| {' | '.join(cells)} |" in row, row
   assert "| dataset | architecture | regime | params |" in summary
   assert "## What the numbers say" in summary
   assert "interval of the paired difference above zero" in summary
