@@ -566,15 +566,17 @@ def monte_carlo_attraction(
         f"monte_carlo_attraction: slice_basis must have shape ({dim}, k) with 1 <= k <= {dim}, "
         f"got {slice_basis.shape}."
       )
-    if not isinstance(slice_basis, jax.core.Tracer) and (
-      np.linalg.matrix_rank(np.asarray(slice_basis, np.float64)) < slice_basis.shape[1]
-    ):
+    rank = (
+      None
+      if isinstance(slice_basis, jax.core.Tracer)
+      else np.linalg.matrix_rank(np.asarray(slice_basis, np.float64))
+    )
+    if rank is not None and rank < slice_basis.shape[1]:
       # Dependent columns span a smaller slice than its coordinates pretend: a zero basis put
       # every start at the origin and reported that all of them converge.
       raise ValueError(
-        f"{owner}: the columns of slice_basis must be linearly independent, got rank "
-        f"{np.linalg.matrix_rank(np.asarray(slice_basis, np.float64))} for "
-        f"{slice_basis.shape[1]} columns."
+        f"{owner}: the columns of slice_basis must be linearly independent, got rank {rank} "
+        f"for {slice_basis.shape[1]} columns."
       )
     if slice_dim is not None and slice_dim != slice_basis.shape[1]:
       raise ValueError(
