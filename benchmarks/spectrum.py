@@ -7,7 +7,8 @@ batch of 128 random inputs, at fixed He-initialised params (``benchmarks/_mlp.py
 gets the same network as a ``torch.nn.Sequential`` of ``nn.Linear`` layers holding a copy of
 the JAX weights (transposed: torch stores ``(out, in)``), the same batch and
 ``nn.CrossEntropyLoss``; the two losses are checked to agree before anything is timed. Torch
-runs on as many threads as XLA's CPU client, one per schedulable core.
+runs where JAX does: on the CPU with as many threads as XLA's CPU client, one per schedulable
+core; on the same card when JAX's backend is a GPU (then PyHessian gets ``cuda=True``).
 
 **Against PyHessian.** Every row is one whole call, building the Hessian operator included
 (PyHessian's ``hessian(...)`` runs the forward pass and the backward pass with
@@ -109,6 +110,18 @@ ESTIMATING_STEP = "sgd + monitor_curvature(every=1), 1 step"
 SKIPPING_STEP = "sgd + monitor_curvature(every=2**30), 1 step"
 
 
+def torch_device() -> torch.device:
+  """The GPU when JAX runs on one, so that both libraries use the same card; else the CPU."""
+  return torch.device("cuda" if jax.default_backend() == "gpu" else "cpu")
+
+
+def torch_device_description(num_threads: int) -> str:
+  device = torch_device()
+  if device.type == "cuda":
+    return torch.cuda.get_device_name(device)
+  return f"CPU, {num_threads} threads"
+
+
 def torch_mlp(params) -> torch.nn.Sequential:
   """The MLP of ``_mlp.loss_fn`` with a copy of ``params``, as torch layers."""
   layers = []
@@ -139,9 +152,13 @@ def make_problem() -> Problem:
   params_key, batch_key = jax.random.split(jax.random.key(0))
   params = _mlp.init_mlp(params_key)
   inputs, labels = batch = _mlp.random_batch(batch_key)
-  model = torch_mlp(params)
+  device = torch_device()
+  model = torch_mlp(params).to(device)
   criterion = torch.nn.CrossEntropyLoss()
-  data = (torch.from_numpy(np.array(inputs)), torch.from_numpy(np.array(labels)).long())
+  data = (
+    torch.from_numpy(np.array(inputs)).to(device),
+    torch.from_numpy(np.array(labels)).long().to(device),
+  )
   problem = Problem(params, batch, model, criterion, data)
   with torch.no_grad():
     torch_loss = criterion(model(data[0]), data[1]).item()
@@ -158,7 +175,9 @@ def pyhessian_call(problem: Problem, method: str):
     torch.manual_seed(PYHESSIAN_SEED)
     # A gradient left from an earlier call would be added to the new one.
     problem.model.zero_grad(set_to_none=True)
-    hessian = pyhessian.hessian(problem.model, problem.criterion, data=problem.data, cuda=False)
+    hessian = pyhessian.hessian(
+      problem.model, problem.criterion, data=problem.data, cuda=problem.data[0].is_cuda
+    )
     return getattr(hessian, method)()
 
   return call
@@ -629,13 +648,18 @@ def main() -> None:
   # PyHessian calls backward(create_graph=True), and torch warns of the reference cycle between
   # params and grads that makes; every call here first sets the grads to None, which breaks it.
   warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+  # Torch multiplies float32 matrices in full float32 by default; JAX's default on a GPU may use
+  # TF32, which would also put PyHessian's 1e-3 tolerance near the rounding of the products.
+  jax.config.update("jax_default_matmul_precision", "highest")
   load_at_start = os.getloadavg()[0]
   problem = make_problem()
   pyhessian_timings, results = compare_with_pyhessian(problem, settings)
   pyhessian_from_wall, pyhessian_from_cpu = _timing.print_report(
-    f"Top Hessian eigenvalue and trace of the loss of {_mlp.description()}, float32, against "
+    f"Top Hessian eigenvalue and trace of the loss of {_mlp.description()}, float32 with "
+    "full-precision matrix products in both libraries, against "
     f"PyHessian {importlib.metadata.version('pyhessian')} on torch {torch.__version__} "
-    f"({num_threads} threads). PyHessian's eigenvalue is power iteration (tol {TOLERANCE}, "
+    f"({torch_device_description(num_threads)}). PyHessian's eigenvalue is power iteration "
+    f"(tol {TOLERANCE}, "
     f"{results['pyhessian_eigenvalue_hvps']} HVPs), ours Lanczos "
     f"({results['our_lanczos_steps']} steps, the fewest with relative residual at most "
     f"{TOLERANCE} from {CALIBRATION_SEEDS} start vectors; {results['our_rule_lanczos_steps']} "
@@ -683,6 +707,7 @@ def main() -> None:
           **_timing.environment(),
           "torch": torch.__version__,
           "torch_threads": num_threads,
+          "torch_device": torch_device_description(num_threads),
           "pyhessian": importlib.metadata.version("pyhessian"),
         },
         "settings": dataclasses.asdict(settings),
