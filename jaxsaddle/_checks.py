@@ -100,23 +100,24 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def check_updates_like_params(owner: str, updates, params) -> None:
-  """Raises ValueError unless ``updates`` has the tree structure and leaf shapes of ``params``.
+def check_tree_like(owner: str, tree, reference, *, what: str, like: str) -> None:
+  """Raises ValueError unless ``tree`` has the tree structure and leaf shapes of ``reference``.
 
-  The curvature transforms combine gradients with Hessian-vector products taken at ``params``;
-  a mismatch would otherwise fail deep inside ``jax.linearize`` or a tree map.
+  ``what`` and ``like`` name the two trees in the message. Callers combine the trees leaf by
+  leaf; a mismatch would otherwise fail deep inside ``jax.linearize`` or a tree map, or, where
+  shapes broadcast, not fail at all.
   """
-  if jax.tree.structure(updates) != jax.tree.structure(params):
+  if jax.tree.structure(tree) != jax.tree.structure(reference):
     raise ValueError(
-      f"{owner}: updates and params must have one tree structure, got {jax.tree.structure(updates)}"
-      f" and {jax.tree.structure(params)}."
+      f"{owner}: {what} must have the tree structure of {like}, {jax.tree.structure(reference)};"
+      f" got {jax.tree.structure(tree)}."
     )
-  leaves = zip(jax.tree.leaves_with_path(params), jax.tree.leaves(updates), strict=True)
-  for (path, param), update in leaves:
-    if jnp.shape(update) != jnp.shape(param):
+  leaves = zip(jax.tree.leaves_with_path(reference), jax.tree.leaves(tree), strict=True)
+  for (path, expected), leaf in leaves:
+    if jnp.shape(leaf) != jnp.shape(expected):
       raise ValueError(
-        f"{owner}: the update at {jax.tree_util.keystr(path) or '<root>'} has shape "
-        f"{jnp.shape(update)}, its parameter {jnp.shape(param)}."
+        f"{owner}: the leaf of {what} at {jax.tree_util.keystr(path) or '<root>'} has shape "
+        f"{jnp.shape(leaf)}, that of {like} {jnp.shape(expected)}."
       )
 
 

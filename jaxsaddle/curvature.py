@@ -487,15 +487,9 @@ def lanczos(
   def apply(vector):
     as_input = jax.tree.map(lambda leaf, d: leaf.astype(d), vector, leaf_dtypes)
     image = matvec(as_input)
-    if jax.tree.structure(image) != jax.tree.structure(vector) or any(
-      jnp.shape(a) != jnp.shape(b)
-      for a, b in zip(jax.tree.leaves(image), jax.tree.leaves(vector), strict=True)
-    ):
-      raise ValueError(
-        "lanczos: matvec must map a vector to one of the same structure and shapes; given "
-        f"{jax.tree.structure(vector)} it returned {jax.tree.structure(image)} with shapes "
-        f"{[jnp.shape(leaf) for leaf in jax.tree.leaves(image)]}."
-      )
+    _checks.check_tree_like(
+      "lanczos", image, vector, what="matvec's output", like="its input vector"
+    )
     return _cast(image, dtype)
 
   def norm(vector):

@@ -187,7 +187,7 @@ def negative_curvature_descent(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _checks.check_updates_like_params(owner, updates, params)
+    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
     gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
     small_gradient = _random.norm_at_most(updates, gradient_threshold)
     rng_key, lanczos_key = jax.random.split(state.rng_key)
@@ -381,7 +381,7 @@ def pagd(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _checks.check_updates_like_params(owner, updates, params)
+    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
     near_saddle = _random.norm_at_most(updates, gradient_threshold) & (
       state.steps_since_perturbation > escape_steps
     )

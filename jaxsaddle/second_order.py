@@ -179,7 +179,7 @@ def saddle_free_newton(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _checks.check_updates_like_params(owner, updates, params)
+    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
     gradient = optax.tree.cast(updates, curvature._compute_dtype(updates))
     matvec = _hessian_operator(value_fn, params, gradient)
     result = curvature.lanczos(matvec, gradient, num_lanczos_steps)
@@ -342,7 +342,7 @@ def cubic_regularization(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _checks.check_updates_like_params(owner, updates, params)
+    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
     dtype = curvature._compute_dtype(updates)
     gradient = optax.tree.cast(updates, dtype)
     matvec = _hessian_operator(value_fn, params, gradient)

@@ -1258,11 +1258,9 @@ def restrict(
 
   def restricted_value_fn(sub: PyTree) -> jax.Array:
     # Another tree (the full params, or a subtree of another leaf) would be spliced in silently.
-    if jax.tree.structure(sub) != jax.tree.structure(sub_params):
-      raise ValueError(
-        f"restrict: the restricted value_fn takes a tree shaped like sub_params, "
-        f"{jax.tree.structure(sub_params)}; got {jax.tree.structure(sub)}."
-      )
+    _checks.check_tree_like(
+      "restrict", sub, sub_params, what="the restricted value_fn's argument", like="sub_params"
+    )
     selected = iter(jax.tree.leaves(sub))
     merged = [
       next(selected) if kept else leaf for kept, leaf in zip(keep, full_leaves, strict=True)

@@ -85,8 +85,10 @@ def test_lanczos_reports_a_nan_start_and_refuses_an_empty_one():
   assert int(result.num_valid) == 1 and np.isnan(result.alphas[0])
   with pytest.raises(ValueError, match="no array elements"):
     curvature.lanczos(lambda v: v, jnp.zeros(0), 2)
-  with pytest.raises(ValueError, match="same structure and shapes"):
+  with pytest.raises(ValueError, match="matvec's output must have the tree structure"):
     curvature.lanczos(lambda v: {"w": v}, jnp.ones(3), 2)
+  with pytest.raises(ValueError, match=r"matvec's output at \['w'\] has shape \(2,\)"):
+    curvature.lanczos(lambda v: {"w": v["w"][:2]}, {"w": jnp.ones(3)}, 2)
 
 
 @pytest.mark.parametrize(
@@ -106,9 +108,11 @@ def test_curvature_transforms_name_updates_unlike_params(make):
   def value_fn(p):
     return _quadratic(p["a"]) + _quadratic(p["b"])
 
-  with pytest.raises(ValueError, match="one tree structure"):
+  with pytest.raises(ValueError, match="updates must have the tree structure of params"):
     tx.update({"a": jnp.ones(2)}, state, params, value_fn=value_fn)
-  with pytest.raises(ValueError, match=r"\['b'\] has shape \(2,\)"):
+  with pytest.raises(
+    ValueError, match=r"updates at \['b'\] has shape \(2,\), that of params \(3,\)"
+  ):
     tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state, params, value_fn=value_fn)
 
 

@@ -968,8 +968,10 @@ def test_bad_input_raises():
     },
     "b",
   )
-  with pytest.raises(ValueError, match="shaped like sub_params"):
+  with pytest.raises(ValueError, match="argument must have the tree structure of sub_params"):
     restriction.value_fn({"a": params, "b": jnp.ones(2)})  # the full tree, not the subtree
+  with pytest.raises(ValueError, match=r"argument at \['b'\] has shape \(3,\)"):
+    restriction.value_fn({"a": None, "b": jnp.ones(3)})  # would broadcast into the loss
   vector_loss = spectrum.dataset_value_fn(lambda p, batch: p * jnp.sum(batch), jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="must return the scalar floating-point loss"):
     spectrum.hessian_trace(vector_loss, params, key=0, num_probes=2)
