@@ -143,6 +143,14 @@ def require_value_fn(owner: str, value_fn, params) -> None:
       f"{owner} needs the current parameters to take Hessian-vector products at them: call "
       "`tx.update(grads, state, params, value_fn=loss_fn)`."
     )
+  is_masked = lambda leaf: isinstance(leaf, optax.MaskedNode)
+  if any(map(is_masked, jax.tree.leaves(params, is_leaf=is_masked))):
+    raise ValueError(
+      f"{owner} does not combine with optax.masked: value_fn is a function of the whole "
+      "parameter tree, and masked hands the transform only the selected leaves. Optimize the "
+      "selected leaves alone instead (nnx.Optimizer's wrt, or a value_fn of that subtree that "
+      "closes over the rest)."
+    )
   check_scalar_loss(owner, value_fn, params)
 
 
@@ -203,9 +211,9 @@ def public_transform(
   - The factories check concrete hyperparameters, but a traced one (``optax.inject_hyperparams``
     under ``jit``) reaches ``update`` unchecked. When one of those in ``positive``,
     ``nonnegative``, ``fractions`` (in [0, 1), momenta) or ``counts`` (integers >= 1) is out
-    of its range, NaN or infinite, the updates are NaN, as ``lsgd``'s are for a negative
-    traced sigma, instead of a step that silently stalls or explodes; ``optax.apply_if_finite``
-    then skips them. None entries (an optional hyperparameter left out) are ignored.
+    of its range, NaN or infinite, the updates are NaN, every leaf of them, instead of a step
+    that silently stalls or explodes; ``optax.apply_if_finite`` then skips them. None entries
+    (an optional hyperparameter left out) are ignored.
 
   Other leaves pass through unchanged, and with no traced hyperparameter nothing is added, so
   under ``jit`` this costs nothing.

@@ -20,8 +20,9 @@ Example::
 
   @nnx.jit
   def train_step(model, optimizer, x, y):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+    # Before the gradient, which advances dropout's rng counts: the same masks in both.
     value_fn = jaxsaddle.flax.make_value_fn(model, loss_fn, x, y)
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads, value=loss, grad=grads, value_fn=value_fn)
     return loss
 
@@ -54,7 +55,10 @@ def make_value_fn(
     ``nnx.Optimizer`` passes it. Variables outside ``wrt`` (batch-norm
     statistics, rng counts) are copied as they are when ``make_value_fn`` is
     called, so build it inside the training step, where it costs nothing after
-    tracing. Each evaluation starts from that copy and discards what the model
+    tracing, and before taking the gradient: ``nnx.value_and_grad`` advances
+    dropout's rng counts, so a ``value_fn`` built after it draws other masks
+    than the gradient did, and its loss is not the one differentiated. Each
+    evaluation starts from that copy and discards what the model
     writes into it: the model itself is never changed, and the loss is one
     deterministic function of the params, as curvature estimates need (a
     dropout layer draws the same mask at every evaluation; batch norm in
@@ -67,6 +71,13 @@ def make_value_fn(
   rest = nnx.as_pure(rest)
 
   def value_fn(params: nnx.State) -> jax.Array:
-    return loss_fn(nnx.merge(graphdef, params, rest), *batch)
+    try:
+      merged = nnx.merge(graphdef, params, rest)
+    except ValueError as error:
+      raise ValueError(
+        f"make_value_fn: the params given do not fit the model's variables selected by wrt={wrt!r}"
+        f" ({error}); pass make_value_fn the same wrt as nnx.Optimizer."
+      ) from error
+    return loss_fn(merged, *batch)
 
   return value_fn

@@ -426,8 +426,8 @@ def _like(smoothed: jax.Array, leaf: jax.Array) -> jax.Array:
 def _check_order(owner: str, order) -> None:
   if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
     raise ValueError(
-      f"{owner}: order must be a Python integer >= 1 (a static argument of "
-      f"optax.inject_hyperparams), got {order!r}."
+      f"{owner}: order must be a Python integer >= 1, got {order!r}; it sets the solver's shape, "
+      "so with optax.inject_hyperparams pass static_args=('order',)."
     )
 
 
@@ -488,7 +488,8 @@ def laplacian_smoothing(
     sigma: :math:`\sigma \ge 0`; 0 is the identity. A traced value (as under
       ``optax.inject_hyperparams``) is supported but always uses the FFT
       solver, about 5 times slower on a CPU; list ``sigma`` in
-      ``static_args`` to keep the fast solvers when it does not change.
+      ``static_args`` to keep the fast solvers when it does not change. A negative
+      or NaN traced value makes every leaf of the updates NaN.
     order: :math:`p \ge 1`, a Python integer (static under
       ``inject_hyperparams``: it sets the solver's shape).
     mode: ``"leaf"``, ``"global"`` or ``"axis"``.
@@ -533,4 +534,6 @@ def laplacian_smoothing(
 
     return jax.tree.map(smooth, updates), state
 
-  return _checks.public_transform(optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn), nonnegative=[sigma]
+  )

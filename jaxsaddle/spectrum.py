@@ -1402,6 +1402,9 @@ def monitor_curvature(
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
     _check_params(owner, params)
+    # The updates pass through, but a chain whose updates are unlike the params it estimates
+    # at is a mistake the other curvature transforms report too.
+    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
     dtype = state.smallest_eigenvalue.dtype
 
     def estimate(rng_key):

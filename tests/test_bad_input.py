@@ -98,6 +98,18 @@ def test_lanczos_reports_a_nan_start_and_refuses_an_empty_one():
       0.1, hessian_lipschitz=1.0, epsilon=1e-3, num_lanczos_steps=2
     ),
     lambda: jaxsaddle.saddle_free_newton(1.0, num_lanczos_steps=2, damping=0.1),
+    lambda: jaxsaddle.monitor_curvature(every=1, num_lanczos_steps=2),
+    lambda: jaxsaddle.pagd(
+      1e-3,
+      momentum=0.5,
+      exploitation_radius=1e-3,
+      perturbation_radius=1e-3,
+      gradient_threshold=1e-3,
+      escape_steps=10,
+    ),
+    lambda: jaxsaddle.cubic_regularization(
+      1.0, hessian_lipschitz=1e3, smoothness=1e3, epsilon=1e-6, subsolver_steps=2
+    ),
   ],
 )
 def test_curvature_transforms_name_updates_unlike_params(make):
@@ -161,3 +173,13 @@ def test_pgd_hyperparameters_refuse_constants_that_overflow():
       loss_gap=1.0,
       dim=10,
     )
+
+
+def test_curvature_transforms_refuse_optax_masked():
+  # masked hands value_fn a tree with MaskedNode leaves, which failed inside the user's loss.
+  tx = optax.masked(
+    jaxsaddle.saddle_free_newton(0.1, num_lanczos_steps=2, damping=0.1), {"a": True, "b": False}
+  )
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  with pytest.raises(ValueError, match="does not combine with optax.masked"):
+    tx.update(params, tx.init(params), params, value_fn=lambda p: _quadratic(p["a"]))

@@ -350,6 +350,13 @@ def test_bad_hyperparameters_raise_value_errors_naming_them(kwargs, name):
     jaxsaddle.lsgd(0.1, **kwargs)
 
 
+def test_injecting_the_default_order_names_the_static_argument():
+  # inject_hyperparams injects defaults too, so order must be listed even when not passed.
+  tx = optax.inject_hyperparams(jaxsaddle.lsgd)(0.1)
+  with pytest.raises(ValueError, match=r"static_args=\('order',\)"):
+    tx.init(jnp.ones(4))
+
+
 def test_lsgd_momentum_checks_and_a_negative_traced_sigma_gives_nan():
   for momentum in (-0.1, 1.0, float("nan")):
     with pytest.raises(ValueError, match="lsgd: momentum"):
