@@ -98,9 +98,9 @@ from typing import NamedTuple
 import jax
 import jax.extend.core
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from jaxsaddle import _checks
+from jaxsaddle import _sharding
 from jaxsaddle._random import canonicalize_key
 from jaxsaddle._random import tree_standard_normal
 
@@ -214,20 +214,6 @@ def _tree_axpy(scale: jax.Array, x: PyTree, y: PyTree) -> PyTree:
   return jax.tree.map(lambda a, b: b + scale.astype(b.dtype) * a, x, y)
 
 
-def _has_explicitly_sharded_axes(leaf: jax.Array) -> bool:
-  spec = getattr(jax.typeof(leaf).sharding, "spec", ())
-  return any(axis is not None for axis in spec)
-
-
-def _replicated_if_explicit(*leaves: jax.Array) -> PartitionSpec | None:
-  """The output sharding of a contraction of ``leaves`` down to a small replicated array.
-
-  Contracting axes sharded over Explicit mesh axes needs the output's sharding spelled out;
-  otherwise None leaves it to JAX.
-  """
-  return PartitionSpec() if any(_has_explicitly_sharded_axes(leaf) for leaf in leaves) else None
-
-
 def _coefficients(basis: PyTree, vector: PyTree, dtype) -> jax.Array:
   """``Q^T vector``, one matrix-vector product with each stacked basis leaf."""
 
@@ -237,7 +223,7 @@ def _coefficients(basis: PyTree, vector: PyTree, dtype) -> jax.Array:
       leaf,
       axes=leaf.ndim,
       precision=jax.lax.Precision.HIGHEST,
-      out_sharding=_replicated_if_explicit(leaf),
+      out_sharding=_sharding.replicated_if_explicit(leaf),
     )
 
   per_leaf_coefficients = jax.tree.map(per_leaf, basis, vector)
@@ -463,6 +449,13 @@ def lanczos(
 
   Returns:
     A :class:`LanczosResult`.
+
+  The recursion forms squared norms of :math:`A q_j` in the compute dtype, unscaled (scaling
+  would cost another pass over each vector a step). So in float32 it needs
+  :math:`\|A\|` roughly within :math:`[10^{-18}, 10^{18}]`: below, the squares underflow
+  (under :math:`10^{-19}` the recursion reads a breakdown after one step and returns the start
+  vector's Rayleigh quotient), and above they overflow to infinity. Scale the operator by a
+  power of two, which is exact, or compute in float64 (about :math:`[10^{-150}, 10^{150}]`).
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
   if not any(jnp.size(leaf) for leaf in jax.tree.leaves(init_vector)):
@@ -817,11 +810,13 @@ def extreme_eigenpairs(
     zero).
   """
   if which not in ("smallest", "largest", "both"):
-    raise ValueError(f"which must be 'smallest', 'largest' or 'both', got {which!r}.")
+    raise ValueError(
+      f"extreme_eigenpairs: which must be 'smallest', 'largest' or 'both', got {which!r}."
+    )
   _checks.check_loop_length("extreme_eigenpairs", "num_steps", num_steps)
   _checks.check_loop_length("extreme_eigenpairs", "k", k)
   if k > num_steps:
-    raise ValueError(f"k must be in [1, num_steps={num_steps}], got {k}.")
+    raise ValueError(f"extreme_eigenpairs: k must be in [1, num_steps={num_steps}], got {k}.")
   if tol is not None:
     _checks.check_positive("extreme_eigenpairs", "tol", tol)
   if exact_residuals and not eigenvectors:

@@ -93,6 +93,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jaxsaddle import _checks
+from jaxsaddle import _sharding
 
 Mode = Literal["leaf", "global", "axis"]
 MODES = ("leaf", "global", "axis")
@@ -381,19 +382,9 @@ def _neighbour_end(flat: Sequence[jax.Array], index: int, width: int, *, before:
   return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def _explicit_spec(x: jax.Array) -> tuple | None:
-  """The mesh axes of each dimension of ``x`` under an Explicit mesh, else None.
-
-  Auto and unsharded arrays carry no sharding in their type, so they give None.
-  """
-  spec = tuple(jax.typeof(x).sharding.spec)
-  spec += (None,) * (x.ndim - len(spec))
-  return spec if any(axes is not None for axes in spec) else None
-
-
 def _smooth_rows(leaf: jax.Array, sigma, order: int) -> jax.Array:
   """``"axis"`` mode for one leaf, solved shard by shard when the leaf is explicitly sharded."""
-  spec = _explicit_spec(leaf)
+  spec = _sharding.explicit_spec(leaf)
   if spec is None:
     return smooth_last_axis(leaf, sigma, order)
   if spec[-1] is not None:
@@ -412,15 +403,6 @@ def _smooth_rows(leaf: jax.Array, sigma, order: int) -> jax.Array:
     lambda x: smooth_last_axis(x, sigma, order), in_specs=P(*spec), out_specs=P(*spec)
   )
   return local(leaf)
-
-
-def _replicated(leaf: jax.Array) -> jax.Array:
-  return leaf if _explicit_spec(leaf) is None else jax.sharding.reshard(leaf, P())
-
-
-def _like(smoothed: jax.Array, leaf: jax.Array) -> jax.Array:
-  spec = _explicit_spec(leaf)
-  return smoothed if spec is None else jax.sharding.reshard(smoothed, P(*spec))
 
 
 def _check_order(owner: str, order) -> None:
@@ -518,8 +500,8 @@ def laplacian_smoothing(
     del params, extra_args  # accepted as by every jaxsaddle transform, and unused
     if mode == "global":
       leaves, treedef = jax.tree.flatten(updates)
-      smoothed = _smooth_global([_replicated(leaf) for leaf in leaves], sigma, order)
-      smoothed = [_like(s, leaf) for s, leaf in zip(smoothed, leaves, strict=True)]
+      smoothed = _smooth_global([_sharding.replicated(leaf) for leaf in leaves], sigma, order)
+      smoothed = [_sharding.sharded_like(s, leaf) for s, leaf in zip(smoothed, leaves, strict=True)]
       return jax.tree.unflatten(treedef, smoothed), state
 
     def smooth(leaf):
@@ -529,8 +511,8 @@ def laplacian_smoothing(
         return _smooth_rows(leaf, sigma, order)
       if leaf.size < MIN_LENGTH:
         return leaf
-      flat = _replicated(leaf).reshape(-1)
-      return _like(smooth_last_axis(flat, sigma, order).reshape(leaf.shape), leaf)
+      flat = _sharding.replicated(leaf).reshape(-1)
+      return _sharding.sharded_like(smooth_last_axis(flat, sigma, order).reshape(leaf.shape), leaf)
 
     return jax.tree.map(smooth, updates), state
 

@@ -102,6 +102,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxsaddle import _checks
 from jaxsaddle import _random
+from jaxsaddle import _sharding
 from jaxsaddle import curvature
 
 PyTree = Any
@@ -164,7 +165,9 @@ def _checked(owner: str, finite: jax.Array, result):
   if not isinstance(finite, jax.core.Tracer) and not bool(finite):
     raise ValueError(
       f"{owner}: the loss, its gradient or its curvature (a Hessian-vector product or "
-      "quadratic form) at params is NaN or infinite; no spectrum is computed from it."
+      "quadratic form) at params is NaN or infinite; no spectrum is computed from it. (With "
+      "a finite loss, the curvature's squared norms may have overflowed: in float32, Hessian "
+      "norms beyond about 1e18; scale the loss or use float64.)"
     )
   return jax.tree.map(
     lambda leaf: (
@@ -328,17 +331,25 @@ def hessian_extreme_eigenvalues(
     tol: stop Lanczos early once every wanted eigenvalue's relative residual estimate is at
       most ``tol`` (as PyHessian's ``tol``, though PyHessian compares successive iterates);
       ``num_steps`` is then the most steps taken, and the result's ``num_steps`` says how
-      many were. See :func:`jaxsaddle.curvature.extreme_eigenpairs`.
+      many were. See :func:`jaxsaddle.curvature.extreme_eigenpairs`. The early stop is a
+      ``while_loop``, which reverse-mode differentiation cannot go through: leave ``tol``
+      out to take ``jax.grad`` of the result.
 
   Returns:
     :class:`jaxsaddle.curvature.RitzPairs` with ``k`` (``2 k`` for ``"both"``) eigenvalues,
     eigenvectors (leaves with a leading axis of that size; None without ``eigenvectors``) and
     residual norms. Values the Krylov space could not provide (fewer distinct eigenvalues than
-    asked for) are NaN.
+    asked for) are NaN. The eigenvectors are in the compute dtype, float64 when any leaf is
+    float64 and float32 otherwise, not in each leaf's own: cast them before adding them to
+    bfloat16 params. A residual bounds the distance to the nearest eigenvalue in exact
+    arithmetic; in floating point the products' own rounding, a few :math:`\epsilon \|H\|`,
+    comes on top. Under ``vmap`` over keys with params on an explicitly sharded mesh, map
+    with ``lax.map`` instead (see :func:`jaxsaddle.curvature.lanczos`).
 
   Raises:
     ValueError: for a non-scalar ``value_fn``, ``num_steps < 1``, a bad ``k`` or ``which``,
       or, when called eagerly, a non-finite loss, gradient or Hessian-vector product.
+    TypeError: for a ``num_steps`` or ``k`` that is not a Python int.
   """
   owner = "hessian_extreme_eigenvalues"
   _checks.check_loop_length(owner, "num_steps", num_steps)
@@ -387,7 +398,7 @@ def _stacked_coefficients(left: PyTree, right: PyTree, dtype) -> jax.Array:
       b.astype(dtype),
       axes=(axes, axes),
       precision=jax.lax.Precision.HIGHEST,
-      out_sharding=curvature._replicated_if_explicit(a, b),
+      out_sharding=_sharding.replicated_if_explicit(a, b),
     )
 
   return sum(jax.tree.leaves(jax.tree.map(leaf_products, left, right)))
@@ -465,7 +476,11 @@ def hessian_trace(
   for Hutchinson). For Hutch++ it is the standard error conditional on the sketch
   :math:`Q`, whose term is exact. It is infinite when :math:`r = 1`. The estimate is a mean of
   independent terms, so for moderate :math:`r` it is within :math:`2\,\mathrm{SE}` of the
-  trace about 95% of the time.
+  trace about 95% of the time. With few probes the standard error is itself a noisy estimate
+  from :math:`r - 1` degrees of freedom, and for Hutch++ :math:`r = m - 2s` is a third of the
+  probes: with :math:`m = 6`, two forms give both the remainder's estimate and its error, which
+  then understates the error now and then by a large factor (Student's t with one degree of
+  freedom has heavy tails). Use :math:`m \ge 30` for Hutch++ when the error matters.
 
   Args:
     value_fn: the loss, a function of a pytree returning a real scalar.
@@ -599,7 +614,7 @@ def _broadened_density(nodes, weights, grid, broadening):
 
 
 def _slq(hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonalize, batch_size):
-  if any(curvature._has_explicitly_sharded_axes(leaf) for leaf in jax.tree.leaves(params)):
+  if any(_sharding.explicit_spec(leaf) is not None for leaf in jax.tree.leaves(params)):
     # Batched, each lax.cond of Lanczos becomes a select whose predicate JAX broadcasts without
     # the Explicit sharding of the operands, a ShardingTypeError; one at a time they stay conds.
     batch_size = 1
@@ -705,7 +720,8 @@ def hessian_density(
   nodes, weights = _slq(
     hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonalize, probe_batch_size
   )
-  finite = finite & _all_finite(weights)
+  # Empty slots hold NaN nodes by design; a NaN or infinite node with weight is an overflow.
+  finite = finite & _all_finite(weights) & _all_finite(_weighted_nodes(nodes, weights))
   grid, density, broadening = _broadened_density(
     nodes.reshape(-1), weights.reshape(-1) / num_probes, grid, broadening
   )
@@ -1027,14 +1043,22 @@ class CriticalPointReport(NamedTuple):
 
 
 def _dense_eigh(hvp_fn, params, dtype) -> tuple[jax.Array, PyTree]:
-  """All eigenpairs of the Hessian built from n vmapped products; vectors stacked as a pytree."""
-  flat, unravel = ravel_pytree(params)
-  columns = jax.vmap(lambda e: ravel_pytree(hvp_fn(unravel(e)))[0])(
+  """All eigenpairs of the Hessian built from n vmapped products; vectors stacked as a pytree.
+
+  Raveling an explicitly sharded leaf is not defined, so such leaves are gathered first (the
+  dense path serves small problems) and the eigenvectors split again like them.
+  """
+  gather = lambda tree: jax.tree.map(_sharding.replicated, tree)
+  flat, unravel = ravel_pytree(gather(params))
+  split_like_params = lambda tree: jax.tree.map(_sharding.sharded_like, tree, params)
+  columns = jax.vmap(lambda e: ravel_pytree(gather(hvp_fn(split_like_params(unravel(e)))))[0])(
     jnp.eye(flat.size, dtype=flat.dtype)
   )
   columns = columns.astype(dtype)
   values, vectors = jnp.linalg.eigh(0.5 * (columns + columns.T))
-  return values, jax.vmap(unravel)(vectors.T.astype(flat.dtype))
+  vectors = jax.vmap(unravel)(vectors.T.astype(flat.dtype))
+  split = lambda stacked, leaf: _sharding.sharded_like(stacked, leaf, leading_axes=1)
+  return values, jax.tree.map(split, vectors, params)
 
 
 def classify_critical_point(
@@ -1082,7 +1106,14 @@ def classify_critical_point(
   formed from :math:`n` vmapped products (no more than one Lanczos run costs) and everything
   is exact. Otherwise the extreme eigenpairs come from Lanczos with ``num_steps`` steps and
   the spectrum for ``index`` and ``degeneracy`` from SLQ with ``num_probes`` probes. Both use
-  the same :math:`\tau` (:func:`degeneracy` with ``atol=eigenvalue_tol, tol=0``).
+  the same :math:`\tau` (:func:`degeneracy` with ``atol=eigenvalue_tol, tol=0``). SLQ's
+  nodes are quadrature points, not eigenvalues: a cluster of eigenvalues near zero puts its
+  mass on nodes that lie near zero only to the quadrature's resolution, about the spectrum's
+  width over ``num_steps``, so with a :math:`\tau` much finer than that ``degeneracy`` on
+  this path can read 0 for a Hessian with many zero eigenvalues (a 610-parameter MLP with
+  24% of them within 1e-4 of zero read 0 at 30 steps). The kind does not depend on it; to
+  measure degeneracy, use :func:`hessian_density` and :func:`degeneracy` with a relative
+  ``tol`` near that resolution, or the dense path.
 
   Args:
     value_fn: the loss, a function of a pytree returning a real scalar.

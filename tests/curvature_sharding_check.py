@@ -183,6 +183,10 @@ SPECTRUM_FUNCTIONS = {
   "classify": lambda p: spectrum.classify_critical_point(
     _value_fn, p, gradient_tol=1e-3, eigenvalue_tol=1e-3, num_steps=8, key=6
   ),
+  # As many steps as the 139 parameters: the dense eigendecomposition, which ravels the leaves.
+  "classify_dense": lambda p: spectrum.classify_critical_point(
+    _value_fn, p, gradient_tol=1e-3, eigenvalue_tol=1e-3, num_steps=139, key=6
+  ),
 }
 
 

@@ -255,6 +255,18 @@ def test_every_key_form_is_accepted(key):
     )
 
 
+def test_a_seed_beyond_32_bits_is_refused_without_x64():
+  # JAX keeps a seed's low 32 bits: 2**32 and 0 would give the same noise.
+  for seed in (2**32, 2**40, -(2**31) - 1):
+    with pytest.raises(ValueError, match="does not fit in 32 bits"):
+      _random.canonicalize_key(seed)
+  for seed in (2**32 - 1, -(2**31), np.int64(5)):
+    assert jnp.issubdtype(_random.canonicalize_key(seed).dtype, jax.dtypes.prng_key)
+  with jax.enable_x64(True):
+    wide = jax.random.key_data(_random.canonicalize_key(2**40))
+  assert not np.array_equal(wide, jax.random.key_data(jax.random.key(0)))
+
+
 @pytest.mark.parametrize(
   "keys",
   [jnp.arange(3), jax.random.split(jax.random.key(0), 3), jax.random.split(jax.random.PRNGKey(0))],
