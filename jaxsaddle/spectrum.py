@@ -1301,35 +1301,76 @@ def restrict(
   return Restriction(restricted_value_fn, sub_params)
 
 
-def dataset_value_fn(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: PyTree) -> ValueFn:
+def dataset_value_fn(
+  loss_fn: Callable[[PyTree, PyTree], jax.Array],
+  batches: PyTree,
+  *,
+  weights: jax.Array | None = None,
+) -> ValueFn:
   r"""The mean loss over a dataset of batches, evaluated one batch at a time.
 
   .. math::
 
-    f(x) = \frac1B \sum_{b=1}^B \ell(x, \text{batch}_b),
+    f(x) = \frac{\sum_{b=1}^B w_b\, \ell(x, \text{batch}_b)}{\sum_{b=1}^B w_b},
 
   computed with ``jax.lax.map`` over the leading axis of ``batches`` and ``jax.checkpoint``
   on each term, so gradients and Hessian-vector products also run batch by batch: the
   activations of one batch are alive at a time, and memory does not grow with the number of
-  batches beyond the data itself. With equal batches and a per-batch mean loss this is the
-  full-batch loss, whose Hessian has far less sampling noise than one batch's (the
-  variance PyHessian and pytorch-hessian-eigenthings users report).
+  batches beyond the data itself. With a per-batch mean loss and each batch weighted by its
+  number of examples this is the full-batch loss, whose Hessian has far less sampling noise
+  than one batch's (the variance PyHessian and pytorch-hessian-eigenthings users report).
+
+  A dataset that does not split evenly: pad the last batch to the common size, pass a mask
+  with the batch and have ``loss_fn`` average over the masked examples only, and give each
+  batch its number of real examples as weight (10 examples in batches of 4 here):
+
+  >>> import jax.numpy as jnp
+  >>> from jaxsaddle import spectrum
+  >>> inputs = jnp.linspace(-1.0, 1.0, 10)
+  >>> padded, mask = jnp.pad(inputs, (0, 2)).reshape(3, 4), (jnp.arange(12) < 10).reshape(3, 4)
+  >>> def loss_fn(w, batch):
+  ...   x, real = batch
+  ...   return jnp.sum(jnp.where(real, (w * x - 1.0) ** 2, 0.0)) / jnp.sum(real)
+  >>> value_fn = spectrum.dataset_value_fn(loss_fn, (padded, mask), weights=mask.sum(axis=1))
+  >>> bool(jnp.allclose(value_fn(2.0), jnp.mean((2.0 * inputs - 1.0) ** 2)))
+  True
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, where ``batch`` is one slice of
       ``batches``.
     batches: a pytree (e.g. ``(inputs, labels)``) whose leaves all have the number of
       batches :math:`B \ge 1` as leading axis, e.g. inputs of shape ``(B, batch_size, ...)``.
+    weights: :math:`w`, one non-negative weight per batch, shape ``(B,)``, not all zero; None
+      (the default) weighs the batches equally.
 
   Returns:
     ``value_fn(params)``, a function usable with every function of this module.
   """
+  owner = "dataset_value_fn"
   leading = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(batches)}
   if len(leading) != 1 or None in leading or 0 in leading:
     raise ValueError(
-      "dataset_value_fn: every leaf of batches needs the same leading axis (the number of "
-      f"batches, at least 1); got leading sizes {sorted(map(str, leading))}."
+      f"{owner}: every leaf of batches needs the same leading axis (the number of batches, at "
+      f"least 1); got leading sizes {sorted(map(str, leading))}."
     )
+  (num_batches,) = leading
+  if weights is not None:
+    weights = jnp.asarray(weights)
+    if jnp.shape(weights) != (num_batches,) or not jnp.issubdtype(
+      jnp.result_type(weights), jnp.number
+    ):
+      raise ValueError(
+        f"{owner}: weights must hold one real number per batch, shape ({num_batches},); got "
+        f"{jnp.result_type(weights)} of shape {jnp.shape(weights)}."
+      )
+    if jnp.issubdtype(jnp.result_type(weights), jnp.complexfloating):
+      raise TypeError(f"{owner}: weights must be real, got {jnp.result_type(weights)}.")
+    if not isinstance(weights, jax.core.Tracer):
+      concrete = np.asarray(weights, np.float64)
+      if not (np.all(np.isfinite(concrete)) and np.all(concrete >= 0) and concrete.sum() > 0):
+        raise ValueError(
+          f"{owner}: weights must be finite, non-negative and not all zero, got {weights}."
+        )
   checkpointed = jax.checkpoint(loss_fn)
 
   def value_fn(params: PyTree) -> jax.Array:
@@ -1343,10 +1384,14 @@ def dataset_value_fn(loss_fn: Callable[[PyTree, PyTree], jax.Array], batches: Py
       and jnp.issubdtype(out.dtype, jnp.floating)
     ):
       raise ValueError(
-        f"dataset_value_fn: loss_fn(params, batch) must return the scalar floating-point loss, "
+        f"{owner}: loss_fn(params, batch) must return the scalar floating-point loss, "
         f"got {out}. Reduce per-example losses within the batch (e.g. with jnp.mean)."
       )
-    return jnp.mean(jax.lax.map(lambda batch: checkpointed(params, batch), batches))
+    losses = jax.lax.map(lambda batch: checkpointed(params, batch), batches)
+    if weights is None:
+      return jnp.mean(losses)
+    weight = jnp.asarray(weights, losses.dtype)
+    return jnp.sum(weight * losses) / jnp.sum(weight)
 
   return value_fn
 

@@ -710,6 +710,48 @@ def test_dataset_value_fn_hvp_equals_full_batch_hvp():
       spectrum.dataset_value_fn(loss_fn, (inputs, targets[:3]))
 
 
+def test_dataset_value_fn_weights_a_padded_last_batch_by_its_real_examples():
+  # 10 examples in batches of 4: the last batch holds 2 and 2 of padding, masked in the loss.
+  with jax.enable_x64(True):
+    inputs = jax.random.normal(jax.random.key(25), (10, 3), jnp.float64)
+    targets = jnp.sin(inputs.sum(axis=1))
+    mask = jnp.arange(12) < 10
+    batches = (
+      jnp.pad(inputs, ((0, 2), (0, 0))).reshape(3, 4, 3),
+      jnp.pad(targets, (0, 2)).reshape(3, 4),
+      mask.reshape(3, 4),
+    )
+
+    def per_example(w, x, y):
+      return (jnp.tanh(x @ w) - y) ** 2
+
+    def loss_fn(w, batch):
+      x, y, real = batch
+      return jnp.sum(jnp.where(real, per_example(w, x, y), 0.0)) / jnp.sum(real)
+
+    w = jnp.array([0.3, -0.5, 0.8])
+    full = lambda w: jnp.mean(per_example(w, inputs, targets))
+    weighted = spectrum.dataset_value_fn(loss_fn, batches, weights=mask.reshape(3, 4).sum(1))
+    equal = spectrum.dataset_value_fn(loss_fn, batches)
+    np.testing.assert_allclose(weighted(w), full(w), rtol=1e-13)
+    np.testing.assert_allclose(
+      curvature.hvp(weighted, w, jnp.ones(3)), curvature.hvp(full, w, jnp.ones(3)), rtol=1e-12
+    )
+    # Equal weights count the two real examples of the last batch twice as much.
+    assert abs(float(equal(w)) - float(full(w))) > 1e-3
+    np.testing.assert_allclose(
+      spectrum.dataset_value_fn(loss_fn, batches, weights=[2.0, 2.0, 2.0])(w), equal(w), rtol=1e-14
+    )
+  for bad, error in [
+    ([1.0, 1.0], ValueError),
+    ([0.0, 0.0, 0.0], ValueError),
+    ([1, -1, 1], ValueError),
+    ([1j, 1, 1], TypeError),
+  ]:
+    with pytest.raises(error, match="dataset_value_fn: weights"):
+      spectrum.dataset_value_fn(loss_fn, batches, weights=jnp.asarray(bad))
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU's compiled HLO")
 def test_monitor_curvature_adds_no_parameter_copies_to_a_donated_training_step():
   # The monitor's cond reads params; unless the updates depend on its result, XLA cannot order
