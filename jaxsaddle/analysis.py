@@ -199,8 +199,8 @@ def iteration_matrices(
     The stacked Jacobians :math:`M_0, \dots, M_{T-1}`, shape ``(T, n, n)``.
 
   Raises:
-    ValueError: for a non-square ``hessian``, ``num_steps < 1``, or a ``tx``
-      that breaks one of the conditions above.
+    ValueError: for a non-square or non-symmetric ``hessian``, ``num_steps < 1``, or a
+      ``tx`` that breaks one of the conditions above.
   """
   if params_dtype is not None and not jnp.issubdtype(params_dtype, jnp.floating):
     # Casting the Hessian to an integer dtype would truncate it.
@@ -213,6 +213,15 @@ def iteration_matrices(
     hessian = hessian.astype(jnp.result_type(float))
   if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
     raise ValueError(f"iteration_matrices: hessian must be square, got shape {hessian.shape}.")
+  if not isinstance(hessian, jax.core.Tracer):
+    # A non-symmetric matrix is no Hessian: H x would not be the gradient of x'Hx / 2.
+    concrete = np.asarray(hessian, np.float64)
+    asymmetry = np.max(np.abs(concrete - concrete.T), initial=0.0)
+    if not asymmetry <= 100 * jnp.finfo(hessian.dtype).eps * np.max(np.abs(concrete), initial=0):
+      raise ValueError(
+        f"iteration_matrices: hessian must be symmetric; |H - H^T| reaches {asymmetry:.3g}. "
+        "Symmetrise it, (H + H.T) / 2, if the asymmetry is rounding."
+      )
   if not isinstance(num_steps, int | np.integer) or num_steps < 1:
     raise ValueError(f"iteration_matrices: num_steps must be an integer >= 1, got {num_steps}.")
   tx = optax.with_extra_args_support(tx)

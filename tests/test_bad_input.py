@@ -134,6 +134,10 @@ ANALYSIS_ERRORS = [
     "hessian must be real",
   ),
   (
+    lambda: analysis.iteration_matrices(optax.sgd(0.1), jnp.array([[1.0, 0.5], [0.0, -1.0]]), 1),
+    r"hessian must be symmetric; \|H - H\^T\| reaches 0.5",
+  ),
+  (
     lambda: analysis.monte_carlo_attraction(
       jnp.diag(jnp.array([0.5, 2.0])), key=0, num_starts=4, slice_offset=jnp.array([jnp.nan, 0])
     ),
