@@ -68,16 +68,14 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
     )
   if typed:
     return key
-  if (
-    isinstance(key, (int, np.integer))
-    and not jax.config.jax_enable_x64
-    and not -(2**31) <= key < 2**32
-  ):
-    raise ValueError(
-      f"key: the seed {key} does not fit in 32 bits, and without jax_enable_x64 JAX keeps only "
-      "its low 32 (2**32 would give the same key as 0): use a smaller seed, or pass "
-      "jax.random.key(seed) with x64 enabled."
-    )
+  if not raw and not isinstance(key, jax.core.Tracer) and not jax.config.jax_enable_x64:
+    seed = int(np.asarray(key))
+    if not 0 <= seed < 2**32:
+      raise ValueError(
+        f"key: without jax_enable_x64 a seed must lie in [0, 2**32), got {seed}: JAX keeps "
+        "only its low 32 bits, so 2**32 would give the same key as 0, and -1 as 2**32 - 1. "
+        "Use such a seed, or pass jax.random.key(seed) with x64 enabled."
+      )
   return jax.random.wrap_key_data(key) if raw else jax.random.key(key)
 
 

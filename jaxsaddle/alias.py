@@ -309,4 +309,4 @@ def lsgd(
     optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None else optax.identity(),
     optax.scale_by_learning_rate(learning_rate),
   )
-  return _checks.public_transform(tx, nonnegative=[learning_rate, sigma], fractions=[momentum])
+  return _checks.public_transform(tx, nonnegative=[learning_rate], fractions=[momentum])

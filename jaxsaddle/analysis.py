@@ -131,6 +131,26 @@ class MonteCarloAttraction(NamedTuple):
   log_contraction: jax.Array
 
 
+def _check_symmetric(hessian) -> None:
+  """Raises ValueError unless a concrete ``hessian`` is finite and symmetric up to rounding.
+
+  A non-symmetric matrix is no Hessian: :math:`Hx` would not be the gradient of
+  :math:`x^\top H x / 2`. Rounding is judged in the dtype the matrix was computed in, before
+  any cast to ``params_dtype``.
+  """
+  concrete = np.asarray(hessian, np.float64)
+  if not np.all(np.isfinite(concrete)):
+    raise ValueError("iteration_matrices: hessian contains NaN or infinite entries.")
+  dtype = jnp.result_type(hessian)
+  eps = jnp.finfo(dtype).eps if jnp.issubdtype(dtype, jnp.floating) else 0.0
+  asymmetry = np.max(np.abs(concrete - concrete.T), initial=0.0)
+  if asymmetry > 100 * eps * np.max(np.abs(concrete), initial=0.0):
+    raise ValueError(
+      f"iteration_matrices: hessian must be symmetric; |H - H^T| reaches {asymmetry:.3g}. "
+      "Symmetrise it, (H + H.T) / 2, if the asymmetry is rounding."
+    )
+
+
 def iteration_matrices(
   tx: optax.GradientTransformation,
   hessian: jax.Array,
@@ -208,20 +228,14 @@ def iteration_matrices(
   if jnp.issubdtype(jnp.result_type(hessian), jnp.complexfloating):
     # Dropping the imaginary part would change the iteration.
     raise ValueError(f"iteration_matrices: hessian must be real, got {jnp.result_type(hessian)}.")
+  given = hessian
   hessian = jnp.asarray(hessian, dtype=params_dtype)
   if not jnp.issubdtype(hessian.dtype, jnp.floating):
     hessian = hessian.astype(jnp.result_type(float))
   if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
     raise ValueError(f"iteration_matrices: hessian must be square, got shape {hessian.shape}.")
-  if not isinstance(hessian, jax.core.Tracer):
-    # A non-symmetric matrix is no Hessian: H x would not be the gradient of x'Hx / 2.
-    concrete = np.asarray(hessian, np.float64)
-    asymmetry = np.max(np.abs(concrete - concrete.T), initial=0.0)
-    if not asymmetry <= 100 * jnp.finfo(hessian.dtype).eps * np.max(np.abs(concrete), initial=0):
-      raise ValueError(
-        f"iteration_matrices: hessian must be symmetric; |H - H^T| reaches {asymmetry:.3g}. "
-        "Symmetrise it, (H + H.T) / 2, if the asymmetry is rounding."
-      )
+  if not isinstance(given, jax.core.Tracer):
+    _check_symmetric(given)
   if not isinstance(num_steps, int | np.integer) or num_steps < 1:
     raise ValueError(f"iteration_matrices: num_steps must be an integer >= 1, got {num_steps}.")
   tx = optax.with_extra_args_support(tx)

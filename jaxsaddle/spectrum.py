@@ -167,7 +167,7 @@ def _checked(owner: str, finite: jax.Array, result):
       f"{owner}: the loss, its gradient or its curvature (a Hessian-vector product or "
       "quadratic form) at params is NaN or infinite; no spectrum is computed from it. (With "
       "a finite loss, the curvature's squared norms may have overflowed: in float32, Hessian "
-      "norms beyond about 1e18; scale the loss or use float64.)"
+      "norms beyond about 1e19; scale the loss or use float64.)"
     )
   return jax.tree.map(
     lambda leaf: (
@@ -477,10 +477,11 @@ def hessian_trace(
   :math:`Q`, whose term is exact. It is infinite when :math:`r = 1`. The estimate is a mean of
   independent terms, so for moderate :math:`r` it is within :math:`2\,\mathrm{SE}` of the
   trace about 95% of the time. With few probes the standard error is itself a noisy estimate
-  from :math:`r - 1` degrees of freedom, and for Hutch++ :math:`r = m - 2s` is a third of the
-  probes: with :math:`m = 6`, two forms give both the remainder's estimate and its error, which
-  then understates the error now and then by a large factor (Student's t with one degree of
-  freedom has heavy tails). Use :math:`m \ge 30` for Hutch++ when the error matters.
+  from :math:`r - 1` degrees of freedom, and for Hutch++ :math:`r = m - 2s` is about a third
+  of the probes: with :math:`m = 6`, two forms give both the remainder's estimate and its
+  error, which then understates the error now and then by a large factor (Student's t with
+  one degree of freedom has heavy tails). Use :math:`m \ge 30` for Hutch++ when the error
+  matters.
 
   Args:
     value_fn: the loss, a function of a pytree returning a real scalar.
@@ -1340,8 +1341,11 @@ def dataset_value_fn(
       ``batches``.
     batches: a pytree (e.g. ``(inputs, labels)``) whose leaves all have the number of
       batches :math:`B \ge 1` as leading axis, e.g. inputs of shape ``(B, batch_size, ...)``.
-    weights: :math:`w`, one non-negative weight per batch, shape ``(B,)``, not all zero; None
-      (the default) weighs the batches equally.
+    weights: :math:`w`, one non-negative weight per batch, shape ``(B,)``, not all zero
+      (booleans select batches); a batch of weight 0 does not count even where its loss is
+      NaN, as a masked mean over a batch of padding only is (0 / 0); masking the examples
+      with ``jnp.where``, as above, keeps its gradient out too. None (the default) weighs
+      the batches equally.
 
   Returns:
     ``value_fn(params)``, a function usable with every function of this module.
@@ -1356,15 +1360,15 @@ def dataset_value_fn(
   (num_batches,) = leading
   if weights is not None:
     weights = jnp.asarray(weights)
-    if jnp.shape(weights) != (num_batches,) or not jnp.issubdtype(
-      jnp.result_type(weights), jnp.number
-    ):
+    if weights.shape != (num_batches,):
       raise ValueError(
-        f"{owner}: weights must hold one real number per batch, shape ({num_batches},); got "
-        f"{jnp.result_type(weights)} of shape {jnp.shape(weights)}."
+        f"{owner}: weights must hold one number per batch, shape ({num_batches},); got shape "
+        f"{weights.shape}."
       )
-    if jnp.issubdtype(jnp.result_type(weights), jnp.complexfloating):
-      raise TypeError(f"{owner}: weights must be real, got {jnp.result_type(weights)}.")
+    if not (jnp.issubdtype(weights.dtype, jnp.number) or weights.dtype == jnp.bool_) or (
+      jnp.issubdtype(weights.dtype, jnp.complexfloating)
+    ):
+      raise TypeError(f"{owner}: weights must be real numbers or booleans, got {weights.dtype}.")
     if not isinstance(weights, jax.core.Tracer):
       concrete = np.asarray(weights, np.float64)
       if not (np.all(np.isfinite(concrete)) and np.all(concrete >= 0) and concrete.sum() > 0):
@@ -1390,8 +1394,12 @@ def dataset_value_fn(
     losses = jax.lax.map(lambda batch: checkpointed(params, batch), batches)
     if weights is None:
       return jnp.mean(losses)
-    weight = jnp.asarray(weights, losses.dtype)
-    return jnp.sum(weight * losses) / jnp.sum(weight)
+    # Accumulated in float32 at least (weights in the tens of thousands overflow float16), and
+    # a batch of weight 0, all padding, may well have a NaN loss (0 / 0): it must not count.
+    dtype = jnp.promote_types(losses.dtype, jnp.float32)
+    weight = weights.astype(dtype)
+    terms = jnp.where(weight > 0, weight * losses.astype(dtype), 0)
+    return (jnp.sum(terms) / jnp.sum(weight)).astype(losses.dtype)
 
   return value_fn
 

@@ -138,6 +138,10 @@ ANALYSIS_ERRORS = [
     r"hessian must be symmetric; \|H - H\^T\| reaches 0.5",
   ),
   (
+    lambda: analysis.iteration_matrices(optax.sgd(0.1), jnp.array([[1.0, 0.0], [0.0, jnp.nan]]), 1),
+    "hessian contains NaN or infinite entries",
+  ),
+  (
     lambda: analysis.monte_carlo_attraction(
       jnp.diag(jnp.array([0.5, 2.0])), key=0, num_starts=4, slice_offset=jnp.array([jnp.nan, 0])
     ),
@@ -187,3 +191,12 @@ def test_curvature_transforms_refuse_optax_masked():
   params = {"a": jnp.ones(3), "b": jnp.ones(2)}
   with pytest.raises(ValueError, match="does not combine with optax.masked"):
     tx.update(params, tx.init(params), params, value_fn=lambda p: _quadratic(p["a"]))
+
+
+def test_iteration_matrices_judges_symmetry_in_the_hessian_s_own_precision():
+  # A float32 Hessian, asymmetric by float32 rounding, analysed in float64 as recommended.
+  rounding = np.float32(1.0) + np.finfo(np.float32).eps
+  hessian = np.array([[2.0, 1.0], [rounding, -1.0]], np.float32)
+  with jax.enable_x64(True):
+    matrices = analysis.iteration_matrices(optax.sgd(0.1), hessian, 1, params_dtype=jnp.float64)
+  assert matrices.dtype == jnp.float64

@@ -742,6 +742,16 @@ def test_dataset_value_fn_weights_a_padded_last_batch_by_its_real_examples():
     np.testing.assert_allclose(
       spectrum.dataset_value_fn(loss_fn, batches, weights=[2.0, 2.0, 2.0])(w), equal(w), rtol=1e-14
     )
+    # A batch of padding only has the loss 0 / 0; weighted 0 it does not count, nor does its
+    # gradient. Booleans select batches.
+    with_empty = jax.tree.map(
+      lambda leaf: jnp.concatenate([leaf, jnp.zeros_like(leaf[:1])]), batches
+    )
+    first_two = spectrum.dataset_value_fn(loss_fn, jax.tree.map(lambda leaf: leaf[:2], batches))
+    for weights, reference in (([4, 4, 2, 0], weighted), ([True, True, False, False], first_two)):
+      selected = spectrum.dataset_value_fn(loss_fn, with_empty, weights=jnp.asarray(weights))
+      np.testing.assert_allclose(selected(w), reference(w), rtol=1e-13)
+      assert np.all(np.isfinite(jax.grad(selected)(w)))
   for bad, error in [
     ([1.0, 1.0], ValueError),
     ([0.0, 0.0, 0.0], ValueError),
@@ -943,6 +953,18 @@ def test_non_finite_loss_raises_eagerly_and_gives_nan_under_jit():
   )
   assert float(report.index) == 0.0 and float(report.degeneracy) == 0.0
   assert report.kind_name == "not critical"
+
+  # A finite loss whose Hessian, 1e20 diag(1, 2, 3), overflows the float32 squared norms of
+  # SLQ: the weights stay finite, the nodes do not.
+  def huge(x):
+    return 1e20 * jnp.sum(jnp.arange(1.0, 4.0) * x**2) / 2
+
+  with pytest.raises(ValueError, match="overflowed"):
+    spectrum.hessian_density(huge, jnp.ones(3), key=0, num_probes=2, num_steps=3)
+  density = jax.jit(lambda x: spectrum.hessian_density(huge, x, key=0, num_probes=2, num_steps=3))(
+    jnp.ones(3)
+  )
+  assert bool(jnp.all(jnp.isnan(density.nodes))) and bool(jnp.all(jnp.isnan(density.density)))
 
   for poison in (jnp.nan, jnp.inf):
     poisoned = jnp.array([1.0, -2.0, poison])
