@@ -78,14 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.resume:
       run_dir = _runner.RunDirectory.resume(args.resume, args.experiment, module.Config)
+      module.check_config(run_dir.config)
     else:
       overrides = {name: getattr(args, name) for name in ("seeds", "steps")}
       config = dataclasses.replace(
         module.default_config(quick=args.quick),
         **{name: value for name, value in overrides.items() if value is not None},
       )
+      # Before the run directory exists: a refused config must leave nothing to resume.
+      module.check_config(config)
       run_dir = _runner.RunDirectory.create(args.experiment, config, args.out)
-  except (FileExistsError, FileNotFoundError, ValueError) as error:
+  except (FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as error:
     sys.exit(f"error: {error}")
   print(f"{args.experiment}: {run_dir.path}")
   start = time.perf_counter()

@@ -169,6 +169,8 @@ class RunDirectory:
         path = base.with_name(f"{stamp}-{suffix}")
     else:
       path = Path(out)
+    if path.exists() and not path.is_dir():
+      raise NotADirectoryError(f"{path} is a file; the run needs a directory there.")
     if (path / CONFIG_FILE).exists():
       raise FileExistsError(
         f"{path} already holds a run; continue it with --resume {path} or choose another --out."

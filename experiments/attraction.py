@@ -756,14 +756,19 @@ def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
   return "\n".join(lines)
 
 
-def run(run_dir: _runner.RunDirectory) -> str:
-  """Computes the missing units, then writes the figure and summary; returns the tables."""
-  config: Config = run_dir.config
+def check_config(config: Config) -> None:
+  """Raises ValueError for a config the run would fail on; the CLI calls it before writing."""
   _runner.check_seeds_and_steps(config)
   if min(config.dims) < 2:
     raise ValueError(f"dims must be at least 2 (one negative, one positive), got {config.dims}.")
   for candidate in candidates(config):
-    candidate_label(candidate, config)  # rejects unknown names before any work
+    candidate_label(candidate, config)  # rejects unknown names
+
+
+def run(run_dir: _runner.RunDirectory) -> str:
+  """Computes the missing units, then writes the figure and summary; returns the tables."""
+  config: Config = run_dir.config
+  check_config(config)
   _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
   figure = make_figure(run_dir, config)
   run_dir.write_summary(summary(run_dir, config, figure))

@@ -507,12 +507,17 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
   return "\n".join(lines)
 
 
-def run(run_dir: _runner.RunDirectory) -> str:
-  """Computes the missing units, then writes the figures and summary; returns the table."""
-  config: Config = run_dir.config
+def check_config(config: Config) -> None:
+  """Raises ValueError for a config the run would fail on; the CLI calls it before writing."""
   _runner.check_seeds_and_steps(config)
   _runner.check_known("problems", config.problems, PROBLEMS)
   _runner.check_known("methods", config.methods, METHODS)
+
+
+def run(run_dir: _runner.RunDirectory) -> str:
+  """Computes the missing units, then writes the figures and summary; returns the table."""
+  config: Config = run_dir.config
+  check_config(config)
   _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
   figures = make_figures(run_dir, config)
   run_dir.write_summary(summary(run_dir, config, figures))

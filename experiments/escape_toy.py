@@ -359,13 +359,18 @@ def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
   return "\n".join(lines)
 
 
-def run(run_dir: _runner.RunDirectory) -> str:
-  config: Config = run_dir.config
+def check_config(config: Config) -> None:
+  """Raises ValueError for a config the run would fail on; the CLI calls it before writing."""
   _runner.check_seeds_and_steps(config)
   _runner.check_known("problems", config.problems, PROBLEMS)
   _runner.check_known("methods", config.methods, METHODS)
   if min(config.dims) < 2:
     raise ValueError(f"dims must be at least 2 (a saddle needs two directions), got {config.dims}.")
+
+
+def run(run_dir: _runner.RunDirectory) -> str:
+  config: Config = run_dir.config
+  check_config(config)
   _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
   figure = make_figure(run_dir, config)
   run_dir.write_summary(summary(run_dir, config, figure))

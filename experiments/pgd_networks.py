@@ -145,6 +145,7 @@ def parse_regime(regime: str) -> tuple[str, str]:
 
 
 def check_config(config: Config) -> None:
+  """Raises ValueError for a config the run would fail on; the CLI calls it before writing."""
   _runner.check_seeds_and_steps(config)
   _runner.check_positive_integers(config, "batch_size", "max_train_examples")
   for spec in config.architectures:
@@ -154,7 +155,10 @@ def check_config(config: Config) -> None:
   if not config.learning_rates or min(config.learning_rates) <= 0:
     raise ValueError(f"learning_rates must be positive, got {config.learning_rates}.")
   if config.log_every < 1 or config.steps % config.log_every:
-    raise ValueError(f"steps ({config.steps}) must be a multiple of log_every.")
+    raise ValueError(
+      f"steps ({config.steps}) must be a multiple of log_every ({config.log_every}), the "
+      "interval at which losses are logged."
+    )
   _runner.check_known("datasets", config.datasets, sorted(data.LOADERS))
 
 

@@ -152,6 +152,21 @@ def test_cli_refuses_to_overwrite_a_run_or_to_change_a_resumed_config(quick_run)
   assert changed.returncode != 0 and "config.json" in changed.stderr
 
 
+def test_cli_refuses_a_bad_config_before_writing_anything(tmp_path):
+  # A refused config used to leave a run directory that --resume could never finish.
+  out = tmp_path / "run"
+  refused = run_experiments(
+    "pgd-networks", "--quick", "--steps", "3", "--out", str(out), expect_success=False
+  )
+  assert refused.returncode != 0 and "multiple of log_every (25)" in refused.stderr
+  assert "Traceback" not in refused.stderr and not out.exists()
+  (tmp_path / "file").touch()
+  on_a_file = run_experiments(
+    "escape", "--quick", "--out", str(tmp_path / "file"), expect_success=False
+  )
+  assert on_a_file.returncode != 0 and "is a file" in on_a_file.stderr
+
+
 def test_fast_compile_refuses_to_pretend_once_the_backend_has_started(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   jax.devices()  # starts the backend, which has read XLA_FLAGS for good
