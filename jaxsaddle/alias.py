@@ -244,6 +244,8 @@ def pgd_hyperparameters(
       f"{owner}: the constants give hyperparameters that are zero or infinite in float64, "
       f"{hyperparameters}; rescale the problem."
     )
+  # pgd counts steps in int32: a longer escape window could not be passed on to it.
+  _checks.check_at_least_one(owner, "escape_steps", hyperparameters.escape_steps)
   return hyperparameters
 
 

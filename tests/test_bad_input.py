@@ -181,6 +181,16 @@ def test_pgd_hyperparameters_refuse_constants_that_overflow():
       loss_gap=1.0,
       dim=10,
     )
+  # Finite, but an escape window of 1.5e10 steps, beyond pgd's int32 step counter.
+  with pytest.raises(ValueError, match="escape_steps must be an integer in"):
+    jaxsaddle.pgd_hyperparameters(
+      smoothness=1e3,
+      hessian_lipschitz=1e-4,
+      epsilon=1e-6,
+      failure_probability=0.1,
+      loss_gap=1.0,
+      dim=10**6,
+    )
 
 
 def test_curvature_transforms_refuse_optax_masked():
