@@ -192,9 +192,12 @@ def iteration_matrices(
     second moments (quadratic in the gradient) are fine.
 
   The step must also be differentiable at the saddle (no square root of a zero
-  second moment). A ``ValueError`` names the violated condition. The checks
-  need concrete values, so call this outside ``jax.jit`` (it jits its own
-  loop); under an outer ``jit`` they are skipped.
+  second moment, no Krylov space built from the zero gradient: for
+  :func:`jaxsaddle.saddle_free_newton` pass the linearisation of its full-space form,
+  :math:`I - \eta (|H| + \lambda I)^{-1} H`, to :func:`attraction_dimension` directly).
+  A ``ValueError`` names the violated condition. The checks need concrete values, so
+  call this outside ``jax.jit`` (it jits its own loop); under an outer ``jit`` they are
+  skipped.
 
   Example:
 
@@ -265,8 +268,11 @@ def iteration_matrices(
     step = int(np.flatnonzero(~np.all(np.isfinite(matrices), axis=(1, 2)))[0])
     raise ValueError(
       f"iteration_matrices: the Jacobian of step {step} has NaN or Inf entries: tx is not "
-      "differentiable at the saddle (e.g. the square root of a zero second moment, as in "
-      "optax.scale_by_rms(eps_in_sqrt=False); put eps inside the square root)."
+      "differentiable at the saddle. Common causes: the square root of a zero second moment, "
+      "as in optax.scale_by_rms(eps_in_sqrt=False) (put eps inside the square root); a Krylov "
+      "method started from the zero gradient, as in jaxsaddle.saddle_free_newton (its "
+      "full-space form linearises to I - learning_rate (|H| + damping I)^-1 H: build that "
+      "matrix directly); or a NaN hyperparameter."
     )
   return matrices
 
@@ -684,13 +690,19 @@ def _log_contraction(matrices: jax.Array, starts: jax.Array) -> jax.Array:
 
 
 def _as_stack(matrices: jax.Array, owner: str) -> jax.Array:
-  """The matrices as a float ``(T, n, n)`` array; a single ``(n, n)`` matrix becomes ``T = 1``."""
+  """The matrices as a float ``(T, n, n)`` array; a single ``(n, n)`` matrix becomes ``T = 1``.
+
+  Integers become the default float, and bfloat16 or float16 become float32: the
+  eigenvalue and QR routines have no narrower kernels, and the tolerances follow the dtype.
+  """
   matrices = jnp.asarray(matrices)
   if jnp.issubdtype(matrices.dtype, jnp.complexfloating):
     # Dropping the imaginary part would change every modulus.
     raise ValueError(f"{owner}: the matrices must be real, got dtype {matrices.dtype}.")
   if not jnp.issubdtype(matrices.dtype, jnp.floating):
     matrices = matrices.astype(jnp.result_type(float))
+  elif jnp.finfo(matrices.dtype).bits < 32:
+    matrices = matrices.astype(jnp.float32)
   if matrices.ndim == 2:
     matrices = matrices[None]
   if matrices.ndim != 3 or matrices.shape[1] != matrices.shape[2] or matrices.shape[0] < 1:

@@ -79,7 +79,18 @@ class Problem(NamedTuple):
   minimum_value: float
 
 
-def _random_orthonormal_columns(key: jax.Array | int, rows: int, cols: int) -> np.ndarray:
+def _host_key(owner: str, key: jax.Array | int) -> jax.Array:
+  """``key`` as a typed key, refused when traced: the problems are built with host NumPy."""
+  if isinstance(key, jax.core.Tracer):
+    raise TypeError(
+      f"{owner}: the key must be concrete, not traced (under jax.vmap or jit): the problem is "
+      "built on the host, in float64, once. Build one problem per seed in a Python loop, or "
+      "one problem and vmap the optimizer over its keys."
+    )
+  return _random.canonicalize_key(key)
+
+
+def _random_orthonormal_columns(key: jax.Array, rows: int, cols: int) -> np.ndarray:
   r"""A ``rows x cols`` matrix Q with orthonormal columns and a uniformly random column space.
 
   Q is the QR factor of a Gaussian matrix. Correcting the column signs by those
@@ -91,7 +102,7 @@ def _random_orthonormal_columns(key: jax.Array | int, rows: int, cols: int) -> n
   depend on whether x64 is enabled, and the QR runs in float64 so that the
   columns are orthonormal to float64 accuracy.
   """
-  gaussian = jax.random.normal(_random.canonicalize_key(key), (rows, cols), dtype=jnp.float32)
+  gaussian = jax.random.normal(key, (rows, cols), dtype=jnp.float32)
   return np.linalg.qr(np.asarray(gaussian, dtype=np.float64))[0]
 
 
@@ -169,7 +180,7 @@ def quadratic_saddle(
   if rotation_key is None:
     rotation = np.eye(dim)
   else:
-    rotation = _random_orthonormal_columns(rotation_key, dim, dim)
+    rotation = _random_orthonormal_columns(_host_key("quadratic_saddle", rotation_key), dim, dim)
 
   def value_fn(x: jax.Array) -> jax.Array:
     x = _checked_params("quadratic_saddle", x, (dim,))
@@ -467,7 +478,7 @@ def matrix_factorization(dim: int, rank: int, *, key: jax.Array | int = 0) -> Pr
   _checks.check_loop_length("matrix_factorization", "rank", rank)
   if not 1 <= rank <= dim:
     raise ValueError(f"need 1 <= rank <= dim, got rank={rank}, dim={dim}.")
-  basis_key, spectrum_key = jax.random.split(_random.canonicalize_key(key))
+  basis_key, spectrum_key = jax.random.split(_host_key("matrix_factorization", key))
   basis = _random_orthonormal_columns(basis_key, dim, rank)
   uniform = jax.random.uniform(spectrum_key, (rank,), dtype=jnp.float32)
   spectrum = np.sort(1.0 + np.asarray(uniform, dtype=np.float64))[::-1]

@@ -474,3 +474,27 @@ def test_monte_carlo_is_jittable_and_deterministic_in_the_key():
   np.testing.assert_allclose(jitted.log_contraction, eager.log_contraction, rtol=1e-12)
   other = analysis.monte_carlo_attraction(matrices, jax.random.key(5), num_starts=256, slice_dim=2)
   assert not np.allclose(eager.log_contraction, other.log_contraction)
+
+
+def test_narrow_float_matrices_are_analysed_in_float32():
+  # The eigenvalue and QR routines have no bfloat16 kernels: they raised NotImplementedError.
+  matrices = analysis.iteration_matrices(
+    optax.sgd(0.1), jnp.diag(jnp.array([1.0, -1.0])), 3, params_dtype=jnp.bfloat16
+  )
+  assert matrices.dtype == jnp.bfloat16
+  for kind in ("auto", "general"):
+    result = analysis.attraction_dimension(matrices, kind=kind)
+    expected = analysis.attraction_dimension(matrices.astype(jnp.float32), kind=kind)
+    assert (result.dimension, result.num_neutral, result.tol) == (
+      expected.dimension,
+      expected.num_neutral,
+      expected.tol,
+    )
+    np.testing.assert_array_equal(result.exponents, expected.exponents)
+  assert analysis.attraction_dimension(matrices).dimension == 1
+  np.testing.assert_array_equal(
+    analysis.monte_carlo_attraction(matrices, key=0, num_starts=4).log_contraction,
+    analysis.monte_carlo_attraction(
+      matrices.astype(jnp.float32), key=0, num_starts=4
+    ).log_contraction,
+  )

@@ -406,3 +406,14 @@ def test_value_fns_reject_integer_or_misshapen_params():
     with pytest.raises(ValueError, match="must have shape"):
       problem.value_fn(jnp.zeros((1,)))  # a short vector broadcast silently
     assert np.isfinite(float(problem.value_fn(jnp.zeros(shape))))
+
+
+def test_a_traced_key_is_refused_with_the_loop_route():
+  # The problems are built with host NumPy; a vmapped key raised TracerArrayConversionError.
+  keys = jax.random.split(jax.random.key(0), 2)
+  with pytest.raises(TypeError, match="quadratic_saddle: the key must be concrete"):
+    jax.vmap(
+      lambda k: problems.quadratic_saddle([1.0, -1.0], rotation_key=k).value_fn(jnp.ones(2))
+    )(keys)
+  with pytest.raises(TypeError, match="matrix_factorization: the key must be concrete"):
+    jax.vmap(lambda k: problems.matrix_factorization(3, 1, key=k).value_fn(jnp.ones((3, 1))))(keys)
