@@ -443,16 +443,21 @@ def attraction_dimension(
     kind: ``"auto"``, ``"constant"``, ``"periodic"`` or ``"general"``.
     period: the period for ``kind="periodic"``; must be None for other kinds.
     tol: the neutral tolerance on the exponents, in nats per step. Defaults to
-      :math:`\epsilon^{1/3}` of the dtype for the eigenvalue methods: rounding
+      :math:`\sqrt{\epsilon}` of the dtype for one constant symmetric matrix (gradient
+      descent on a Hessian: rounding moves its eigenvalues by about
+      :math:`\epsilon \|M\|`, so a step of 1e-3 is resolved in float32), otherwise to
+      :math:`\epsilon^{1/3}` for the eigenvalue methods: rounding
       moves a semisimple eigenvalue on the unit circle by about :math:`\epsilon`
       and one in a Jordan block of size :math:`k` by about :math:`c\,
       \epsilon^{1/k}`, with :math:`c` the block's conditioning, so well-conditioned
       blocks of size 2 stay neutral but blocks of size 3 may not (16 of 100 random similarity
       transforms of one were miscounted in float64): pass a larger ``tol`` for
       defective iterations. Gradient descent and LSGD iterations are
-      diagonalisable. Defaults to :math:`1/T` for ``"general"``: over the
-      horizon a neutral direction changes by less than a factor :math:`e`,
-      which a finite-horizon estimate cannot tell from 0.
+      diagonalisable (LSGD's is not symmetric, so it gets the looser default: pass
+      ``tol`` for steps below about :math:`\epsilon^{1/3}` per unit of curvature).
+      Defaults to :math:`1/T` for ``"general"``: over the horizon a neutral direction
+      changes by less than a factor :math:`e`, which a finite-horizon estimate cannot tell
+      from 0.
 
   Returns:
     An :class:`AttractionDimension`.
@@ -495,7 +500,12 @@ def attraction_dimension(
     default_tol = 1.0 / num_steps
   else:
     exponents = floquet_exponents(host_matrices[:period])
-    default_tol = float(jnp.finfo(matrices.dtype).eps) ** (1 / 3)
+    eps = float(jnp.finfo(matrices.dtype).eps)
+    # A symmetric matrix has no Jordan blocks: rounding moves its eigenvalues by about
+    # eps ||M||, so the looser bound for defective ones would hide slow directions.
+    default_tol = (
+      eps**0.5 if period == 1 and _is_symmetric(host_matrices[0], eps) else eps ** (1 / 3)
+    )
   if tol is not None:
     _checks.check_nonnegative("attraction_dimension", "tol", tol)
   tol = default_tol if tol is None else float(tol)
@@ -710,6 +720,11 @@ def _as_stack(matrices: jax.Array, owner: str) -> jax.Array:
       f"{owner}: expected square matrices of shape (T, n, n) or (n, n), got {matrices.shape}."
     )
   return matrices
+
+
+def _is_symmetric(matrix: np.ndarray, eps: float) -> bool:
+  scale = np.max(np.abs(matrix), initial=0.0)
+  return bool(np.max(np.abs(matrix - matrix.T), initial=0.0) <= 100 * eps * scale)
 
 
 def _detect_period(matrices: np.ndarray) -> int | None:

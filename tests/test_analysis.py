@@ -498,3 +498,22 @@ def test_narrow_float_matrices_are_analysed_in_float32():
       matrices.astype(jnp.float32), key=0, num_starts=4
     ).log_contraction,
   )
+
+
+def test_a_small_gradient_step_is_resolved_in_float32():
+  # I - 1e-3 diag(1, -1): exponents of +-1e-3 per step, resolved to about 1e-7 in float32; the
+  # default tol for possibly defective matrices, eps**(1/3) = 4.9e-3, called both neutral.
+  matrices = analysis.iteration_matrices(
+    optax.sgd(1e-3), jnp.diag(jnp.array([1.0, -1.0])), 1, params_dtype=jnp.float32
+  )
+  assert matrices.dtype == jnp.float32
+  result = analysis.attraction_dimension(matrices)
+  assert (result.dimension, result.num_neutral) == (1, 0)
+  np.testing.assert_allclose(result.tol, np.sqrt(np.finfo(np.float32).eps))
+  # Not symmetric (the same spectrum under a non-orthogonal similarity): the
+  # looser default stays.
+  similarity = jnp.array([[1.0, 0.5], [0.0, 1.0]])
+  skewed = (similarity @ matrices[0] @ jnp.linalg.inv(similarity)).astype(jnp.float32)
+  np.testing.assert_allclose(
+    analysis.attraction_dimension(skewed).tol, np.finfo(np.float32).eps ** (1 / 3), rtol=1e-6
+  )
