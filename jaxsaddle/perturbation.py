@@ -166,8 +166,9 @@ def perturb_near_saddle(
   only for the test. The inner optimizer's state does not advance on a
   perturbing call.
 
-  **Escape check.** When ``escape_threshold`` (:math:`f_{\rm thres}`) is given
-  and the loss is passed as ``update(..., value=f(x_t))``, the state keeps the
+  **Escape check.** When ``escape_threshold`` (:math:`f_{\rm thres}`) is given,
+  the loss must be passed as ``update(..., value=f(x_t))`` (a ``ValueError`` says so
+  otherwise, rather than leave the flag silently False); the state keeps the
   loss at :math:`\tilde x`, and after exactly ``escape_steps`` gradient steps
   sets ``second_order_stationary`` to
   :math:`f(x_t) - f(\tilde x) > -f_{\rm thres}`: the perturbation did not lead
@@ -222,6 +223,12 @@ def perturb_near_saddle(
     )
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    if escape_threshold is not None and value is None:
+      raise ValueError(
+        f"{owner}: escape_threshold is set, so the escape check needs the loss at every step: "
+        "call `tx.update(grads, state, params, value=loss)` (with flax, "
+        "`optimizer.update(model, grads, value=loss)`), or leave escape_threshold out."
+      )
     near_saddle = _random.norm_at_most(updates, gradient_threshold) & (
       state.steps_since_perturbation > escape_steps
     )

@@ -225,13 +225,25 @@ def test_escape_check_never_uses_the_loss_of_an_older_perturbation():
   _, state = tx.update(grads, state, params, value=5.0)
   _, state = tx.update(grads, state, params, value=5.0)  # the check: no decrease
   assert bool(state.second_order_stationary)
-  _, state = tx.update(grads, state, params)  # perturbs with no loss: baseline unknown
+  _, state = tx.update(grads, state, params, value=jnp.nan)  # perturbs at a NaN loss: unknown
   assert int(state.num_perturbations) == 3 and np.isnan(state.value_at_perturbation)
   _, state = tx.update(grads, state, params, value=100.0)
   _, state = tx.update(grads, state, params, value=100.0)  # the check: no baseline, no verdict
   # The verdict of the last check stands: compared with the stale baseline 5 (or with NaN,
   # read as a decrease) it would have turned.
   assert bool(state.second_order_stationary)
+
+
+def test_the_escape_check_refuses_a_step_without_the_loss():
+  # Without the loss the check never ran, and second_order_stationary stayed False silently.
+  tx = jaxsaddle.pgd(
+    0.1, perturbation_radius=1e-3, gradient_threshold=1.0, escape_steps=1, escape_threshold=0.5
+  )
+  params = jnp.zeros(2)
+  with pytest.raises(ValueError, match="escape_threshold is set.*value=loss"):
+    tx.update(jnp.zeros(2), tx.init(params), params)
+  unchecked = jaxsaddle.pgd(0.1, perturbation_radius=1e-3, gradient_threshold=1.0, escape_steps=1)
+  unchecked.update(jnp.zeros(2), unchecked.init(params), params)  # no check, no loss needed
 
 
 def test_pgd_perturbation_is_uniform_in_the_ball():
