@@ -64,7 +64,7 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
   if batch_shape:
     raise ValueError(
       f"key must be one key or seed, got a batch of shape {batch_shape}; to run many seeds, "
-      "build the transform inside jax.vmap over the keys."
+      "make the call inside jax.vmap over the keys (for a transform: build it there)."
     )
   if typed:
     return key

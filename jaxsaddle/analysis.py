@@ -246,6 +246,12 @@ def iteration_matrices(
   if isinstance(matrices, jax.core.Tracer):
     return matrices
   drifts, couplings = np.asarray(drifts), np.asarray(couplings)
+  if np.any(np.isnan(drifts)):
+    step = int(np.flatnonzero(np.isnan(drifts))[0])
+    raise ValueError(
+      f"iteration_matrices: at step {step} the update at the saddle is NaN: a NaN or "
+      "out-of-range hyperparameter (jaxsaddle's transforms make their updates NaN for one)?"
+    )
   if np.any(drifts != 0):
     step = int(np.flatnonzero(drifts)[0])
     raise ValueError(

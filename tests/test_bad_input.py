@@ -148,6 +148,10 @@ ANALYSIS_ERRORS = [
     "slice_offset contains NaN",
   ),
   (lambda: analysis.attraction_dimension(jnp.eye(2), tol=np.inf), "tol must be non-negative"),
+  (
+    lambda: analysis.iteration_matrices(optax.sgd(float("nan")), jnp.eye(2), 1),
+    "at step 0 the update at the saddle is NaN",
+  ),
 ]
 
 
