@@ -2,7 +2,9 @@
 
 Every experiment is a module with a ``Config`` dataclass that has ``seeds``,
 ``steps`` and ``fast_compile`` fields (see :mod:`experiments._runner`; quick
-configs set ``fast_compile``), ``default_config(quick) -> Config`` and
+configs set ``fast_compile``), ``default_config(quick) -> Config``,
+``check_config(config)`` (raises ValueError for a config the run would fail on; called
+before the run directory is written, and again by ``run``) and
 ``run(run_dir: _runner.RunDirectory) -> str`` (computes what the run directory
 lacks, writes figures and summary, returns the table to print). Register it in
 ``EXPERIMENTS``; modules are imported only when their experiment runs, so the

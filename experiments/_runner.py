@@ -258,6 +258,15 @@ def check_seeds_and_steps(config) -> None:
     raise ValueError(f"seeds and steps must be at least 1, got {config.seeds}, {config.steps}.")
 
 
+def check_log_every(config) -> None:
+  """Rejects a config whose ``steps`` is not a multiple of its ``log_every``."""
+  if config.log_every < 1 or config.steps % config.log_every:
+    raise ValueError(
+      f"steps ({config.steps}) must be a multiple of log_every ({config.log_every}), the "
+      "interval at which losses are logged."
+    )
+
+
 def check_known(what: str, names, known) -> None:
   """Rejects, before any unit runs, names (of methods, problems, datasets) not in ``known``."""
   unknown = sorted(set(names) - set(known))

@@ -154,11 +154,7 @@ def check_config(config: Config) -> None:
     parse_regime(regime)
   if not config.learning_rates or min(config.learning_rates) <= 0:
     raise ValueError(f"learning_rates must be positive, got {config.learning_rates}.")
-  if config.log_every < 1 or config.steps % config.log_every:
-    raise ValueError(
-      f"steps ({config.steps}) must be a multiple of log_every ({config.log_every}), the "
-      "interval at which losses are logged."
-    )
+  _runner.check_log_every(config)
   _runner.check_known("datasets", config.datasets, sorted(data.LOADERS))
 
 

@@ -134,11 +134,7 @@ def check_config(config: Config) -> None:
   _runner.check_seeds_and_steps(config)
   _runner.check_positive_integers(config, "batch_size", "max_train_examples")
   _runner.check_known("methods", config.methods, METHODS)
-  if config.log_every < 1 or config.steps % config.log_every:
-    raise ValueError(
-      f"steps ({config.steps}) must be a multiple of log_every ({config.log_every}), the "
-      "interval at which losses are logged."
-    )
+  _runner.check_log_every(config)
 
 
 @functools.cache

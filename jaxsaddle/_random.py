@@ -37,11 +37,16 @@ Distribution = Literal["gaussian", "sphere", "ball"]
 DISTRIBUTIONS = ("gaussian", "sphere", "ball")
 
 
-def canonicalize_key(key: jax.Array | int) -> jax.Array:
+def canonicalize_key(
+  key: jax.Array | int,
+  *,
+  many_seeds: str = "make the call inside jax.vmap over the keys (for a transform: build it there)",
+) -> jax.Array:
   """Returns a typed PRNG key from an int seed, a typed key or a raw uint32 key.
 
-  Raises ValueError for a batch of keys or seeds: a transform holds one key, and many seeds
-  run by building it inside ``jax.vmap`` over them.
+  Raises ValueError for a batch of keys or seeds, saying how to run many seeds instead
+  (``many_seeds``): a transform holds one key, and many seeds run by building it inside
+  ``jax.vmap`` over them.
   """
   typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   if not typed and (
@@ -64,7 +69,7 @@ def canonicalize_key(key: jax.Array | int) -> jax.Array:
   if batch_shape:
     raise ValueError(
       f"key must be one key or seed, got a batch of shape {batch_shape}; to run many seeds, "
-      "make the call inside jax.vmap over the keys (for a transform: build it there)."
+      f"{many_seeds}."
     )
   if typed:
     return key

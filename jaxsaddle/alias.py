@@ -62,7 +62,8 @@ def pgd(
     perturbation_radius: :math:`r`.
     gradient_threshold: :math:`g_{\rm thres}`.
     escape_steps: :math:`t_{\rm thres}`.
-    escape_threshold: :math:`f_{\rm thres}`, or None to skip the escape check.
+    escape_threshold: :math:`f_{\rm thres}`, or None to skip the escape check. When set,
+      every ``update`` needs the loss as ``value=`` (a ``ValueError`` says so).
     key: a typed key, a raw uint32 key or an int seed.
 
   Returns:
@@ -165,7 +166,12 @@ class PGDHyperparameters(NamedTuple):
   escape_steps: int
 
   def pgd_kwargs(self) -> dict:
-    """The arguments of :func:`pgd` (all fields but ``chi``)."""
+    """The arguments of :func:`pgd` (all fields but ``chi``).
+
+    They include ``escape_threshold``, so the transform runs the escape check and its
+    ``update`` needs the loss as ``value=``; drop the key to train without the check (inside
+    a wrapper that does not forward ``value``, such as ``optax.lookahead``).
+    """
     return {name: value for name, value in self._asdict().items() if name != "chi"}
 
 
@@ -244,8 +250,12 @@ def pgd_hyperparameters(
       f"{owner}: the constants give hyperparameters that are zero or infinite in float64, "
       f"{hyperparameters}; rescale the problem."
     )
-  # pgd counts steps in int32: a longer escape window could not be passed on to it.
-  _checks.check_at_least_one(owner, "escape_steps", hyperparameters.escape_steps)
+  if hyperparameters.escape_steps >= 2**31 - 1:
+    # pgd counts steps in int32: a longer escape window could not be passed on to it.
+    raise ValueError(
+      f"{owner}: the constants give an escape window of {hyperparameters.escape_steps} steps, "
+      "beyond the int32 step counter of pgd (2**31 - 1); rescale the problem."
+    )
   return hyperparameters
 
 

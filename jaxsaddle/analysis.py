@@ -249,8 +249,9 @@ def iteration_matrices(
   if np.any(np.isnan(drifts)):
     step = int(np.flatnonzero(np.isnan(drifts))[0])
     raise ValueError(
-      f"iteration_matrices: at step {step} the update at the saddle is NaN: a NaN or "
-      "out-of-range hyperparameter (jaxsaddle's transforms make their updates NaN for one)?"
+      f"iteration_matrices: at step {step} the update at the saddle is NaN: a NaN "
+      "hyperparameter, or a traced one out of its range (jaxsaddle's transforms then make "
+      "their updates NaN)?"
     )
   if np.any(drifts != 0):
     step = int(np.flatnonzero(drifts)[0])
@@ -449,18 +450,19 @@ def attraction_dimension(
     kind: ``"auto"``, ``"constant"``, ``"periodic"`` or ``"general"``.
     period: the period for ``kind="periodic"``; must be None for other kinds.
     tol: the neutral tolerance on the exponents, in nats per step. Defaults to
-      :math:`\sqrt{\epsilon}` of the dtype for one constant symmetric matrix (gradient
-      descent on a Hessian: rounding moves its eigenvalues by about
-      :math:`\epsilon \|M\|`, so a step of 1e-3 is resolved in float32), otherwise to
-      :math:`\epsilon^{1/3}` for the eigenvalue methods: rounding
+      :math:`\epsilon^{1/3}` of the matrices' dtype (bfloat16 and float16 ones are
+      analysed in float32 with their own tolerance) for the eigenvalue methods: rounding
       moves a semisimple eigenvalue on the unit circle by about :math:`\epsilon`
       and one in a Jordan block of size :math:`k` by about :math:`c\,
       \epsilon^{1/k}`, with :math:`c` the block's conditioning, so well-conditioned
       blocks of size 2 stay neutral but blocks of size 3 may not (16 of 100 random similarity
       transforms of one were miscounted in float64): pass a larger ``tol`` for
       defective iterations. Gradient descent and LSGD iterations are
-      diagonalisable (LSGD's is not symmetric, so it gets the looser default: pass
-      ``tol`` for steps below about :math:`\epsilon^{1/3}` per unit of curvature).
+      diagonalisable, but the default cannot resolve a step below about
+      :math:`\epsilon^{1/3}` per unit of curvature (5e-3 in float32: gradient descent at
+      a learning rate of 1e-3 reads neutral): analyse in float64
+      (``iteration_matrices(..., params_dtype=jnp.float64)``, 6e-6) or pass a smaller
+      ``tol`` when the matrices are accurate to their dtype.
       Defaults to :math:`1/T` for ``"general"``: over the horizon a neutral direction
       changes by less than a factor :math:`e`, which a finite-horizon estimate cannot tell
       from 0.
@@ -472,7 +474,10 @@ def attraction_dimension(
     ValueError: for bad shapes or arguments, a ``"periodic"`` stack without a
       detectable period, or matrices with NaN or Inf entries.
   """
+  # The tolerance follows the precision the matrices were computed in, before any upcast.
+  given_dtype = jnp.result_type(matrices)
   matrices = _as_stack(matrices, "attraction_dimension")
+  precision = given_dtype if jnp.issubdtype(given_dtype, jnp.floating) else matrices.dtype
   if kind not in KINDS:
     raise ValueError(f"attraction_dimension: kind must be one of {KINDS}, got {kind!r}.")
   if period is not None and kind != "periodic":
@@ -506,12 +511,7 @@ def attraction_dimension(
     default_tol = 1.0 / num_steps
   else:
     exponents = floquet_exponents(host_matrices[:period])
-    eps = float(jnp.finfo(matrices.dtype).eps)
-    # A symmetric matrix has no Jordan blocks: rounding moves its eigenvalues by about
-    # eps ||M||, so the looser bound for defective ones would hide slow directions.
-    default_tol = (
-      eps**0.5 if period == 1 and _is_symmetric(host_matrices[0], eps) else eps ** (1 / 3)
-    )
+    default_tol = float(jnp.finfo(precision).eps) ** (1 / 3)
   if tol is not None:
     _checks.check_nonnegative("attraction_dimension", "tol", tol)
   tol = default_tol if tol is None else float(tol)
@@ -709,7 +709,7 @@ def _as_stack(matrices: jax.Array, owner: str) -> jax.Array:
   """The matrices as a float ``(T, n, n)`` array; a single ``(n, n)`` matrix becomes ``T = 1``.
 
   Integers become the default float, and bfloat16 or float16 become float32: the
-  eigenvalue and QR routines have no narrower kernels, and the tolerances follow the dtype.
+  eigenvalue and QR routines have no narrower kernels.
   """
   matrices = jnp.asarray(matrices)
   if jnp.issubdtype(matrices.dtype, jnp.complexfloating):
@@ -726,11 +726,6 @@ def _as_stack(matrices: jax.Array, owner: str) -> jax.Array:
       f"{owner}: expected square matrices of shape (T, n, n) or (n, n), got {matrices.shape}."
     )
   return matrices
-
-
-def _is_symmetric(matrix: np.ndarray, eps: float) -> bool:
-  scale = np.max(np.abs(matrix), initial=0.0)
-  return bool(np.max(np.abs(matrix - matrix.T), initial=0.0) <= 100 * eps * scale)
 
 
 def _detect_period(matrices: np.ndarray) -> int | None:

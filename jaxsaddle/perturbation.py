@@ -262,7 +262,7 @@ def perturb_near_saddle(
     loss = jnp.nan if value is None else _scalar_loss(value, state.value_at_perturbation)
     value_at_perturbation = jnp.where(near_saddle, loss, state.value_at_perturbation)
     second_order_stationary = state.second_order_stationary
-    if value is not None and escape_threshold is not None:
+    if escape_threshold is not None:
       baseline = state.value_at_perturbation
       checked = (state.steps_since_perturbation == escape_steps) & ~jnp.isnan(baseline)
       too_little_decrease = loss - baseline > -escape_threshold

@@ -87,7 +87,9 @@ def _host_key(owner: str, key: jax.Array | int) -> jax.Array:
       "built on the host, in float64, once. Build one problem per seed in a Python loop, or "
       "one problem and vmap the optimizer over its keys."
     )
-  return _random.canonicalize_key(key)
+  return _random.canonicalize_key(
+    key, many_seeds=f"{owner}: build one problem per seed in a Python loop"
+  )
 
 
 def _random_orthonormal_columns(key: jax.Array, rows: int, cols: int) -> np.ndarray:

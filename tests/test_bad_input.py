@@ -186,7 +186,7 @@ def test_pgd_hyperparameters_refuse_constants_that_overflow():
       dim=10,
     )
   # Finite, but an escape window of 1.5e10 steps, beyond pgd's int32 step counter.
-  with pytest.raises(ValueError, match="escape_steps must be an integer in"):
+  with pytest.raises(ValueError, match="escape window of 15197061614 steps, beyond the int32"):
     jaxsaddle.pgd_hyperparameters(
       smoothness=1e3,
       hessian_lipschitz=1e-4,

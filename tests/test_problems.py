@@ -417,3 +417,5 @@ def test_a_traced_key_is_refused_with_the_loop_route():
     )(keys)
   with pytest.raises(TypeError, match="matrix_factorization: the key must be concrete"):
     jax.vmap(lambda k: problems.matrix_factorization(3, 1, key=k).value_fn(jnp.ones((3, 1))))(keys)
+  with pytest.raises(ValueError, match="build one problem per seed in a Python loop"):
+    problems.quadratic_saddle([1.0, -1.0], rotation_key=keys)
