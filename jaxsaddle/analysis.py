@@ -426,7 +426,11 @@ def attraction_dimension(
   - ``"auto"``: ``"constant"`` when all matrices are equal, else
     ``"periodic"`` with the smallest period :math:`p` for which the stack
     repeats exactly (:math:`M_{t+p} = M_t` bitwise, with at least two full
-    periods present), else ``"general"``.
+    periods present), else ``"general"``. A schedule with a warmup is not periodic from
+    its first step, so it gets ``"general"``, whose default tol of :math:`1/T` needs a long
+    stack; when the warmup's matrices are invertible (they do not change the dimension),
+    pass the matrices after it, ``matrices[warmup_steps:]``, which ``"auto"`` then reads
+    as constant or periodic.
 
   An exponent with :math:`|\chi_i| \le` ``tol`` is *neutral* and not counted:
   see the module docstring for what that means for the nonlinear iteration.
