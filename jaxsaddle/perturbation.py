@@ -196,8 +196,9 @@ def perturb_near_saddle(
     key: a typed key, a raw uint32 key or an int seed (may be traced).
 
   Returns:
-    A ``GradientTransformationExtraArgs``; ``value`` is the optional loss, and
-    all extra arguments are forwarded to ``inner``.
+    A ``GradientTransformationExtraArgs``; ``value`` is the loss, required with
+    ``escape_threshold`` and optional without, and all extra arguments are forwarded to
+    ``inner``.
   """
   owner = "perturb_near_saddle"
   _checks.check_nonnegative(owner, "perturbation_radius", perturbation_radius)
