@@ -107,6 +107,8 @@ class AttractionDimension(NamedTuple):
       were computed.
     period: the period used (1 for ``"constant"``), or None for ``"general"``.
     tol: the neutral tolerance that was applied.
+    transient: the number of leading matrices (a warmup) that ``"auto"`` read as a
+      transient before a constant or periodic tail; 0 otherwise.
   """
 
   dimension: int
@@ -115,6 +117,7 @@ class AttractionDimension(NamedTuple):
   method: str
   period: int | None
   tol: float
+  transient: int = 0
 
 
 class MonteCarloAttraction(NamedTuple):
@@ -426,11 +429,11 @@ def attraction_dimension(
   - ``"auto"``: ``"constant"`` when all matrices are equal, else
     ``"periodic"`` with the smallest period :math:`p` for which the stack
     repeats exactly (:math:`M_{t+p} = M_t` bitwise, with at least two full
-    periods present), else ``"general"``. A schedule with a warmup is not periodic from
-    its first step, so it gets ``"general"``, whose default tol of :math:`1/T` needs a long
-    stack; when the warmup's matrices are invertible (they do not change the dimension),
-    pass the matrices after it, ``matrices[warmup_steps:]``, which ``"auto"`` then reads
-    as constant or periodic.
+    periods present). Otherwise, a stack that becomes constant or periodic after a
+    transient (a learning-rate warmup) is read as that tail, when the transient's product
+    is invertible, since it then maps the tail's stable subspace to one of the same
+    dimension (``transient`` in the result says how many matrices were set aside); a
+    singular one would add converging starts. Else ``"general"``.
 
   An exponent with :math:`|\chi_i| \le` ``tol`` is *neutral* and not counted:
   see the module docstring for what that means for the nonlinear iteration.
@@ -492,8 +495,11 @@ def attraction_dimension(
   if not np.all(np.isfinite(host_matrices)):
     raise ValueError("attraction_dimension: the matrices contain NaN or Inf entries.")
   num_steps = matrices.shape[0]
+  transient = 0
   if kind == "auto":
     period = _detect_period(host_matrices)
+    if period is None:
+      transient, period = _detect_periodic_tail(host_matrices)
     kind = "general" if period is None else "constant" if period == 1 else "periodic"
   elif kind == "constant":
     period = 1
@@ -514,7 +520,7 @@ def attraction_dimension(
     exponents = lyapunov_exponents(matrices)
     default_tol = 1.0 / num_steps
   else:
-    exponents = floquet_exponents(host_matrices[:period])
+    exponents = floquet_exponents(host_matrices[transient : transient + period])
     default_tol = float(jnp.finfo(precision).eps) ** (1 / 3)
   if tol is not None:
     _checks.check_nonnegative("attraction_dimension", "tol", tol)
@@ -527,6 +533,7 @@ def attraction_dimension(
     method=kind,
     period=period,
     tol=tol,
+    transient=transient,
   )
 
 
@@ -730,6 +737,36 @@ def _as_stack(matrices: jax.Array, owner: str) -> jax.Array:
       f"{owner}: expected square matrices of shape (T, n, n) or (n, n), got {matrices.shape}."
     )
   return matrices
+
+
+def _detect_periodic_tail(matrices: np.ndarray) -> tuple[int, int | None]:
+  """``(s, p)``: the fewest leading matrices ``s`` after which the stack repeats with period
+  ``p`` (bitwise, at least two full periods and two matrices following), the smallest ``p``
+  for that ``s``; ``(0, None)`` when there is none, or when the leading matrices' product is
+  singular to working precision.
+
+  A singular transient maps a subspace to 0, which would add converging starts that the
+  tail's exponents do not count; with an invertible one the dimension is the tail's.
+  """
+  num_steps = matrices.shape[0]
+  # One integer per distinct matrix (bitwise), so that shifts compare integers, not matrices.
+  first_seen: dict[bytes, int] = {}
+  ids = np.array([first_seen.setdefault(matrix.tobytes(), len(first_seen)) for matrix in matrices])
+  best = None
+  for period in range(1, num_steps // 2 + 1):
+    mismatches = np.flatnonzero(ids[:-period] != ids[period:])
+    start = 0 if mismatches.size == 0 else int(mismatches[-1]) + 1
+    if num_steps - start >= max(2 * period, 2) and (best is None or start < best[0]):
+      best = (start, period)
+  if best is None or best[0] == 0:
+    return 0, None
+  product = np.eye(matrices.shape[1])
+  for matrix in matrices[: best[0]]:
+    product = matrix.astype(np.float64) @ product
+    product /= max(np.max(np.abs(product)), np.finfo(np.float64).tiny)  # cond is scale-free
+  if np.linalg.cond(product) > 1 / np.sqrt(np.finfo(matrices.dtype).eps):
+    return 0, None
+  return best
 
 
 def _detect_period(matrices: np.ndarray) -> int | None:

@@ -116,7 +116,11 @@ def test_iteration_matrices_follow_a_step_size_schedule_and_reproduce_a_run():
     params = optax.apply_updates(params, updates)
     propagated = matrix @ propagated
   np.testing.assert_allclose(params, propagated, rtol=1e-13)
-  assert analysis.attraction_dimension(matrices).method == "general"
+  # The schedule decays for 7 steps, then stays at alpha * 0.6: a transient, then a constant
+  # tail. Over the decay alone the stack is time-varying throughout.
+  result = analysis.attraction_dimension(matrices)
+  assert (result.method, result.period, result.transient) == ("constant", 1, 7)
+  assert analysis.attraction_dimension(matrices[:8]).method == "general"
 
 
 def test_iteration_matrices_of_a_nonsymmetric_step_use_the_gradient_and_the_params():
@@ -509,3 +513,32 @@ def test_a_small_gradient_step_needs_float64_or_an_explicit_tol():
   double = analysis.iteration_matrices(optax.sgd(1e-3), hessian, 1, params_dtype=jnp.float64)
   result = analysis.attraction_dimension(double)
   assert (result.dimension, result.num_neutral) == (1, 0)
+
+
+def test_auto_reads_a_warmup_then_a_constant_or_periodic_tail():
+  # A linear warmup over 5 steps, then a constant rate: read as "general" with tol 1/T, both
+  # directions were neutral over 10 steps.
+  hessian = jnp.diag(jnp.array([1.0, -1.0]))
+  warmup = optax.linear_schedule(0.01, 0.05, transition_steps=5)
+  matrices = analysis.iteration_matrices(optax.sgd(warmup), hessian, 10)
+  result = analysis.attraction_dimension(matrices)
+  assert (result.method, result.period, result.transient) == ("constant", 1, 5)
+  assert (result.dimension, result.num_neutral) == (1, 0)
+  # The schedule computes its rate in float32.
+  np.testing.assert_allclose(result.exponents, np.log([1.05, 0.95]), rtol=1e-7)
+  # After the same warmup, a rate alternating 0.05 / 0.15 (two periods of it follow).
+  tail = [np.diag([0.95, 1.05]), np.diag([0.85, 1.15])] * 2
+  stacked = np.concatenate([np.asarray(matrices[:5]), tail])
+  result = analysis.attraction_dimension(stacked)
+  assert (result.method, result.period, result.transient) == ("periodic", 2, 5)
+  np.testing.assert_allclose(result.exponents, np.log([1.05 * 1.15, 0.95 * 0.85]) / 2, rtol=1e-12)
+  # A singular transient (a step of 1 on the unit eigenvalue kills that direction) adds
+  # converging starts the tail's exponents do not count: no tail reading.
+  singular = np.stack([np.diag([0.0, 2.0])] + [np.diag([1.1, 0.9])] * 9)
+  result = analysis.attraction_dimension(singular)
+  assert (result.method, result.transient) == ("general", 0)
+  # A periodic stack whose period ends in a repeat is periodic from the start, not a
+  # transient before a constant tail.
+  period_three = np.stack([np.diag([0.5, 2.0]), np.diag([2.0, 0.5]), np.diag([2.0, 0.5])] * 2)
+  result = analysis.attraction_dimension(period_three)
+  assert (result.method, result.period, result.transient) == ("periodic", 3, 0)
