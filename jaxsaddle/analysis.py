@@ -497,16 +497,14 @@ def attraction_dimension(
   num_steps = matrices.shape[0]
   transient = 0
   if kind == "auto":
-    period = _detect_period(host_matrices)
-    if period is None:
-      transient, period = _detect_periodic_tail(host_matrices)
+    transient, period = _detect_period(host_matrices)
     kind = "general" if period is None else "constant" if period == 1 else "periodic"
   elif kind == "constant":
     period = 1
   elif kind == "periodic":
     if period is None:
-      period = _detect_period(host_matrices)
-      if period is None:
+      start, period = _detect_period(host_matrices)
+      if period is None or start:
         raise ValueError(
           "attraction_dimension: no period found (M[t + p] == M[t] exactly, with at least two "
           "periods in the stack); pass period=, or use kind='general'."
@@ -739,16 +737,19 @@ def _as_stack(matrices: jax.Array, owner: str) -> jax.Array:
   return matrices
 
 
-def _detect_periodic_tail(matrices: np.ndarray) -> tuple[int, int | None]:
+def _detect_period(matrices: np.ndarray) -> tuple[int, int | None]:
   """``(s, p)``: the fewest leading matrices ``s`` after which the stack repeats with period
-  ``p`` (bitwise, at least two full periods and two matrices following), the smallest ``p``
-  for that ``s``; ``(0, None)`` when there is none, or when the leading matrices' product is
-  singular to working precision.
+  ``p`` (``M[t + p] == M[t]`` bitwise for ``t >= s``, with at least two full periods
+  and two matrices following; ``(0, 1)`` for a single matrix), the smallest ``p`` for that
+  ``s``; ``(0, None)`` when there is none, or when ``s > 0`` and the leading matrices' product
+  is singular to working precision.
 
   A singular transient maps a subspace to 0, which would add converging starts that the
   tail's exponents do not count; with an invertible one the dimension is the tail's.
   """
   num_steps = matrices.shape[0]
+  if num_steps == 1:
+    return 0, 1
   # One integer per distinct matrix (bitwise), so that shifts compare integers, not matrices.
   first_seen: dict[bytes, int] = {}
   ids = np.array([first_seen.setdefault(matrix.tobytes(), len(first_seen)) for matrix in matrices])
@@ -758,26 +759,12 @@ def _detect_periodic_tail(matrices: np.ndarray) -> tuple[int, int | None]:
     start = 0 if mismatches.size == 0 else int(mismatches[-1]) + 1
     if num_steps - start >= max(2 * period, 2) and (best is None or start < best[0]):
       best = (start, period)
-  if best is None or best[0] == 0:
+  if best is None:
     return 0, None
   product = np.eye(matrices.shape[1])
   for matrix in matrices[: best[0]]:
     product = matrix.astype(np.float64) @ product
     product /= max(np.max(np.abs(product)), np.finfo(np.float64).tiny)  # cond is scale-free
-  if np.linalg.cond(product) > 1 / np.sqrt(np.finfo(matrices.dtype).eps):
+  if best[0] and np.linalg.cond(product) > 1 / np.sqrt(np.finfo(matrices.dtype).eps):
     return 0, None
   return best
-
-
-def _detect_period(matrices: np.ndarray) -> int | None:
-  """The smallest p with M[t + p] == M[t] bitwise for all t and 2p <= T (1 for T = 1)."""
-  num_steps = matrices.shape[0]
-  if num_steps == 1:
-    return 1
-  flat = matrices.reshape(num_steps, -1)
-  # Only shifts whose matrix equals the first one can be periods.
-  candidates = np.flatnonzero(np.all(flat[1 : num_steps // 2 + 1] == flat[0], axis=1)) + 1
-  for candidate in candidates:
-    if np.array_equal(flat[candidate:], flat[:-candidate]):
-      return int(candidate)
-  return None

@@ -391,7 +391,7 @@ def _smooth_rows(leaf: jax.Array, sigma, order: int) -> jax.Array:
     # Rows split across devices: gather them, deliberately, and split the result again.
     rows_whole = P(*spec[:-1], None)
     smoothed = _smooth_rows(jax.sharding.reshard(leaf, rows_whole), sigma, order)
-    return jax.sharding.reshard(smoothed, P(*spec))
+    return _sharding.sharded_like(smoothed, leaf)
   # Every row lies on one device: solve locally, with no communication even for the
   # FFT solver, which XLA would otherwise gather (jax-ml/jax#15680, openxla/xla#24).
   if _checks.concrete_float(sigma, "laplacian_smoothing", "sigma") is None:

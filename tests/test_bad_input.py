@@ -175,26 +175,23 @@ def test_wrong_types_are_named(call, message):
     call()
 
 
-def test_pgd_hyperparameters_refuse_constants_that_overflow():
-  with pytest.raises(ValueError, match="rescale the problem"):
-    jaxsaddle.pgd_hyperparameters(
-      smoothness=1e300,
-      hessian_lipschitz=1e-300,
-      epsilon=1e-300,
-      failure_probability=0.1,
-      loss_gap=1.0,
-      dim=10,
-    )
-  # Finite, but an escape window of 1.5e10 steps, beyond pgd's int32 step counter.
-  with pytest.raises(ValueError, match="escape window of 15197061614 steps, beyond the int32"):
-    jaxsaddle.pgd_hyperparameters(
-      smoothness=1e3,
-      hessian_lipschitz=1e-4,
-      epsilon=1e-6,
-      failure_probability=0.1,
-      loss_gap=1.0,
-      dim=10**6,
-    )
+@pytest.mark.parametrize(
+  ("constants", "message"),
+  [
+    (
+      dict(smoothness=1e300, hessian_lipschitz=1e-300, epsilon=1e-300, dim=10),
+      "rescale the problem",
+    ),
+    # Finite, but an escape window of 1.5e10 steps, beyond pgd's int32 step counter.
+    (
+      dict(smoothness=1e3, hessian_lipschitz=1e-4, epsilon=1e-6, dim=10**6),
+      "escape window of 15197061614 steps, beyond the int32",
+    ),
+  ],
+)
+def test_pgd_hyperparameters_refuse_constants_that_overflow(constants, message):
+  with pytest.raises(ValueError, match=message):
+    jaxsaddle.pgd_hyperparameters(failure_probability=0.1, loss_gap=1.0, **constants)
 
 
 def test_curvature_transforms_refuse_optax_masked():
