@@ -16,8 +16,16 @@ stacked basis (a leaf sharded ``P('x', None)`` gives a basis leaf sharded ``P(No
 and in the Ritz vectors, and its coefficients, basis and Ritz values equal the single-device run.
 On params sharded over a 2-D Explicit mesh, ``spectrum``'s trace (Hutchinson and Hutch++), extreme
 eigenvalues, SLQ density and critical-point classification equal their single-device results.
+With data parallelism (replicated params, each batch's examples split over the mesh and, across
+processes, each process holding only its own examples), the trace, extreme eigenvalues, NC
+descent and the curvature monitor on a ``dataset_value_fn`` loss equal the single-device run on
+the whole dataset.
+
+``tests/test_sharding.py`` also runs these checks as two processes of four devices each that
+share one mesh (see ``tests/_multihost.py``); results are gathered with ``tests/_host.py``.
 """
 
+import _host
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,7 +149,9 @@ def test_lanczos_basis_keeps_leaf_shardings_and_matches_one_device(
       assert stacked.sharding.is_equivalent_to(stacked_spec, leaf_ndim), (
         f"{label} leaf {name!r}: {stacked.sharding} instead of {stacked_spec}"
       )
-    rows = COMPARED_ROWS[reorthogonalize]
+  result, pairs = _host.to_numpy((result, pairs))
+  rows = COMPARED_ROWS[reorthogonalize]
+  for name in specs:
     np.testing.assert_allclose(
       result.basis[name][:rows],
       expected_result.basis[name][:rows],
@@ -150,14 +160,13 @@ def test_lanczos_basis_keeps_leaf_shardings_and_matches_one_device(
       err_msg=name,
     )
   coefficient_atol = TOLERANCES[reorthogonalize]
-  rows = COMPARED_ROWS[reorthogonalize]
   np.testing.assert_allclose(
     result.alphas[:rows], expected_result.alphas[:rows], rtol=RTOL, atol=coefficient_atol
   )
   np.testing.assert_allclose(
     result.betas[:rows], expected_result.betas[:rows], rtol=RTOL, atol=coefficient_atol
   )
-  compared = slice(None) if reorthogonalize else jnp.array([0, NUM_STEPS - 1])
+  compared = slice(None) if reorthogonalize else np.array([0, NUM_STEPS - 1])
   np.testing.assert_allclose(
     pairs.eigenvalues[compared], expected_pairs.eigenvalues[compared], rtol=RTOL, atol=ATOL
   )
@@ -190,12 +199,12 @@ SPECTRUM_FUNCTIONS = {
 }
 
 
-def _one_update(tx):
+def _one_update(tx, value_fn=_value_fn):
   """``params -> (updates, state)`` after one update of ``tx`` at ``params``, keys dropped."""
 
   def run(params):
     updates, state = tx.update(
-      jax.grad(_value_fn)(params), tx.init(params), params, value_fn=_value_fn
+      jax.grad(value_fn)(params), tx.init(params), params, value_fn=value_fn
     )
     return updates, optax.tree.unwrap_random_key_data(state)
 
@@ -234,6 +243,82 @@ def test_on_explicitly_sharded_params_matches_one_device(function):
       for name, leaf in _params().items()
     }
     result = fn(sharded_params)
+  result = _host.to_numpy(result)
+  for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
+    assert np.all(np.isfinite(want))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+# Data parallelism: the examples of every batch are split over the mesh, and in a run of several
+# processes each process holds only its own devices' examples, as in multi-host training.
+NUM_BATCHES, BATCH_SIZE, NUM_FEATURES, NUM_HIDDEN = 3, 16, 4, 8
+
+
+def _regression_loss(params, batch):
+  inputs, targets = batch
+  hidden = jnp.tanh(inputs @ params["w"] + params["b"])
+  return jnp.mean((hidden @ params["c"] - targets) ** 2)
+
+
+def _regression_data():
+  rng = np.random.default_rng(1)
+  params = {
+    "w": rng.standard_normal((NUM_FEATURES, NUM_HIDDEN)).astype(np.float32),
+    "b": rng.standard_normal(NUM_HIDDEN).astype(np.float32),
+    "c": rng.standard_normal(NUM_HIDDEN).astype(np.float32),
+  }
+  batches = (
+    rng.standard_normal((NUM_BATCHES, BATCH_SIZE, NUM_FEATURES)).astype(np.float32),
+    rng.standard_normal((NUM_BATCHES, BATCH_SIZE)).astype(np.float32),
+  )
+  return params, batches
+
+
+def _process_local_examples(leaf: np.ndarray, sharding: NamedSharding) -> np.ndarray:
+  """The examples (axis 1) of ``leaf`` that this process's devices hold under ``sharding``."""
+  index_map = sharding.addressable_devices_indices_map(leaf.shape)
+  examples = [index[1].indices(leaf.shape[1]) for index in index_map.values()]
+  return leaf[:, min(start for start, _, _ in examples) : max(stop for _, stop, _ in examples)]
+
+
+DATA_PARALLEL_FUNCTIONS = {
+  "trace": lambda value_fn, p: spectrum.hessian_trace(value_fn, p, key=3, num_probes=6),
+  "extreme_eigenvalues": lambda value_fn, p: (
+    spectrum.hessian_extreme_eigenvalues(value_fn, p, num_steps=8, key=4, which="both").eigenvalues
+  ),
+  "negative_curvature_descent": lambda value_fn, p: _one_update(
+    jaxsaddle.negative_curvature_descent(
+      0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=6, gradient_threshold=1e3
+    ),
+    value_fn,
+  )(p),
+  "monitor_curvature": lambda value_fn, p: _one_update(
+    jaxsaddle.monitor_curvature(every=1, num_lanczos_steps=6, key=7), value_fn
+  )(p),
+}
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize("function", sorted(DATA_PARALLEL_FUNCTIONS))
+def test_data_parallel_dataset_loss_matches_one_device(function, axis_type):
+  params, batches = _regression_data()
+  fn = jax.jit(
+    lambda params, batches: DATA_PARALLEL_FUNCTIONS[function](
+      spectrum.dataset_value_fn(_regression_loss, batches), params
+    )
+  )
+  expected = _host.to_numpy(fn(params, batches))
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
+  with jax.set_mesh(mesh):
+    example_sharding = NamedSharding(mesh, P(None, "data"))
+    sharded_batches = jax.tree.map(
+      lambda leaf: jax.make_array_from_process_local_data(
+        example_sharding, _process_local_examples(leaf, example_sharding), leaf.shape
+      ),
+      batches,
+    )
+    replicated_params = jax.device_put(params, NamedSharding(mesh, P()))
+    result = _host.to_numpy(fn(replicated_params, sharded_batches))
   for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
     assert np.all(np.isfinite(want))
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)

@@ -23,6 +23,9 @@ What is checked, on 1-D and 2-D meshes with Explicit and Auto axis types:
   sigma), keeps their sharding and equals the single-device result; vectors that span devices
   (a sharded last axis, ``"leaf"`` and ``"global"`` modes) are gathered explicitly and the
   updates resharded like the params.
+
+``tests/test_sharding.py`` also runs these checks as two processes of four devices each that
+share one mesh (see ``tests/_multihost.py``); results are gathered with ``tests/_host.py``.
 """
 
 import contextlib
@@ -31,6 +34,7 @@ import re
 from typing import Any
 from typing import NamedTuple
 
+import _host
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -195,16 +199,7 @@ def _sharded_trajectory(optimizer_name: str, mesh_name: str) -> Trajectory:
 
 @functools.cache
 def _single_device_trajectory(optimizer_name: str) -> Trajectory:
-  return _run(optimizer_name, jax.device_put(_host_params(), jax.devices()[0]), jit_init=False)
-
-
-def _to_numpy(tree):
-  def convert(leaf):
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    return np.asarray(leaf)
-
-  return jax.tree.map(convert, tree)
+  return _run(optimizer_name, jax.device_put(_host_params(), _host.local_device()), jit_init=False)
 
 
 def _assert_same_sharding(actual, expected, what: str):
@@ -245,7 +240,7 @@ def test_raw_noise_is_bitwise_the_single_device_noise(mesh_name):
     noise = compiled(key, params)
   _assert_same_sharding(noise, params, "noise")
   assert not [c for c in COLLECTIVES if c in compiled.as_text()]
-  jax.tree.map(np.testing.assert_array_equal, _to_numpy(noise), _to_numpy(reference))
+  jax.tree.map(np.testing.assert_array_equal, _host.to_numpy(noise), _host.to_numpy(reference))
 
 
 @optimizer_names
@@ -295,8 +290,8 @@ def test_results_equal_the_single_device_results(optimizer_name, mesh_name):
   for step in range(len(reference.updates)):
     jax.tree.map(
       _assert_close,
-      _to_numpy((sharded.updates[step], sharded.states[step])),
-      _to_numpy((reference.updates[step], reference.states[step])),
+      _host.to_numpy((sharded.updates[step], sharded.states[step])),
+      _host.to_numpy((reference.updates[step], reference.states[step])),
     )
 
 
@@ -370,12 +365,12 @@ def test_vmap_over_keys_of_a_jitted_step(optimizer_name, mesh_name):
   reference = _single_device_trajectory(optimizer_name)
   jax.tree.map(
     lambda batched, expected: _assert_close(batched[0], expected),
-    _to_numpy((updates, states)),
-    _to_numpy((reference.updates[0], reference.states[0])),
+    _host.to_numpy((updates, states)),
+    _host.to_numpy((reference.updates[0], reference.states[0])),
   )
-  kernels = np.asarray(updates["head"]["kernel"]).reshape(NUM_KEYS, -1)
+  kernels = _host.to_numpy(updates["head"]["kernel"]).reshape(NUM_KEYS, -1)
   assert len(np.unique(kernels, axis=0)) == NUM_KEYS
-  np.testing.assert_array_equal(optax.tree.get(states, "count"), np.ones(NUM_KEYS))
+  np.testing.assert_array_equal(_host.to_numpy(optax.tree.get(states, "count")), np.ones(NUM_KEYS))
 
 
 # --- Laplacian smoothing (LSGD) -------------------------------------------------------------------
@@ -403,7 +398,7 @@ def _smoothing_params(shardings=None) -> dict:
     name: rng.normal(size=shape).astype(np.float32) for name, shape in SMOOTHING_SHAPES.items()
   }
   if shardings is None:
-    return jax.device_put(params, jax.devices()[0])
+    return jax.device_put(params, _host.local_device())
   return jax.tree.map(jax.device_put, params, shardings)
 
 
@@ -428,7 +423,7 @@ def test_axis_smoothing_is_local_keeps_sharding_and_matches_one_device(smoother_
   if MESH_CASES[mesh_name].set_context_mesh:
     _assert_same_sharding(new_state, state, "state")
   reference, _, _, _ = _smoothing_step(smoother_name, "axis", _smoothing_params())
-  jax.tree.map(_assert_close, _to_numpy(updates), _to_numpy(reference))
+  jax.tree.map(_assert_close, _host.to_numpy(updates), _host.to_numpy(reference))
   if MESH_CASES[mesh_name].axis_type == AxisType.Explicit:
     # Each row is solved on the device that holds it (jax.shard_map): no communication at all.
     assert not [c for c in COLLECTIVES if c in compiled]
@@ -453,5 +448,5 @@ def test_smoothing_across_shards_gathers_explicitly_and_keeps_sharding(mode, spe
     updates, _, _, compiled = _smoothing_step("lsgd", mode, params)
   _assert_same_sharding(updates, params, "updates")
   reference, _, _, _ = _smoothing_step("lsgd", mode, _smoothing_params())
-  jax.tree.map(_assert_close, _to_numpy(updates), _to_numpy(reference))
+  jax.tree.map(_assert_close, _host.to_numpy(updates), _host.to_numpy(reference))
   assert "all-gather" in compiled
