@@ -19,7 +19,9 @@ eigenvalues, SLQ density and critical-point classification equal their single-de
 With data parallelism (replicated params, each batch's examples split over the mesh and, across
 processes, each process holding only its own examples), the trace, extreme eigenvalues, NC
 descent and the curvature monitor on a ``dataset_value_fn`` loss equal the single-device run on
-the whole dataset.
+the whole dataset. A flax model whose layers are split over one mesh axis, trained on a batch
+split over the other through ``nnx.Optimizer`` (PGD, and NC descent with ``make_value_fn``),
+keeps its params' shardings and takes the single-device steps.
 
 ``tests/test_sharding.py`` also runs these checks as two processes of four devices each that
 share one mesh (see ``tests/_multihost.py``); results are gathered with ``tests/_host.py``.
@@ -31,11 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxsaddle
+import jaxsaddle.flax
 from jaxsaddle import curvature
 from jaxsaddle import spectrum
 
@@ -274,11 +278,12 @@ def _regression_data():
   return params, batches
 
 
-def _process_local_examples(leaf: np.ndarray, sharding: NamedSharding) -> np.ndarray:
-  """The examples (axis 1) of ``leaf`` that this process's devices hold under ``sharding``."""
+def _process_local_examples(leaf: np.ndarray, sharding: NamedSharding, axis: int) -> np.ndarray:
+  """The part of ``leaf`` along ``axis`` that this process's devices hold under ``sharding``."""
   index_map = sharding.addressable_devices_indices_map(leaf.shape)
-  examples = [index[1].indices(leaf.shape[1]) for index in index_map.values()]
-  return leaf[:, min(start for start, _, _ in examples) : max(stop for _, stop, _ in examples)]
+  parts = [index[axis].indices(leaf.shape[axis]) for index in index_map.values()]
+  start, stop = min(start for start, _, _ in parts), max(stop for _, stop, _ in parts)
+  return np.take(leaf, np.arange(start, stop), axis=axis)
 
 
 DATA_PARALLEL_FUNCTIONS = {
@@ -313,7 +318,7 @@ def test_data_parallel_dataset_loss_matches_one_device(function, axis_type):
     example_sharding = NamedSharding(mesh, P(None, "data"))
     sharded_batches = jax.tree.map(
       lambda leaf: jax.make_array_from_process_local_data(
-        example_sharding, _process_local_examples(leaf, example_sharding), leaf.shape
+        example_sharding, _process_local_examples(leaf, example_sharding, axis=1), leaf.shape
       ),
       batches,
     )
@@ -321,4 +326,88 @@ def test_data_parallel_dataset_loss_matches_one_device(function, axis_type):
     result = _host.to_numpy(fn(replicated_params, sharded_batches))
   for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
     assert np.all(np.isfinite(want))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+class _MLP(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(NUM_FEATURES, NUM_HIDDEN, rngs=rngs)
+    self.out = nnx.Linear(NUM_HIDDEN, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))[:, 0]
+
+
+def _mse(model, inputs, targets):
+  return jnp.mean((model(inputs) - targets) ** 2)
+
+
+NNX_OPTIMIZERS = {
+  "pgd": lambda: jaxsaddle.pgd(
+    0.1, perturbation_radius=0.1, gradient_threshold=1e3, escape_steps=2, key=8
+  ),
+  "negative_curvature_descent": lambda: jaxsaddle.negative_curvature_descent(
+    0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=6, gradient_threshold=1e3, key=9
+  ),
+}
+NNX_STEPS = 3
+# The params of the model in the data-parallel check, split like a tensor-parallel layer's.
+NNX_SPECS = {
+  "hidden": {"kernel": P(None, "x"), "bias": P("x")},
+  "out": {"kernel": P("x", None), "bias": P()},
+}
+
+
+def _nnx_spec(path) -> P:
+  layer, variable = (key.key for key in path[:2])
+  return NNX_SPECS[layer][variable]
+
+
+@pytest.mark.parametrize("optimizer", sorted(NNX_OPTIMIZERS))
+def test_nnx_optimizer_on_a_sharded_model_matches_one_device(optimizer):
+  # A flax model whose params are split over the mesh (the hidden layer's units), trained on a
+  # batch split over the other axis, through nnx.Optimizer with value_fn from make_value_fn.
+  _, (inputs, targets) = _regression_data()
+  inputs, targets = inputs[0], targets[0]
+
+  @nnx.jit
+  def train_step(model, optimizer, inputs, targets):
+    value_fn = jaxsaddle.flax.make_value_fn(model, _mse, inputs, targets)
+    loss, grads = nnx.value_and_grad(_mse)(model, inputs, targets)
+    optimizer.update(model, grads, value=loss, value_fn=value_fn)
+    return loss
+
+  def train(model, inputs, targets):
+    opt = nnx.Optimizer(model, NNX_OPTIMIZERS[optimizer](), wrt=nnx.Param)
+    losses = [train_step(model, opt, inputs, targets) for _ in range(NNX_STEPS)]
+    return losses, nnx.state(model, nnx.Param)
+
+  expected_losses, expected_params = _host.to_numpy(train(_MLP(nnx.Rngs(0)), inputs, targets))
+  mesh = jax.make_mesh((2, 4), ("data", "x"), axis_types=(AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    model = _MLP(nnx.Rngs(0))
+    nnx.update(
+      model,
+      jax.tree.map_with_path(
+        lambda path, leaf: jax.device_put(leaf, NamedSharding(mesh, _nnx_spec(path))),
+        nnx.as_pure(nnx.state(model, nnx.Param)),
+      ),
+    )
+    data_sharding = NamedSharding(mesh, P("data"))
+    losses, params = train(
+      model,
+      *(
+        jax.make_array_from_process_local_data(
+          data_sharding, _process_local_examples(leaf, data_sharding, axis=0), leaf.shape
+        )
+        for leaf in (inputs, targets)
+      ),
+    )
+  for path, leaf in jax.tree.leaves_with_path(params):
+    expected_sharding = NamedSharding(mesh, _nnx_spec(path))
+    assert leaf.sharding.is_equivalent_to(expected_sharding, leaf.ndim), (path, leaf.sharding)
+  np.testing.assert_allclose(_host.to_numpy(losses), expected_losses, rtol=RTOL, atol=ATOL)
+  for got, want in zip(
+    jax.tree.leaves(_host.to_numpy(params)), jax.tree.leaves(expected_params), strict=True
+  ):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)

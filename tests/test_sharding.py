@@ -6,7 +6,8 @@ one process with all 8, and two processes with 4 each that join one JAX cluster
 (``jax.distributed``, through ``tests/_multihost.py``), so that every mesh spans both processes as
 a multi-host run's does and each process holds only its own shards. Across processes CI runs the
 checks that compare results with one device (the optimizers, the noise, the smoothing, the
-curvature tools on the 2-D Explicit mesh and data parallelism); ``JAXSADDLE_FULL=1`` runs them all.
+curvature tools on the 2-D Explicit mesh, data parallelism and a sharded flax model);
+``JAXSADDLE_FULL=1`` runs them all.
 """
 
 import os
