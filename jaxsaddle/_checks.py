@@ -95,6 +95,17 @@ def check_float_leaves(tree, owner: str, operation: str = "noise") -> None:
       )
 
 
+def has_elements(tree) -> bool:
+  """Whether any leaf of ``tree`` has an element (known at trace time: shapes are static)."""
+  return any(jnp.size(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def pass_empty(updates, state):
+  """What a curvature transform returns for params without elements: the (empty) updates and
+  its state one update older, as any optax transform would; there is no Hessian to estimate."""
+  return updates, state._replace(count=optax.safe_increment(state.count))
+
+
 def compute_dtype(dtype) -> jnp.dtype:
   """float32, or float64 for float64 input: the precision internal sums and solves use."""
   return jnp.promote_types(dtype, jnp.float32)

@@ -462,7 +462,7 @@ def lanczos(
   (about :math:`10^{-150}` to :math:`10^{150}`).
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
-  if not any(jnp.size(leaf) for leaf in jax.tree.leaves(init_vector)):
+  if not _checks.has_elements(init_vector):
     raise ValueError("lanczos: init_vector has no array elements; there is no vector to iterate.")
   # An integer start vector would be truncated, and the operator would only ever see zeros.
   _checks.check_float_leaves(init_vector, "lanczos", "Lanczos")

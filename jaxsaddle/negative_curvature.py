@@ -188,6 +188,8 @@ def negative_curvature_descent(
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
     _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    if not _checks.has_elements(params):
+      return _checks.pass_empty(updates, state)
     gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
     small_gradient = _random.norm_at_most(updates, gradient_threshold)
     rng_key, lanczos_key = jax.random.split(state.rng_key)

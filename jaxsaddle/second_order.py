@@ -180,6 +180,8 @@ def saddle_free_newton(
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
     _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    if not _checks.has_elements(params):
+      return _checks.pass_empty(updates, state)
     gradient = optax.tree.cast(updates, curvature._compute_dtype(updates))
     matvec = _hessian_operator(value_fn, params, gradient)
     result = curvature.lanczos(matvec, gradient, num_lanczos_steps)

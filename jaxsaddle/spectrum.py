@@ -128,7 +128,7 @@ _compute_dtype = curvature._compute_dtype
 
 def _check_params(owner: str, params: PyTree) -> None:
   """Raises unless ``params`` has array elements, all of them real floating point."""
-  if not any(jnp.size(leaf) for leaf in jax.tree.leaves(params)):
+  if not _checks.has_elements(params):
     raise ValueError(f"{owner}: params has no array elements; there is no Hessian to study.")
   _checks.check_float_leaves(params, owner, "a Hessian")
 
@@ -1485,10 +1485,12 @@ def monitor_curvature(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _check_params(owner, params)
+    _checks.check_float_leaves(params, owner, "a Hessian")
     # The updates pass through, but a chain whose updates are unlike the params it estimates
     # at is a mistake the other curvature transforms report too.
     _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    if not _checks.has_elements(params):
+      return _checks.pass_empty(updates, state)
     dtype = state.smallest_eigenvalue.dtype
 
     def estimate(rng_key):

@@ -340,6 +340,23 @@ def test_python_number_leaves_update_as_float32_arrays(alias):
 
 
 @alias_parametrize
+@pytest.mark.parametrize("params", [{}, {"w": jnp.zeros((0, 3))}], ids=["empty", "zero_size"])
+def test_params_without_elements_pass_through(alias, params):
+  # As optax's optimizers do (a model whose filter selects nothing): there is nothing to update
+  # and no Hessian to estimate, and the state counts the update.
+  opt = _make(alias)
+  state = opt.init(params)
+  loss = lambda params: jnp.asarray(_sum_of_squares(params), jnp.float32)  # noqa: E731
+  updates, state = jax.jit(opt.update, static_argnames="value_fn")(
+    params, state, params, **_extra_args(alias, loss(params), loss)
+  )
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert [u.shape for u in jax.tree.leaves(updates)] == [p.shape for p in jax.tree.leaves(params)]
+  counts = [int(count) for _, count in optax.tree.get_all_with_path(state, "count")]
+  assert counts[:1] == ([1] if alias.name != "lsgd" else []), counts
+
+
+@alias_parametrize
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=lambda d: jnp.dtype(d).name)
 def test_updates_keep_params_dtype(alias, dtype):
   opt = _make(alias)
