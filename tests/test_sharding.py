@@ -4,10 +4,10 @@ JAX fixes the number of CPU devices when its backend starts, which has already h
 process, so the checks run in child pytest processes that are given their devices from the start:
 one process with all 8, and two processes with 4 each that join one JAX cluster
 (``jax.distributed``, through ``tests/_multihost.py``), so that every mesh spans both processes as
-a multi-host run's does and each process holds only its own shards. Across processes CI runs the
-checks that compare results with one device (the optimizers, the noise, the smoothing, the
-curvature tools on the 2-D Explicit mesh, data parallelism and a sharded flax model);
-``JAXSADDLE_FULL=1`` runs them all.
+a multi-host run's does and each process holds only its own shards. Across processes CI runs a
+selection of the checks that compare results with one device (the optimizers, the noise, the
+smoothing, Lanczos, the trace, the extreme eigenvalues and the dense classification on the 2-D
+Explicit mesh, data parallelism and a sharded flax model); ``JAXSADDLE_FULL=1`` runs them all.
 """
 
 import os
@@ -24,6 +24,8 @@ TESTS_DIR = pathlib.Path(__file__).resolve().parent
 NUM_DEVICES = 8
 CHECKS = ("sharding_check.py", "curvature_sharding_check.py")
 FULL = os.environ.get("JAXSADDLE_FULL") == "1"
+# One case of each kind of check, to keep CI's time: compilation, twice per case (sharded and
+# single-device), is most of it.
 MULTIPROCESS_SELECTION = (
   None
   if FULL
@@ -32,13 +34,14 @@ MULTIPROCESS_SELECTION = (
       "results_equal",
       "raw_noise",
       "smoothing",
-      "explicit_2d",
-      "explicitly_sharded",
-      "data_parallel",
+      "(lanczos and explicit_2d and True)",
+      "(explicitly_sharded and (classify_dense or hutch or extreme))",
+      "(data_parallel and Auto)",
+      "nnx",
     ]
   )
 )
-# A guard against a hung child; the checks take about two minutes on an idle 2-core CPU.
+# A guard against a hung child; the checks take about a minute on an idle 2-core CPU.
 TIMEOUT_S = 900
 
 
