@@ -752,6 +752,18 @@ def _combine(basis: PyTree, coefficients: jax.Array) -> PyTree:
   )
 
 
+def check_extreme_arguments(owner: str, *, num_steps, k, which, tol) -> None:
+  """Raises, naming ``owner``, unless the arguments of an extreme-eigenpair call are valid."""
+  if which not in ("smallest", "largest", "both"):
+    raise ValueError(f"{owner}: which must be 'smallest', 'largest' or 'both', got {which!r}.")
+  _checks.check_loop_length(owner, "num_steps", num_steps)
+  _checks.check_loop_length(owner, "k", k)
+  if k > num_steps:
+    raise ValueError(f"{owner}: k must be in [1, num_steps={num_steps}], got {k}.")
+  if tol is not None:
+    _checks.check_positive(owner, "tol", tol)
+
+
 def extreme_eigenpairs(
   matvec: Callable[[PyTree], PyTree],
   like: PyTree,
@@ -813,16 +825,7 @@ def extreme_eigenpairs(
     space broke down with fewer than ``k`` Ritz values, the missing entries are NaN (vectors
     zero).
   """
-  if which not in ("smallest", "largest", "both"):
-    raise ValueError(
-      f"extreme_eigenpairs: which must be 'smallest', 'largest' or 'both', got {which!r}."
-    )
-  _checks.check_loop_length("extreme_eigenpairs", "num_steps", num_steps)
-  _checks.check_loop_length("extreme_eigenpairs", "k", k)
-  if k > num_steps:
-    raise ValueError(f"extreme_eigenpairs: k must be in [1, num_steps={num_steps}], got {k}.")
-  if tol is not None:
-    _checks.check_positive("extreme_eigenpairs", "tol", tol)
+  check_extreme_arguments("extreme_eigenpairs", num_steps=num_steps, k=k, which=which, tol=tol)
   if exact_residuals and not eigenvectors:
     raise ValueError(
       "exact_residuals=True needs the Ritz vectors: pass eigenvectors=True, or "

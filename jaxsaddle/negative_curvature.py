@@ -65,7 +65,9 @@ class NegativeCurvatureDescentState(NamedTuple):
 
   count: jax.Array  # int32, number of updates
   rng_key: jax.Array  # typed key, split at every update
-  smallest_eigenvalue: jax.Array  # the last Lanczos estimate of lambda_min; NaN before any
+  # The last Lanczos estimate of lambda_min, NaN before any. Not "smallest_eigenvalue", the
+  # field of monitor_curvature, so that optax.tree.get finds each in a chain of both.
+  last_smallest_eigenvalue: jax.Array
   num_lanczos_calls: jax.Array  # int32, updates whose gradient was small enough to run Lanczos
   num_curvature_steps: jax.Array  # int32, updates that stepped along negative curvature
 
@@ -131,7 +133,9 @@ def negative_curvature_descent(
   loss evaluations. :func:`jaxsaddle.extreme_eigenpairs` gives the number of steps that finds
   :math:`\lambda_{\min}` to a given accuracy with a given probability. The call sits in a
   ``lax.cond``, so updates with a large gradient pay nothing for it under ``jit``; under
-  ``jax.vmap`` the ``cond`` becomes a ``select`` and Lanczos runs at every update.
+  ``jax.vmap`` the ``cond`` becomes a ``select`` and Lanczos runs at every update. JAX cannot
+  type that ``select`` when the params are on a mesh with Explicit axes (a
+  ``ShardingTypeError``): map over seeds with ``jax.lax.map`` there, or use Auto axes.
 
   NaN or Inf gradients fail the small-gradient test and reach the update unchanged (scaled
   by :math:`-\eta_t`).
@@ -179,7 +183,7 @@ def negative_curvature_descent(
     return NegativeCurvatureDescentState(
       count=jnp.zeros([], jnp.int32),
       rng_key=_random.canonicalize_key(key),
-      smallest_eigenvalue=jnp.full([], jnp.nan, curvature._compute_dtype(params)),
+      last_smallest_eigenvalue=jnp.full([], jnp.nan, curvature._compute_dtype(params)),
       num_lanczos_calls=jnp.zeros([], jnp.int32),
       num_curvature_steps=jnp.zeros([], jnp.int32),
     )
@@ -193,7 +197,7 @@ def negative_curvature_descent(
     gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
     small_gradient = _random.norm_at_most(updates, gradient_threshold)
     rng_key, lanczos_key = jax.random.split(state.rng_key)
-    dtype = state.smallest_eigenvalue.dtype
+    dtype = state.last_smallest_eigenvalue.dtype
 
     def curvature_step(gradient_step):
       grad, hvp_fn = curvature.linearize_hvp(value_fn, params)
@@ -225,7 +229,7 @@ def negative_curvature_descent(
       return new_updates, eigenvalue, negative
 
     def gradient_only(gradient_step):
-      return gradient_step, state.smallest_eigenvalue, jnp.zeros([], jnp.bool_)
+      return gradient_step, state.last_smallest_eigenvalue, jnp.zeros([], jnp.bool_)
 
     new_updates, eigenvalue, took_curvature_step = jax.lax.cond(
       small_gradient, curvature_step, gradient_only, gradient_step
@@ -233,7 +237,7 @@ def negative_curvature_descent(
     new_state = NegativeCurvatureDescentState(
       count=optax.safe_increment(state.count),
       rng_key=rng_key,
-      smallest_eigenvalue=eigenvalue,
+      last_smallest_eigenvalue=eigenvalue,
       num_lanczos_calls=state.num_lanczos_calls + small_gradient.astype(jnp.int32),
       num_curvature_steps=state.num_curvature_steps + took_curvature_step.astype(jnp.int32),
     )
@@ -384,6 +388,8 @@ def pagd(
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
     _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    if not _checks.has_elements(params):
+      return _checks.pass_empty(updates, state)
     near_saddle = _random.norm_at_most(updates, gradient_threshold) & (
       state.steps_since_perturbation > escape_steps
     )

@@ -99,6 +99,8 @@ def add_isotropic_noise(
     del params, extra_args
     # Integer updates would truncate the noise to zero.
     _checks.check_float_leaves(updates, "add_isotropic_noise", "noise")
+    if not _checks.has_elements(updates):
+      return _checks.pass_empty(updates, state)
     rng_key, sample_key = jax.random.split(state.rng_key)
     noise = _random.sample_isotropic(sample_key, updates, noise_scale, distribution)
     updates = jax.tree.map(lambda g, n: g + n.astype(g.dtype), updates, noise)
@@ -230,8 +232,11 @@ def perturb_near_saddle(
         "call `tx.update(grads, state, params, value=loss)` (with flax, "
         "`optimizer.update(model, grads, value=loss)`), or leave escape_threshold out."
       )
-    near_saddle = _random.norm_at_most(updates, gradient_threshold) & (
-      state.steps_since_perturbation > escape_steps
+    # A tree without elements has nothing to perturb; the inner transform still runs on it.
+    near_saddle = (
+      _random.norm_at_most(updates, gradient_threshold)
+      & (state.steps_since_perturbation > escape_steps)
+      & _checks.has_elements(updates)
     )
 
     # The cond swaps the displacement in for the gradient and the inner transform then runs

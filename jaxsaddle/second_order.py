@@ -345,6 +345,8 @@ def cubic_regularization(
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
     _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    if not _checks.has_elements(params):
+      return _checks.pass_empty(updates, state)
     dtype = curvature._compute_dtype(updates)
     gradient = optax.tree.cast(updates, dtype)
     matvec = _hessian_operator(value_fn, params, gradient)

@@ -352,7 +352,7 @@ def hessian_extreme_eigenvalues(
     TypeError: for a ``num_steps`` or ``k`` that is not a Python int.
   """
   owner = "hessian_extreme_eigenvalues"
-  _checks.check_loop_length(owner, "num_steps", num_steps)
+  curvature.check_extreme_arguments(owner, num_steps=num_steps, k=k, which=which, tol=tol)
   _check_value_fn(owner, value_fn, params)
   _, _, hvp_fn, finite = _linearize(value_fn, params)
   if reorthogonalize is None:
@@ -1358,6 +1358,16 @@ def dataset_value_fn(
       f"least 1); got leading sizes {sorted(map(str, leading))}."
     )
   (num_batches,) = leading
+  for path, leaf in jax.tree.leaves_with_path(batches):
+    spec = _sharding.explicit_spec(leaf) if isinstance(leaf, jax.Array) else None
+    if spec is not None and spec[0] is not None:
+      # lax.map runs the batches one after another: each device would hold only its own.
+      raise ValueError(
+        f"{owner}: the leading axis of batches{jax.tree_util.keystr(path)}, the batches that "
+        f"are evaluated one after another, is split over the mesh axes {spec[0]!r}; leave it "
+        "whole and split the examples inside each batch instead, e.g. "
+        f"PartitionSpec(None, {spec[0]!r})."
+      )
   if weights is not None:
     weights = jnp.asarray(weights)
     if weights.shape != (num_batches,):
@@ -1435,8 +1445,10 @@ def monitor_curvature(
   accurate up to round-off of about ``num_lanczos_steps`` :math:`\epsilon \|H\|`, so memory
   is a few vectors whatever ``num_lanczos_steps``. The estimate runs
   inside ``lax.cond``, so other steps skip its products (under ``vmap`` the cond becomes a
-  select and every step pays). On the CPU, XLA allocates the temporary memory of both branches
-  at every call, which is why the estimate must stay small. An estimating step costs
+  select and every step pays; with params on a mesh with Explicit axes JAX cannot type that
+  select, so map over seeds with ``jax.lax.map`` there, or use Auto axes). On the CPU, XLA
+  allocates the temporary memory of both branches at every call, which is why the estimate must
+  stay small. An estimating step costs
   ``num_lanczos_steps`` Hessian-vector products and one linearisation, measured at 33-36 SGD
   steps for 20 Lanczos steps on a CPU MLP (about ``1.7 * num_lanczos_steps``), so averaged
   over ``every`` steps the monitor adds about ``1.7 * num_lanczos_steps / every`` SGD steps'

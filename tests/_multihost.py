@@ -20,8 +20,13 @@ PROCESS_ID = "JAXSADDLE_PROCESS_ID"
 def pytest_configure(config):
   del config
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Shorter than JAX's defaults (300 s and 100 s): a process that fails and leaves must stop the
+  # others waiting for it in a collective within a minute, not after five.
   jax.distributed.initialize(
     os.environ[COORDINATOR],
     num_processes=int(os.environ[NUM_PROCESSES]),
     process_id=int(os.environ[PROCESS_ID]),
+    initialization_timeout=120,
+    heartbeat_timeout_seconds=60,
+    shutdown_timeout_seconds=60,
   )

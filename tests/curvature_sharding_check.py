@@ -329,6 +329,32 @@ def test_data_parallel_dataset_loss_matches_one_device(function, axis_type):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
+def test_dataset_split_along_its_batch_count_is_refused_by_name():
+  # lax.map evaluates the batches one after another; split over devices, each would hold only
+  # some of them. JAX's own error pointed into the library, at a shape check.
+  _, batches = _regression_data()
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    split = jax.tree.map(
+      lambda leaf: jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P(None, "data")),
+        _process_local_examples(leaf, NamedSharding(mesh, P(None, "data")), axis=1),
+        leaf.shape,
+      ),
+      batches,
+    )
+    along_count = jax.tree.map(
+      lambda leaf: jax.sharding.reshard(
+        jnp.pad(leaf, ((0, 5),) + ((0, 0),) * (leaf.ndim - 1)), P("data")
+      ),
+      split,
+    )
+    with pytest.raises(
+      ValueError, match=r"leading axis of batches\[0\].*PartitionSpec\(None, 'data'\)"
+    ):
+      spectrum.dataset_value_fn(_regression_loss, along_count)
+
+
 class _MLP(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
     self.hidden = nnx.Linear(NUM_FEATURES, NUM_HIDDEN, rngs=rngs)
@@ -383,7 +409,9 @@ def test_nnx_optimizer_on_a_sharded_model_matches_one_device(optimizer):
     return losses, nnx.state(model, nnx.Param)
 
   expected_losses, expected_params = _host.to_numpy(train(_MLP(nnx.Rngs(0)), inputs, targets))
-  mesh = jax.make_mesh((2, 4), ("data", "x"), axis_types=(AxisType.Auto,) * 2)
+  # "x" first: across processes it is the axis that spans them, so each process holds half of
+  # every hidden layer (and a quarter of the batch's examples per device).
+  mesh = jax.make_mesh((2, 4), ("x", "data"), axis_types=(AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
     model = _MLP(nnx.Rngs(0))
     nnx.update(

@@ -86,7 +86,7 @@ def test_ncd_leaves_an_exact_saddle_in_one_curvature_step_with_the_guaranteed_de
     params = jnp.zeros(5)
     new_params, state = _cubic_saddle_step()(params)
 
-    eigenvalue = float(state.smallest_eigenvalue)
+    eigenvalue = float(state.last_smallest_eigenvalue)
     np.testing.assert_allclose(eigenvalue, CURVATURES[0], rtol=1e-10)
     assert int(state.num_lanczos_calls) == int(state.num_curvature_steps) == 1
     # The step is |lambda| / rho along the eigenvector +-q_0 (either sign: f is even in z_0).
@@ -130,7 +130,7 @@ def test_ncd_decrease_bound_holds_for_a_rough_ritz_value():
     for key in range(8):
       tx = _ncd(num_lanczos_steps=2, key=key)
       new_params, state = _step(tx, value_fn)(params, tx.init(params))
-      theta = float(state.smallest_eigenvalue)
+      theta = float(state.last_smallest_eigenvalue)
       # Some starts see no curvature below the threshold in two steps: no curvature step.
       if int(state.num_curvature_steps) == 0:
         assert theta >= -np.sqrt(RHO * EPSILON)
@@ -153,7 +153,9 @@ def test_ncd_steps_against_the_gradient_along_the_ritz_vector(z0):
 
     # Hessian at z: diag(c_0 + rho |z_0|, ...), so lambda_min = -1 + rho |z0|.
     expected_eigenvalue = CURVATURES[0] + RHO * abs(z0)
-    np.testing.assert_allclose(float(state.smallest_eigenvalue), expected_eigenvalue, rtol=1e-9)
+    np.testing.assert_allclose(
+      float(state.last_smallest_eigenvalue), expected_eigenvalue, rtol=1e-9
+    )
     # The gradient along q_0 is c_0 z0 + rho/2 z0 |z0|, of the sign of -z0: the step moves z_0
     # away from 0, whichever sign Lanczos gave the Ritz vector.
     step_length = abs(expected_eigenvalue) / RHO
@@ -180,7 +182,7 @@ def test_ncd_curvature_threshold_is_sqrt_rho_epsilon(epsilon, steps):
     )
     assert int(state.num_lanczos_calls) == 1
     assert int(state.num_curvature_steps) == int(steps)
-    np.testing.assert_allclose(float(state.smallest_eigenvalue), -0.5, rtol=1e-9)
+    np.testing.assert_allclose(float(state.last_smallest_eigenvalue), -0.5, rtol=1e-9)
     if not steps:
       np.testing.assert_array_equal(updates, -0.2 * grads)
 
@@ -228,7 +230,7 @@ def test_ncd_with_a_large_gradient_is_gradient_descent_exactly():
   np.testing.assert_array_equal(updates, sgd_updates)
   assert int(state.count) == 3
   assert int(state.num_lanczos_calls) == int(state.num_curvature_steps) == 0
-  assert np.isnan(float(state.smallest_eigenvalue))
+  assert np.isnan(float(state.last_smallest_eigenvalue))
 
 
 def test_ncd_counters_over_an_escape_to_the_minimum():
@@ -246,7 +248,7 @@ def test_ncd_counters_over_an_escape_to_the_minimum():
   z = rotation.T @ np.asarray(params)
   np.testing.assert_allclose(np.abs(z), [2 * abs(CURVATURES[0]) / RHO, 0, 0, 0, 0], atol=1e-3)
   # There the Hessian is diag(-1 + rho * 1, 0.5, 1, 2, 3): the last estimate is its minimum.
-  np.testing.assert_allclose(float(state.smallest_eigenvalue), 0.5, rtol=1e-4)
+  np.testing.assert_allclose(float(state.last_smallest_eigenvalue), 0.5, rtol=1e-4)
 
 
 def test_ncd_vmap_over_8_keys_equals_a_python_loop():
@@ -256,7 +258,7 @@ def test_ncd_vmap_over_8_keys_equals_a_python_loop():
     # Two Lanczos steps in five dimensions: the Ritz pair depends on the random start.
     tx = _ncd(num_lanczos_steps=2, key=key)
     params, state, _ = _run(tx, value_fn, jnp.zeros(5), 6)
-    return params, state.smallest_eigenvalue, state.num_curvature_steps
+    return params, state.last_smallest_eigenvalue, state.num_curvature_steps
 
   keys = jax.random.split(jax.random.key(1), 8)
   batched = jax.jit(jax.vmap(run))(keys)

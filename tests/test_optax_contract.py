@@ -342,18 +342,24 @@ def test_python_number_leaves_update_as_float32_arrays(alias):
 @alias_parametrize
 @pytest.mark.parametrize("params", [{}, {"w": jnp.zeros((0, 3))}], ids=["empty", "zero_size"])
 def test_params_without_elements_pass_through(alias, params):
-  # As optax's optimizers do (a model whose filter selects nothing): there is nothing to update
-  # and no Hessian to estimate, and the state counts the update.
+  # As optax's optimizers do (a model whose filter selects nothing): there is nothing to update,
+  # perturb or estimate; the state counts the update and records nothing else.
   opt = _make(alias)
-  state = opt.init(params)
+  initial = opt.init(params)
   loss = lambda params: jnp.asarray(_sum_of_squares(params), jnp.float32)  # noqa: E731
   updates, state = jax.jit(opt.update, static_argnames="value_fn")(
-    params, state, params, **_extra_args(alias, loss(params), loss)
+    params, initial, params, **_extra_args(alias, loss(params), loss)
   )
   assert jax.tree.structure(updates) == jax.tree.structure(params)
   assert [u.shape for u in jax.tree.leaves(updates)] == [p.shape for p in jax.tree.leaves(params)]
-  counts = [int(count) for _, count in optax.tree.get_all_with_path(state, "count")]
-  assert counts[:1] == ([1] if alias.name != "lsgd" else []), counts
+  assert jax.tree.structure(state) == jax.tree.structure(initial)
+  for (path, leaf), before in zip(
+    jax.tree.leaves_with_path(_unwrap(state)), jax.tree.leaves(_unwrap(initial)), strict=True
+  ):
+    name = jax.tree_util.keystr(path)
+    assert jax.typeof(leaf) == jax.typeof(jnp.asarray(before)), name
+    expected = before + 1 if name.endswith(".count") else before
+    np.testing.assert_array_equal(leaf, expected, err_msg=name)
 
 
 @alias_parametrize

@@ -16,6 +16,8 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import _multihost
 import pytest
@@ -65,6 +67,8 @@ def _child_environment(devices_per_process: int, extra: dict) -> dict:
 @pytest.mark.parametrize("num_processes", [1, 2])
 def test_sharding_checks_pass_on_8_cpu_devices(num_processes):
   command = [sys.executable, "-m", "pytest", *CHECKS, "-q", "-rfE", "-p", "no:cacheprovider"]
+  # Processes must take their collectives in the same order: no test shuffling.
+  command += ["-p", "no:randomly"]
   environments = [_child_environment(NUM_DEVICES, {})]
   if num_processes > 1:
     if MULTIPROCESS_SELECTION is not None:
@@ -82,21 +86,34 @@ def test_sharding_checks_pass_on_8_cpu_devices(num_processes):
       )
       for process_id in range(num_processes)
     ]
-  children = [
-    subprocess.Popen(
-      command, cwd=TESTS_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    for env in environments
-  ]
-  try:
-    outputs = [child.communicate(timeout=TIMEOUT_S)[0] for child in children]
-  finally:
-    for child in children:
-      child.kill()
-  for process_id, (child, output) in enumerate(zip(children, outputs, strict=True)):
-    where = f"process {process_id} of {num_processes}: {' '.join(command)}"
+  # Output goes to files, not pipes: a child blocked on a full pipe would stall the other in a
+  # collective. One deadline for all; on any failure every child's output is shown.
+  with tempfile.TemporaryDirectory() as logs:
+    log_paths = [pathlib.Path(logs, f"process_{i}.log") for i in range(len(environments))]
+    children = []
+    for env, log_path in zip(environments, log_paths, strict=True):
+      with open(log_path, "w") as log:
+        children.append(
+          subprocess.Popen(command, cwd=TESTS_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+      for child in children:
+        child.wait(timeout=max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+      pass
+    finally:
+      for child in children:
+        child.kill()
+        child.wait()
+    outputs = [log_path.read_text() for log_path in log_paths]
+  report = "\n".join(
+    f"--- process {i} of {num_processes} (exit {child.returncode}): {' '.join(command)}\n{output}"
+    for i, (child, output) in enumerate(zip(children, outputs, strict=True))
+  )
+  for output, child in zip(outputs, children, strict=True):
     if child.returncode != 0:
-      pytest.fail(f"{where} exited with {child.returncode}:\n{output}", pytrace=False)
+      pytest.fail(report, pytrace=False)
     summary = output.strip().splitlines()[-1]
-    assert re.search(r"\d+ passed", summary), f"{where}\n{output}"
-    assert "skipped" not in summary, f"{where}\n{output}"
+    assert re.search(r"\d+ passed", summary), report
+    assert "skipped" not in summary, report

@@ -792,6 +792,22 @@ def test_monitor_curvature_adds_no_parameter_copies_to_a_donated_training_step()
   assert parameter_copies(monitored) == parameter_copies(optax.sgd(0.1))
 
 
+def test_monitor_fields_are_found_by_name_beside_negative_curvature_descent():
+  # The obvious pairing: monitoring a run of NC descent, whose state records its own estimate.
+  tx = optax.chain(
+    jaxsaddle.negative_curvature_descent(
+      0.1, hessian_lipschitz=1.0, epsilon=1e-3, num_lanczos_steps=4, gradient_threshold=1e3
+    ),
+    spectrum.monitor_curvature(every=1, num_lanczos_steps=4),
+  )
+  value_fn = lambda p: jnp.sum(jnp.arange(-1.0, 3.0) * p**2)  # noqa: E731
+  params = jnp.ones(4)
+  _, state = tx.update(params, tx.init(params), params, value_fn=value_fn)
+  np.testing.assert_allclose(optax.tree.get(state, "smallest_eigenvalue"), -2.0, rtol=1e-5)
+  np.testing.assert_allclose(optax.tree.get(state, "largest_eigenvalue"), 4.0, rtol=1e-5)
+  np.testing.assert_allclose(optax.tree.get(state, "last_smallest_eigenvalue"), -2.0, rtol=1e-5)
+
+
 def test_monitor_curvature_passes_updates_and_records_eigenvalues_at_the_right_steps():
   with jax.enable_x64(True):
     matrix = jnp.asarray(_rotated(np.linspace(-1.0, 3.0, 6), 24))
@@ -1053,3 +1069,7 @@ def test_bad_input_raises():
     spectrum.spectral_moment((jnp.ones((2, 3)), jnp.ones((2, 3))), -1)
   with pytest.raises(ValueError, match="every"):
     spectrum.monitor_curvature(every=0, num_lanczos_steps=3)
+  # Named by the function called, not by the curvature helper that used to check them.
+  for bad in (dict(which="top"), dict(k=4), dict(tol=-1.0)):
+    with pytest.raises(ValueError, match="^hessian_extreme_eigenvalues: "):
+      spectrum.hessian_extreme_eigenvalues(quadratic, params, num_steps=3, key=0, **bad)
