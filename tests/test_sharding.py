@@ -59,6 +59,8 @@ def _child_environment(devices_per_process: int, extra: dict) -> dict:
   env["XLA_FLAGS"] = f"{other_flags} --xla_force_host_platform_device_count={devices_per_process}"
   env["XLA_FLAGS"] = env["XLA_FLAGS"].strip()
   env["JAX_PLATFORMS"] = "cpu"
+  # Unbuffered, so that a child killed at the deadline has written what it got through.
+  env["PYTHONUNBUFFERED"] = "1"
   # Options meant for the parent run (say, xdist's -n) must not leak into the children.
   env.pop("PYTEST_ADDOPTS", None)
   return env | extra
@@ -73,7 +75,9 @@ def test_sharding_checks_pass_on_8_cpu_devices(num_processes):
   if num_processes > 1:
     if MULTIPROCESS_SELECTION is not None:
       command += ["-k", MULTIPROCESS_SELECTION]
-    command += ["-p", "_multihost"]
+    # A check that fails in one process only would leave the others waiting in its collectives:
+    # the failing process stops, and JAX's heartbeat then stops the others within a minute.
+    command += ["-p", "_multihost", "-x"]
     coordinator = f"localhost:{_free_port()}"
     environments = [
       _child_environment(
