@@ -215,19 +215,24 @@ def _one_update(tx, value_fn=_value_fn):
   return run
 
 
-TRANSFORM_UPDATES = {
-  "negative_curvature_descent": _one_update(
-    jaxsaddle.negative_curvature_descent(
-      0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=6, gradient_threshold=1e3
-    )
+CURVATURE_TRANSFORMS = {
+  "negative_curvature_descent": lambda: jaxsaddle.negative_curvature_descent(
+    0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=6, gradient_threshold=1e3
   ),
-  "saddle_free_newton": _one_update(
-    jaxsaddle.saddle_free_newton(0.1, num_lanczos_steps=6, damping=1e-3)
+  "saddle_free_newton": lambda: jaxsaddle.saddle_free_newton(
+    0.1, num_lanczos_steps=6, damping=1e-3
   ),
-  "monitor_curvature": _one_update(
-    jaxsaddle.monitor_curvature(every=1, num_lanczos_steps=6, key=7)
-  ),
+  "monitor_curvature": lambda: jaxsaddle.monitor_curvature(every=1, num_lanczos_steps=6, key=7),
 }
+TRANSFORM_UPDATES = {name: _one_update(make()) for name, make in CURVATURE_TRANSFORMS.items()}
+
+
+def _assert_matches(result, expected):
+  """Every leaf of ``result`` equals the finite single-device ``expected``, gathered first."""
+  result = _host.to_numpy(result)
+  for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
+    assert np.all(np.isfinite(want))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("function", sorted(SPECTRUM_FUNCTIONS | TRANSFORM_UPDATES))
@@ -247,10 +252,7 @@ def test_on_explicitly_sharded_params_matches_one_device(function):
       for name, leaf in _params().items()
     }
     result = fn(sharded_params)
-  result = _host.to_numpy(result)
-  for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
-    assert np.all(np.isfinite(want))
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  _assert_matches(result, expected)
 
 
 # Data parallelism: the examples of every batch are split over the mesh, and in a run of several
@@ -278,12 +280,14 @@ def _regression_data():
   return params, batches
 
 
-def _process_local_examples(leaf: np.ndarray, sharding: NamedSharding, axis: int) -> np.ndarray:
-  """The part of ``leaf`` along ``axis`` that this process's devices hold under ``sharding``."""
+def _split(leaf: np.ndarray, sharding: NamedSharding, axis: int) -> jax.Array:
+  """``leaf`` as a global array split by ``sharding`` along ``axis``, each process giving only
+  the part its own devices hold, as a multi-host input pipeline does."""
   index_map = sharding.addressable_devices_indices_map(leaf.shape)
   parts = [index[axis].indices(leaf.shape[axis]) for index in index_map.values()]
   start, stop = min(start for start, _, _ in parts), max(stop for _, stop, _ in parts)
-  return np.take(leaf, np.arange(start, stop), axis=axis)
+  local = np.take(leaf, np.arange(start, stop), axis=axis)
+  return jax.make_array_from_process_local_data(sharding, local, leaf.shape)
 
 
 DATA_PARALLEL_FUNCTIONS = {
@@ -291,15 +295,9 @@ DATA_PARALLEL_FUNCTIONS = {
   "extreme_eigenvalues": lambda value_fn, p: (
     spectrum.hessian_extreme_eigenvalues(value_fn, p, num_steps=8, key=4, which="both").eigenvalues
   ),
-  "negative_curvature_descent": lambda value_fn, p: _one_update(
-    jaxsaddle.negative_curvature_descent(
-      0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=6, gradient_threshold=1e3
-    ),
-    value_fn,
-  )(p),
-  "monitor_curvature": lambda value_fn, p: _one_update(
-    jaxsaddle.monitor_curvature(every=1, num_lanczos_steps=6, key=7), value_fn
-  )(p),
+} | {
+  name: lambda value_fn, p, make=CURVATURE_TRANSFORMS[name]: _one_update(make(), value_fn)(p)
+  for name in ("negative_curvature_descent", "monitor_curvature")
 }
 
 
@@ -316,17 +314,10 @@ def test_data_parallel_dataset_loss_matches_one_device(function, axis_type):
   mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
   with jax.set_mesh(mesh):
     example_sharding = NamedSharding(mesh, P(None, "data"))
-    sharded_batches = jax.tree.map(
-      lambda leaf: jax.make_array_from_process_local_data(
-        example_sharding, _process_local_examples(leaf, example_sharding, axis=1), leaf.shape
-      ),
-      batches,
-    )
+    sharded_batches = jax.tree.map(lambda leaf: _split(leaf, example_sharding, axis=1), batches)
     replicated_params = jax.device_put(params, NamedSharding(mesh, P()))
-    result = _host.to_numpy(fn(replicated_params, sharded_batches))
-  for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
-    assert np.all(np.isfinite(want))
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    result = fn(replicated_params, sharded_batches)
+  _assert_matches(result, expected)
 
 
 def test_dataset_split_along_its_batch_count_is_refused_by_name():
@@ -335,19 +326,14 @@ def test_dataset_split_along_its_batch_count_is_refused_by_name():
   _, batches = _regression_data()
   mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
   with jax.set_mesh(mesh):
-    split = jax.tree.map(
-      lambda leaf: jax.make_array_from_process_local_data(
-        NamedSharding(mesh, P(None, "data")),
-        _process_local_examples(leaf, NamedSharding(mesh, P(None, "data")), axis=1),
-        leaf.shape,
+    # Eight batches, so that the count divides over the eight devices.
+    along_count = jax.tree.map(
+      lambda leaf: _split(
+        np.pad(leaf, ((0, 5),) + ((0, 0),) * (leaf.ndim - 1)),
+        NamedSharding(mesh, P("data")),
+        axis=0,
       ),
       batches,
-    )
-    along_count = jax.tree.map(
-      lambda leaf: jax.sharding.reshard(
-        jnp.pad(leaf, ((0, 5),) + ((0, 0),) * (leaf.ndim - 1)), P("data")
-      ),
-      split,
     )
     with pytest.raises(
       ValueError, match=r"leading axis of batches\[0\].*PartitionSpec\(None, 'data'\)"
@@ -377,7 +363,7 @@ NNX_OPTIMIZERS = {
   ),
 }
 NNX_STEPS = 3
-# The params of the model in the data-parallel check, split like a tensor-parallel layer's.
+# How the nnx check splits its model's params: the hidden units, as a tensor-parallel layer.
 NNX_SPECS = {
   "hidden": {"kernel": P(None, "x"), "bias": P("x")},
   "out": {"kernel": P("x", None), "bias": P()},
@@ -424,12 +410,7 @@ def test_nnx_optimizer_on_a_sharded_model_matches_one_device(optimizer):
     data_sharding = NamedSharding(mesh, P("data"))
     losses, params = train(
       model,
-      *(
-        jax.make_array_from_process_local_data(
-          data_sharding, _process_local_examples(leaf, data_sharding, axis=0), leaf.shape
-        )
-        for leaf in (inputs, targets)
-      ),
+      *(_split(leaf, data_sharding, axis=0) for leaf in (inputs, targets)),
     )
   for path, leaf in jax.tree.leaves_with_path(params):
     expected_sharding = NamedSharding(mesh, _nnx_spec(path))
