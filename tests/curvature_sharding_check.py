@@ -19,7 +19,8 @@ eigenvalues, SLQ density and critical-point classification equal their single-de
 With data parallelism (replicated params, each batch's examples split over the mesh and, across
 processes, each process holding only its own examples), the trace, extreme eigenvalues, NC
 descent and the curvature monitor on a ``dataset_value_fn`` loss equal the single-device run on
-the whole dataset. A flax model whose layers are split over one mesh axis, trained on a batch
+the whole dataset; a jitted update that closes over replicated params and split data alike,
+under ``jax.set_mesh``, equals it too for each curvature transform. A flax model whose layers are split over one mesh axis, trained on a batch
 split over the other through ``nnx.Optimizer`` (PGD, and NC descent with ``make_value_fn``),
 keeps its params' shardings and takes the single-device steps.
 
@@ -223,6 +224,19 @@ CURVATURE_TRANSFORMS = {
     0.1, num_lanczos_steps=6, damping=1e-3
   ),
   "monitor_curvature": lambda: jaxsaddle.monitor_curvature(every=1, num_lanczos_steps=6, key=7),
+  # Both draw noise and branch with lax.cond; thresholds this high make the first step perturb.
+  "pagd": lambda: jaxsaddle.pagd(
+    0.1,
+    momentum=0.5,
+    perturbation_radius=1e-2,
+    gradient_threshold=1e3,
+    escape_steps=3,
+    exploitation_radius=1e-2,
+    key=8,
+  ),
+  "cubic_regularization": lambda: jaxsaddle.cubic_regularization(
+    0.1, hessian_lipschitz=1.0, smoothness=10.0, epsilon=1e3, subsolver_steps=4, key=9
+  ),
 }
 TRANSFORM_UPDATES = {name: _one_update(make()) for name, make in CURVATURE_TRANSFORMS.items()}
 
@@ -301,22 +315,45 @@ DATA_PARALLEL_FUNCTIONS = {
 }
 
 
+def _on_dataset(function):
+  return jax.jit(
+    lambda params, batches: function(spectrum.dataset_value_fn(_regression_loss, batches), params)
+  )
+
+
+def _data_parallel_inputs(mesh, params, batches):
+  """``params`` replicated over ``mesh`` and each batch's examples split over it."""
+  example_sharding = NamedSharding(mesh, P(None, "data"))
+  sharded_batches = jax.tree.map(lambda leaf: _split(leaf, example_sharding, axis=1), batches)
+  return jax.device_put(params, NamedSharding(mesh, P())), sharded_batches
+
+
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 @pytest.mark.parametrize("function", sorted(DATA_PARALLEL_FUNCTIONS))
 def test_data_parallel_dataset_loss_matches_one_device(function, axis_type):
   params, batches = _regression_data()
-  fn = jax.jit(
-    lambda params, batches: DATA_PARALLEL_FUNCTIONS[function](
-      spectrum.dataset_value_fn(_regression_loss, batches), params
-    )
-  )
+  fn = _on_dataset(DATA_PARALLEL_FUNCTIONS[function])
   expected = _host.to_numpy(fn(params, batches))
   mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
   with jax.set_mesh(mesh):
-    example_sharding = NamedSharding(mesh, P(None, "data"))
-    sharded_batches = jax.tree.map(lambda leaf: _split(leaf, example_sharding, axis=1), batches)
-    replicated_params = jax.device_put(params, NamedSharding(mesh, P()))
-    result = fn(replicated_params, sharded_batches)
+    result = fn(*_data_parallel_inputs(mesh, params, batches))
+  _assert_matches(result, expected)
+
+
+@pytest.mark.parametrize("transform", sorted(CURVATURE_TRANSFORMS))
+def test_jit_closing_over_explicitly_sharded_arrays_matches_one_device_under_set_mesh(transform):
+  # A jitted function given no sharded argument (here it closes over params and data alike)
+  # holds arrays split over Explicit axes as constants, which JAX types only under jax.set_mesh
+  # (the README says so); there every transform must work as when they are arguments.
+  def update_on(params, batches):
+    value_fn = spectrum.dataset_value_fn(_regression_loss, batches)
+    return jax.jit(lambda: _one_update(CURVATURE_TRANSFORMS[transform](), value_fn)(params))()
+
+  params, batches = _regression_data()
+  expected = _host.to_numpy(update_on(params, batches))
+  mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    result = update_on(*_data_parallel_inputs(mesh, params, batches))
   _assert_matches(result, expected)
 
 
