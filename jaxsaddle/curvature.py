@@ -752,7 +752,7 @@ def _combine(basis: PyTree, coefficients: jax.Array) -> PyTree:
   )
 
 
-def check_extreme_arguments(owner: str, *, num_steps, k, which, tol) -> None:
+def check_extreme_arguments(owner: str, *, num_steps, k, which, tol, reorthogonalize) -> None:
   """Raises, naming ``owner``, unless the arguments of an extreme-eigenpair call are valid."""
   if which not in ("smallest", "largest", "both"):
     raise ValueError(f"{owner}: which must be 'smallest', 'largest' or 'both', got {which!r}.")
@@ -760,6 +760,13 @@ def check_extreme_arguments(owner: str, *, num_steps, k, which, tol) -> None:
   _checks.check_loop_length(owner, "k", k)
   if k > num_steps:
     raise ValueError(f"{owner}: k must be in [1, num_steps={num_steps}], got {k}.")
+  if k > 1 and _reorthogonalization_mode(reorthogonalize) == "none":
+    raise ValueError(
+      f"{owner}: k={k} needs reorthogonalize=True or 'partial'. Without reorthogonalisation, "
+      "copies of converged Ritz values take the slots of the second and later eigenvalues at "
+      "each end (the spectrum -5, -4.5, -4, ... gave -5, -5, -4.5); the first at each end stays "
+      "accurate, so k=1 may go without."
+    )
   if tol is not None:
     _checks.check_positive(owner, "tol", tol)
 
@@ -798,10 +805,10 @@ def extreme_eigenpairs(
       smallest ascending, then the ``k`` largest descending; they overlap when fewer than
       ``2 k`` Ritz values exist).
     reorthogonalize: passed to :func:`lanczos` (``True``, ``"partial"`` or ``False``).
-      Without it, duplicates of converged Ritz values can take the slots of the second and
-      later pairs at each end; the first pair at each end stays accurate up to round-off of
-      about ``num_steps`` :math:`\epsilon \|A\|`, so ``k = 1`` is the intended use. Unless it
-      is ``True`` the Ritz vectors are normalised explicitly.
+      ``False`` is refused for ``k > 1``: without reorthogonalisation, duplicates of converged
+      Ritz values take the slots of the second and later pairs at each end. The first pair at
+      each end stays accurate up to round-off of about ``num_steps`` :math:`\epsilon \|A\|`.
+      Unless it is ``True`` the Ritz vectors are normalised explicitly.
     eigenvectors: whether to compute the Ritz vectors. Without them (and without
       ``reorthogonalize``) Lanczos stores no basis, only the last two vectors.
     tol: stop early, once every wanted Ritz pair's Lanczos residual estimate is at most
@@ -825,7 +832,14 @@ def extreme_eigenpairs(
     space broke down with fewer than ``k`` Ritz values, the missing entries are NaN (vectors
     zero).
   """
-  check_extreme_arguments("extreme_eigenpairs", num_steps=num_steps, k=k, which=which, tol=tol)
+  check_extreme_arguments(
+    "extreme_eigenpairs",
+    num_steps=num_steps,
+    k=k,
+    which=which,
+    tol=tol,
+    reorthogonalize=reorthogonalize,
+  )
   if exact_residuals and not eigenvectors:
     raise ValueError(
       "exact_residuals=True needs the Ritz vectors: pass eigenvectors=True, or "

@@ -309,11 +309,12 @@ def hessian_extreme_eigenvalues(
       smallest ascending, then the ``k`` largest descending).
     reorthogonalize: reorthogonalisation in Lanczos (``True``, ``"partial"`` or ``False``, see
       :func:`jaxsaddle.curvature.lanczos`); None (the default) uses ``"partial"`` when
-      ``k > 1`` and none when ``k == 1``. The loss of orthogonality only duplicates converged
-      values, so the extreme Ritz value at each end stays accurate up to round-off that grows
-      with the steps, about ``num_steps`` :math:`\epsilon \|H\|` (5e-6 relatively after 60
-      float32 steps on a spectrum with outliers at 100 and 50), and without
-      reorthogonalisation each step skips a pass over the whole basis.
+      ``k > 1`` and none when ``k == 1``; ``False`` with ``k > 1`` is refused, since the
+      duplicates of converged values would take the later slots. The loss of orthogonality
+      only duplicates converged values, so the extreme Ritz value at each end stays accurate
+      up to round-off that grows with the steps, about ``num_steps`` :math:`\epsilon \|H\|`
+      (5e-6 relatively after 60 float32 steps on a spectrum with outliers at 100 and 50), and
+      without reorthogonalisation each step skips a pass over the whole basis.
     eigenvectors: whether to return the eigenvectors. Without them and without
       reorthogonalisation (the default for ``k == 1``) Lanczos stores no basis: memory is a
       few parameter-sized vectors whatever ``num_steps``, instead of ``num_steps`` of them,
@@ -348,15 +349,18 @@ def hessian_extreme_eigenvalues(
 
   Raises:
     ValueError: for a non-scalar ``value_fn``, ``num_steps < 1``, a bad ``k`` or ``which``,
-      or, when called eagerly, a non-finite loss, gradient or Hessian-vector product.
+      ``k > 1`` with ``reorthogonalize=False``, or, when called eagerly, a non-finite loss,
+      gradient or Hessian-vector product.
     TypeError: for a ``num_steps`` or ``k`` that is not a Python int.
   """
   owner = "hessian_extreme_eigenvalues"
-  curvature.check_extreme_arguments(owner, num_steps=num_steps, k=k, which=which, tol=tol)
-  _check_value_fn(owner, value_fn, params)
-  _, _, hvp_fn, finite = _linearize(value_fn, params)
   if reorthogonalize is None:
     reorthogonalize = "partial" if k > 1 else False
+  curvature.check_extreme_arguments(
+    owner, num_steps=num_steps, k=k, which=which, tol=tol, reorthogonalize=reorthogonalize
+  )
+  _check_value_fn(owner, value_fn, params)
+  _, _, hvp_fn, finite = _linearize(value_fn, params)
   if exact_residuals is None:
     exact_residuals = reorthogonalize == "partial" and eigenvectors
   pairs = curvature.extreme_eigenpairs(

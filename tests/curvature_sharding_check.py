@@ -20,9 +20,10 @@ With data parallelism (replicated params, each batch's examples split over the m
 processes, each process holding only its own examples), the trace, extreme eigenvalues, NC
 descent and the curvature monitor on a ``dataset_value_fn`` loss equal the single-device run on
 the whole dataset; a jitted update that closes over replicated params and split data alike,
-under ``jax.set_mesh``, equals it too for each curvature transform. A flax model whose layers are split over one mesh axis, trained on a batch
-split over the other through ``nnx.Optimizer`` (PGD, and NC descent with ``make_value_fn``),
-keeps its params' shardings and takes the single-device steps.
+under ``jax.set_mesh``, equals it too for each curvature transform. A flax model whose layers
+are split over one mesh axis, trained on a batch split over the other through
+``nnx.Optimizer`` (PGD, and NC descent with ``make_value_fn``), keeps its params' shardings
+and takes the single-device steps.
 
 ``tests/test_sharding.py`` also runs these checks as two processes of four devices each that
 share one mesh (see ``tests/_multihost.py``); results are gathered with ``tests/_host.py``.
