@@ -416,6 +416,28 @@ def test_pagd_round_off_in_the_loss_never_triggers_exploitation():
   assert float(optax.tree.norm(params)) < 1e-3
 
 
+@pytest.mark.parametrize(("dtype", "num_steps"), [(jnp.float32, 600), (jnp.float16, 300)])
+def test_pagd_rounding_of_x_near_a_minimum_never_triggers_exploitation(dtype, num_steps):
+  # Near a minimum away from the origin, rounding x_t = y_t - m v_t to the params' dtype
+  # moves f(x_t) by more than the test's other terms: the iterate was thrown a distance s
+  # every 89 steps in float32 (127 times in 300 float16 steps) before the test read the
+  # difference of the rounded points.
+  value_fn = lambda p: 0.5 * jnp.sum((p.astype(jnp.float32) - 3.0) ** 2)  # noqa: E731
+  tx = pagd(
+    0.05,
+    momentum=0.5,
+    perturbation_radius=1e-3,
+    gradient_threshold=1e-9,
+    escape_steps=10**6,
+    exploitation_radius=0.5,
+  )
+  params, state, _ = jax.jit(lambda p: _run(tx, value_fn, p, num_steps))(jnp.zeros(8, dtype))
+  assert int(state.num_exploitations) == 0
+  np.testing.assert_allclose(
+    params.astype(jnp.float32), 3.0, atol=4 * float(jnp.finfo(dtype).eps) * 3
+  )
+
+
 def test_pagd_perturbs_on_the_papers_schedule():
   problem = problems.strict_saddle()
   escape_steps = 3
