@@ -752,6 +752,12 @@ def spectral_moment(
     An :class:`Estimate`.
   """
   owner = "spectral_moment"
+  if not isinstance(spectrum, (SpectralDensity, tuple)):
+    raise ValueError(
+      f"{owner}: spectrum must be a SpectralDensity or a (nodes, weights) pair from SLQ, got "
+      f"{type(spectrum).__name__}; the moment of known eigenvalues is jnp.mean(eigenvalues ** "
+      "power)."
+    )
   nodes, weights = spectrum[:2]
   if jnp.ndim(nodes) != 2 or jnp.shape(nodes) != jnp.shape(weights):
     raise ValueError(
@@ -804,9 +810,14 @@ def _spectrum_arrays(owner: str, spectrum) -> tuple[jax.Array, jax.Array]:
       raise TypeError(f"{owner}: {name} must be real numbers, got dtype {array.dtype}.")
   if nodes.size == 0:
     raise ValueError(f"{owner}: the spectrum is empty.")
-  if not jnp.issubdtype(nodes.dtype, jnp.floating):
-    nodes = nodes.astype(jnp.float32)
-  return nodes, weights.astype(nodes.dtype)
+  # At least float32, as elsewhere: in float16 the weights of 70,000 eigenvalues sum past
+  # its largest number and every statistic came out 0 or NaN.
+  dtype = (
+    jnp.promote_types(nodes.dtype, jnp.float32)
+    if jnp.issubdtype(nodes.dtype, jnp.floating)
+    else jnp.result_type(float)
+  )
+  return nodes.astype(dtype), weights.astype(dtype)
 
 
 def _normalized(nodes: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
