@@ -65,7 +65,8 @@ class NegativeCurvatureDescentState(NamedTuple):
 
   count: jax.Array  # int32, number of updates
   rng_key: jax.Array  # typed key, split at every update
-  # The last Lanczos estimate of lambda_min, NaN before any. Not "smallest_eigenvalue", the
+  # The last Lanczos estimate of lambda_min, NaN before any and where the Hessian-vector
+  # products overflowed. Not "smallest_eigenvalue", the
   # field of monitor_curvature, so that optax.tree.get finds each in a chain of both.
   last_smallest_eigenvalue: jax.Array
   num_lanczos_calls: jax.Array  # int32, updates whose gradient was small enough to run Lanczos
@@ -209,7 +210,9 @@ def negative_curvature_descent(
         which="smallest",
         exact_residuals=False,
       )
-      eigenvalue = pairs.eigenvalues[0]
+      # Products that overflowed (float16 Hessians beyond 65504) gave +inf: recorded as NaN,
+      # which takes no curvature step, rather than as a positive-definite Hessian.
+      eigenvalue = jnp.where(jnp.isfinite(pairs.eigenvalues[0]), pairs.eigenvalues[0], jnp.nan)
       direction = jax.tree.map(lambda stacked: stacked[0], pairs.eigenvectors)
       threshold = jnp.sqrt(jnp.asarray(hessian_lipschitz * epsilon, dtype))
       negative = eigenvalue < -threshold

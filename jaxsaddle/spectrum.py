@@ -1471,7 +1471,8 @@ def monitor_curvature(
   The state keeps the latest estimate and the step it was taken at, readable with
   ``optax.tree.get(state, "smallest_eigenvalue")``. The sharpness :math:`\lambda_{\max}`
   against :math:`2/\eta` shows the edge of stability, and a negative :math:`\lambda_{\min}`
-  shows a saddle region.
+  shows a saddle region. A NaN or infinite loss or gradient, or products that overflowed, are
+  recorded as NaN extremes.
 
   Example::
 
@@ -1533,7 +1534,9 @@ def monitor_curvature(
         eigenvectors=False,
         exact_residuals=False,
       )
-      # A NaN loss or gradient is recorded as NaN extremes, never as a spectrum.
+      # A NaN loss or gradient, or products that overflowed (float16 Hessians beyond 65504
+      # gave +inf for both), are recorded as NaN extremes, never as a spectrum.
+      finite = finite & jnp.all(jnp.isfinite(pairs.eigenvalues))
       extremes = jnp.where(finite, pairs.eigenvalues, jnp.nan).astype(dtype)
       return rng_key, extremes, state.count
 

@@ -85,6 +85,24 @@ def test_low_precision_spectra_are_analysed_in_at_least_float32():
   np.testing.assert_allclose(spectrum.spectral_moment((nodes, weights), 2).value, 90_000.0)
 
 
+def test_overflowing_float16_hessian_products_are_recorded_as_nan_not_as_a_spectrum():
+  # Finite loss and gradient, but Hessian-vector products past 65504: the monitor recorded
+  # +inf for both extremes and NC descent +inf for lambda_min (a positive-definite Hessian).
+  params = jnp.zeros(2, jnp.float16)
+  value_fn = lambda p: 0.5e5 * p[0] ** 2 - 0.5 * p[1] ** 2  # noqa: E731
+  grads = jax.grad(value_fn)(params)
+  monitor = jaxsaddle.monitor_curvature(every=1, num_lanczos_steps=2)
+  _, state = monitor.update(grads, monitor.init(params), params, value_fn=value_fn)
+  assert np.isnan([state.smallest_eigenvalue, state.largest_eigenvalue]).all()
+  descent = jaxsaddle.negative_curvature_descent(
+    0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=2
+  )
+  updates, state = descent.update(grads, descent.init(params), params, value_fn=value_fn)
+  assert np.isnan(state.last_smallest_eigenvalue)
+  assert int(state.num_curvature_steps) == 0
+  np.testing.assert_array_equal(updates, -0.1 * grads)
+
+
 def test_traced_out_of_range_arguments_give_nan_spectrum_results():
   nodes, weights = jnp.array([[0.0, 1.0, 2.0]]), jnp.full((1, 3), 1 / 3)
   density = jax.jit(spectrum._broadened_density)(nodes.reshape(-1), weights.reshape(-1), None, -0.1)
