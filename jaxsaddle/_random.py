@@ -210,7 +210,9 @@ def sample_isotropic(key: jax.Array, tree, radius, distribution: Distribution):
   else:
     scale = radius / global_norm(z)
     if distribution == "ball":
-      scale = scale * jax.random.uniform(radius_key) ** (1.0 / max(dim, 1))
+      # float32 like z: the default dtype would make the same key draw another radius with
+      # jax_enable_x64.
+      scale = scale * jax.random.uniform(radius_key, dtype=jnp.float32) ** (1.0 / max(dim, 1))
   # The barrier stops XLA from reassociating scale * z (e.g. into z * rsqrt(.)) differently
   # with and without vmap, which would make a vmapped run differ from a loop in the last bit.
   scale = jax.lax.optimization_barrier(jnp.asarray(scale))

@@ -174,6 +174,17 @@ def test_sample_keeps_leaf_dtypes_and_is_float32_inside():
   assert abs(np.linalg.norm(_flat(noise)) - 1) < 1e-2
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "sphere", "ball"])
+def test_noise_of_a_key_does_not_depend_on_the_x64_flag(distribution):
+  # The ball's radius was drawn in the default dtype: norm 0.62 without x64, 0.98 with it.
+  tree = jnp.zeros(5, jnp.float32)
+  without = _random.sample_isotropic(jax.random.key(0), tree, 1.0, distribution)
+  with jax.enable_x64(True):
+    with_x64 = _random.sample_isotropic(jax.random.key(0), tree, 1.0, distribution)
+  assert with_x64.dtype == jnp.float32
+  np.testing.assert_allclose(with_x64, without, rtol=1e-6)
+
+
 def _angles(samples: np.ndarray) -> np.ndarray:
   return np.arctan2(samples[:, 1], samples[:, 0])
 
