@@ -34,7 +34,13 @@ def check_positive(owner: str, name: str, value) -> None:
   """Raises ValueError naming ``name`` unless ``value`` is > 0 (traced values pass)."""
   number = concrete_float(value, owner, name)
   if number is not None and not 0 < number < np.inf:
-    raise ValueError(f"{owner}: {name} must be positive and finite, got {value}.")
+    hint = ""
+    if number == 0 and jnp.result_type(value) in (jnp.float16, jnp.bfloat16):
+      hint = (
+        f" A {jnp.result_type(value)} zero: optax.inject_hyperparams casts hyperparameters to "
+        "the params' dtype, where small ones round to 0; pass it hyperparam_dtype=jnp.float32."
+      )
+    raise ValueError(f"{owner}: {name} must be positive and finite, got {value}.{hint}")
 
 
 def check_nonnegative(owner: str, name: str, value) -> None:

@@ -103,6 +103,16 @@ def test_overflowing_float16_hessian_products_are_recorded_as_nan_not_as_a_spect
   np.testing.assert_array_equal(updates, -0.1 * grads)
 
 
+def test_a_hyperparameter_rounded_to_zero_by_inject_hyperparams_is_refused_with_the_remedy():
+  make = lambda **dtype: optax.inject_hyperparams(jaxsaddle.pgd, **dtype)(  # noqa: E731
+    0.1, perturbation_radius=1e-3, gradient_threshold=1e-3, escape_steps=5, escape_threshold=1e-10
+  )
+  with pytest.raises(ValueError, match="escape_threshold.*hyperparam_dtype=jnp.float32"):
+    make().init(jnp.zeros(3, jnp.float16))
+  state = make(hyperparam_dtype=jnp.float32).init(jnp.zeros(3, jnp.float16))
+  np.testing.assert_allclose(state.hyperparams["escape_threshold"], 1e-10)
+
+
 def test_traced_out_of_range_arguments_give_nan_spectrum_results():
   nodes, weights = jnp.array([[0.0, 1.0, 2.0]]), jnp.full((1, 3), 1 / 3)
   density = jax.jit(spectrum._broadened_density)(nodes.reshape(-1), weights.reshape(-1), None, -0.1)
