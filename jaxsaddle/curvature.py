@@ -422,7 +422,9 @@ def lanczos(
       Without it the basis loses orthogonality once Ritz values converge and duplicate
       ("ghost") Ritz values appear; that mode is meant for spectral-density estimates, where
       the duplicates carry little weight. The extreme Ritz values converge first and are not
-      affected: the duplicates are copies of converged values.
+      affected: the duplicates are copies of converged values. Their derivatives through the
+      recursion are, though, once they converge: differentiate a run with ``True`` or
+      ``"partial"`` (:func:`jaxsaddle.spectrum.hessian_extreme_eigenvalues` does).
     return_basis: whether to return the basis. Without it and without ``reorthogonalize``,
       only the last two Lanczos vectors are kept.
     converged: an optional stopping test, ``converged(alphas, betas, num_valid)`` on the
@@ -716,24 +718,34 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
   )
 
 
+def _padded_eigh(result: LanczosResult) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``eigh`` of the whole static-size tridiagonal, and which slots are valid.
+
+  The invalid block is decoupled from the valid one (:func:`tridiagonal` keeps only the valid
+  block's couplings) and gets distinct diagonal entries above the valid block's Gershgorin
+  bound, so its eigenvalues sort last and none repeats: a repeated one makes the derivative of
+  ``eigh`` 0 * inf, which turned Ritz-vector gradients after a breakdown into NaN.
+  """
+  num_steps = result.alphas.shape[0]
+  index = jnp.arange(num_steps)
+  valid = index < result.num_valid
+  # Gershgorin: the valid block's eigenvalues lie within 3 * max |entry| of zero.
+  pad = (1 + 4 * _largest_entry(result)) * (1 + index)
+  values, vectors = jnp.linalg.eigh(tridiagonal(result) + jnp.diag(jnp.where(valid, 0, pad)))
+  return values, vectors, valid
+
+
 def _tridiagonal_eigenpairs(result: LanczosResult) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Ritz values, the tridiagonal's eigenvectors (columns) and the residual estimates.
 
   In ascending order, with NaN values and residuals and zero columns past ``num_valid``; see
   :func:`ritz_pairs`.
   """
-  num_steps = result.alphas.shape[0]
-  index = jnp.arange(num_steps)
-  valid = index < result.num_valid
-  # Gershgorin: the valid block's eigenvalues lie within 3 * max |entry| of zero.
-  largest_entry = _largest_entry(result)
-  pad = 1 + 4 * largest_entry
-  matrix = tridiagonal(result) + jnp.diag(jnp.where(valid, 0, pad))
-  values, vectors = jnp.linalg.eigh(matrix)
+  values, vectors, valid = _padded_eigh(result)
   vectors = jnp.where(valid[:, None] & valid[None, :], vectors, 0)
   last = jnp.maximum(result.num_valid - 1, 0)
   # A converged pair's estimate can underflow to zero; round-off in the relation is eps ||T||.
-  round_off = jnp.finfo(result.alphas.dtype).eps * largest_entry
+  round_off = jnp.finfo(result.alphas.dtype).eps * _largest_entry(result)
   residual_norms = jnp.maximum(jnp.abs(result.betas[last] * vectors[last]), round_off)
   return (
     jnp.where(valid, values, jnp.nan),

@@ -71,16 +71,11 @@ class SaddleFreeNewtonState(NamedTuple):
 def _absolute_inverse_first_column(result: curvature.LanczosResult, damping) -> tuple:
   r"""Returns :math:`S (|\Theta| + \lambda)^{+} S^\top e_0` and the smallest Ritz value.
 
-  Only the valid leading block of the tridiagonal enters. The invalid block is decoupled from
-  it (:func:`jaxsaddle.curvature.tridiagonal` keeps only the valid couplings) and is given a
-  diagonal above the valid spectrum, so it neither mixes into the result nor sorts first.
+  Only the valid leading block of the tridiagonal enters: the invalid block is decoupled from
+  it and sorts last (see ``curvature._padded_eigh``).
   """
   num_steps = result.alphas.shape[0]
-  valid = jnp.arange(num_steps) < result.num_valid
-  pad = 1 + 4 * jnp.maximum(jnp.max(jnp.abs(result.alphas)), jnp.max(result.betas))
-  eigenvalues, eigenvectors = jnp.linalg.eigh(
-    curvature.tridiagonal(result) + jnp.diag(jnp.where(valid, 0, pad))
-  )
+  eigenvalues, eigenvectors, valid = curvature._padded_eigh(result)
   denominators = jnp.abs(eigenvalues) + damping
   # Moore-Penrose: a direction with no curvature left after damping is dropped, not divided by
   # zero (only possible with zero damping).

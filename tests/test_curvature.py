@@ -165,6 +165,23 @@ def test_gradients_through_an_exhausted_krylov_space_are_finite(reorthogonalize)
   np.testing.assert_allclose(jax.grad(largest)(diagonal), [0.0, 1.0, 0.0], atol=1e-5)
 
 
+@pytest.mark.parametrize("num_steps", [3, 4, 6, 8])
+def test_ritz_vector_gradients_after_a_breakdown_are_finite(num_steps):
+  # Three distinct eigenvalues: the recursion breaks down after three steps. With two or more
+  # empty slots their equal padding made eigh's derivative 0 * inf, and the gradient NaN.
+  matrix = jnp.diag(jnp.array([1.0, 1, 2, 2, 2, 5, 5, 5]))
+
+  def rayleigh_quotient_of_the_top_vector(scale):
+    operator = lambda x: scale * matrix @ x  # noqa: E731
+    pairs = curvature.extreme_eigenpairs(
+      operator, jnp.ones(8), num_steps=num_steps, key=0, which="largest"
+    )
+    vector = pairs.eigenvectors[0]
+    return vector @ operator(vector)
+
+  np.testing.assert_allclose(jax.grad(rayleigh_quotient_of_the_top_vector)(1.0), 5.0, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
   "reorthogonalize, return_basis", [(True, True), ("partial", True), (False, True), (False, False)]
 )

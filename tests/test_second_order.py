@@ -139,6 +139,27 @@ def test_sfn_uses_only_the_valid_krylov_vectors_after_a_breakdown():
   np.testing.assert_allclose(updates, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_sfn_learning_rate_gradient_through_a_breakdown_matches_finite_differences():
+  # Two distinct curvatures: five Lanczos steps break down after two, leaving three empty slots
+  # whose equal padding made the derivative NaN.
+  curvatures = jnp.array([2.0, 2.0, 2.0, -1.0, -1.0])
+  loss = lambda p: 0.5 * jnp.sum(curvatures * p**2)  # noqa: E731
+
+  def final_loss(learning_rate):
+    tx = saddle_free_newton(learning_rate, num_lanczos_steps=5, damping=0.1)
+    params = jnp.full(5, 0.3)
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+      params = optax.apply_updates(params, updates)
+    return loss(params)
+
+  with jax.enable_x64(True):
+    gradient = jax.grad(final_loss)(0.5)
+    difference = (final_loss(0.5 + 1e-6) - final_loss(0.5 - 1e-6)) / 2e-6
+  np.testing.assert_allclose(gradient, difference, rtol=1e-6)
+
+
 def test_sfn_zero_gradient_gives_a_zero_update_and_nan_stays_nan():
   tx = saddle_free_newton(num_lanczos_steps=3, damping=0.0)
   params = jnp.zeros(3)
