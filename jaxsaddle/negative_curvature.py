@@ -410,7 +410,11 @@ def pagd(
       gradient_step = _scale(-step_size, updates)
       # x_t = y_t - m v_t;  v_{t+1} = m v_t - eta g;  y_{t+1} - y_t = m v_{t+1} - eta g.
       shrunk = _scale(momentum, velocity)
-      x = jax.tree.map(lambda y, mv: y - mv.astype(y.dtype), params, shrunk)
+      # The barrier makes x the rounded array value_fn sees: without it XLA may keep x in
+      # float32 inside the difference below (excess precision, which it allows for bfloat16).
+      x = jax.lax.optimization_barrier(
+        jax.tree.map(lambda y, mv: y - mv.astype(y.dtype), params, shrunk)
+      )
       next_velocity = optax.tree.cast_like(optax.tree.add(shrunk, gradient_step), velocity)
       agd_update = optax.tree.cast_like(
         optax.tree.add(_scale(momentum, next_velocity), gradient_step), updates

@@ -438,6 +438,24 @@ def test_pagd_rounding_of_x_near_a_minimum_never_triggers_exploitation(dtype, nu
   )
 
 
+def test_pagd_convexity_test_sees_the_bfloat16_point_the_loss_sees():
+  # XLA may keep x_t in float32 inside the test (excess precision, allowed for bfloat16) while
+  # the loss reads it rounded: 9 exploitations in 200 steps on this convex loss, stuck at 3e-4.
+  value_fn = lambda z: 0.5 * jnp.sum(jnp.array([1.0, 3.0], z.dtype) * (z - 1.0) ** 2)  # noqa: E731
+  tx = pagd(
+    0.05,
+    momentum=0.9,
+    perturbation_radius=1e-2,
+    gradient_threshold=1e-3,
+    escape_steps=20,
+    exploitation_radius=0.1,
+  )
+  start = jnp.array([1.3, 0.8], jnp.bfloat16)
+  params, state, _ = jax.jit(lambda p: _run(tx, value_fn, p, 200))(start)
+  assert int(state.num_exploitations) == 0
+  assert float(value_fn(params)) < 2e-5
+
+
 def test_pagd_perturbs_on_the_papers_schedule():
   problem = problems.strict_saddle()
   escape_steps = 3
