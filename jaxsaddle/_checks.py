@@ -38,7 +38,8 @@ def check_positive(owner: str, name: str, value) -> None:
     if number == 0 and jnp.result_type(value) in (jnp.float16, jnp.bfloat16):
       hint = (
         f" A {jnp.result_type(value)} zero: optax.inject_hyperparams casts hyperparameters to "
-        "the params' dtype, where small ones round to 0; pass it hyperparam_dtype=jnp.float32."
+        "the params' dtype, where small ones may round to 0; pass it "
+        "hyperparam_dtype=jnp.float32."
       )
     raise ValueError(f"{owner}: {name} must be positive and finite, got {value}.{hint}")
 

@@ -388,6 +388,31 @@ def test_top_eigenvalue_gradient_without_reorthogonalization_is_accurate():
   np.testing.assert_allclose(weight_derivative, top(x, 1.0), rtol=1e-5)
 
 
+def test_differentiated_top_eigenvector_keeps_the_plain_calls_value_and_sign():
+  # Under differentiation the outputs were the partial run's, whose vector may have the other
+  # sign: the loss one step along it was 6.17 under value_and_grad against 1.38 in a plain
+  # call, and the gradient's slope -0.98 against 1.17 by finite differences.
+  rng = np.random.default_rng(0)
+  values = np.concatenate([[10.0, 6.0, -7.0], rng.uniform(-0.5, 0.5, 37)])
+  rotation, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+  matrix = jnp.asarray((rotation * values) @ rotation.T, jnp.float32)
+  x = jnp.asarray(0.3 * rng.standard_normal(40), jnp.float32)
+  loss = _cubic_diagonal_loss(matrix)
+
+  def loss_along_top_vector(z):
+    pairs = spectrum.hessian_extreme_eigenvalues(loss, z, num_steps=30, key=0)
+    return loss(z + 0.5 * pairs.eigenvectors[0])
+
+  value, gradient = jax.value_and_grad(loss_along_top_vector)(x)
+  np.testing.assert_allclose(value, loss_along_top_vector(x), rtol=1e-6)
+  direction = jnp.asarray(rng.standard_normal(40), jnp.float32)
+  direction = direction / jnp.linalg.norm(direction)
+  slope = (
+    loss_along_top_vector(x + 1e-2 * direction) - loss_along_top_vector(x - 1e-2 * direction)
+  ) / 2e-2
+  np.testing.assert_allclose(gradient @ direction, slope, rtol=1e-3)
+
+
 def test_slq_density_integrates_to_one_and_its_moments_match_traces():
   eigenvalues = np.random.default_rng(9).gamma(2.0, 1.0, 400) - 1.5
   matrix = _rotated(eigenvalues, 10)
@@ -1065,6 +1090,8 @@ def test_bad_input_raises():
     spectrum.hessian_trace(quadratic, params, key=0, num_probes=2, method="exact")
   with pytest.raises(ValueError, match="which"):
     spectrum.hessian_extreme_eigenvalues(quadratic, params, num_steps=3, key=0, which="top")
+  with pytest.raises(TypeError, match="k sets a loop length"):
+    spectrum.hessian_extreme_eigenvalues(quadratic, params, num_steps=3, key=0, k="2")
   with pytest.raises(ValueError, match="distribution"):
     spectrum.hessian_density(
       quadratic, params, key=0, num_probes=1, num_steps=2, distribution="uniform"
