@@ -165,7 +165,7 @@ def test_gradients_through_an_exhausted_krylov_space_are_finite(reorthogonalize)
   np.testing.assert_allclose(jax.grad(largest)(diagonal), [0.0, 1.0, 0.0], atol=1e-5)
 
 
-@pytest.mark.parametrize("num_steps", [3, 4, 6, 8])
+@pytest.mark.parametrize("num_steps", [3, 6])
 def test_ritz_vector_gradients_after_a_breakdown_are_finite(num_steps):
   # Three distinct eigenvalues: the recursion breaks down after three steps. With two or more
   # empty slots their equal padding made eigh's derivative 0 * inf, and the gradient NaN.
@@ -179,7 +179,8 @@ def test_ritz_vector_gradients_after_a_breakdown_are_finite(num_steps):
     vector = pairs.eigenvectors[0]
     return vector @ operator(vector)
 
-  np.testing.assert_allclose(jax.grad(rayleigh_quotient_of_the_top_vector)(1.0), 5.0, rtol=1e-5)
+  gradient = jax.jit(jax.grad(rayleigh_quotient_of_the_top_vector))(1.0)
+  np.testing.assert_allclose(gradient, 5.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -701,9 +702,10 @@ def test_several_extreme_pairs_without_reorthogonalization_are_refused_for_their
   # second and third slots here: silently wrong eigenvalues, so k > 1 is refused.
   spectrum = jnp.concatenate([jnp.array([-5.0, -4.5, -4.0]), jnp.linspace(-1.0, 1.0, 197)])
   matrix = _rotated(spectrum, 5)
-  ghosts = curvature.ritz_pairs(
-    curvature.lanczos(lambda x: matrix @ x, jnp.ones(200), 60, reorthogonalize=False)
-  ).eigenvalues[:3]
+  lanczos = jax.jit(
+    lambda m: curvature.lanczos(lambda x: m @ x, jnp.ones(200), 60, reorthogonalize=False)
+  )
+  ghosts = curvature.ritz_pairs(lanczos(matrix)).eigenvalues[:3]
   assert float(ghosts[1] - ghosts[0]) < 1e-4  # -5 twice
   for refused in (
     lambda: curvature.extreme_eigenpairs(
@@ -722,14 +724,11 @@ def test_several_extreme_pairs_without_reorthogonalization_are_refused_for_their
     with pytest.raises(ValueError, match="k=3 needs reorthogonalize=True or 'partial'"):
       refused()
   for reorthogonalize in (True, "partial"):
-    pairs = curvature.extreme_eigenpairs(
-      lambda x: matrix @ x,
-      jnp.zeros(200),
-      num_steps=60,
-      key=0,
-      k=3,
-      reorthogonalize=reorthogonalize,
-    )
+    pairs = jax.jit(
+      lambda m, mode=reorthogonalize: curvature.extreme_eigenpairs(
+        lambda x: m @ x, jnp.zeros(200), num_steps=60, key=0, k=3, reorthogonalize=mode
+      )
+    )(matrix)
     np.testing.assert_allclose(pairs.eigenvalues, [-5.0, -4.5, -4.0], rtol=1e-5)
 
 

@@ -385,32 +385,41 @@ def test_top_eigenvalue_gradient_without_reorthogonalization_is_accurate():
   gradient, weight_derivative = jax.jit(jax.grad(top, argnums=(0, 1)))(x, 1.0)
   assert np.linalg.norm(gradient - exact) < 1e-4 * np.linalg.norm(exact)
   # The weight is closed over by the loss: d lambda(w H) / dw = lambda(H).
-  np.testing.assert_allclose(weight_derivative, top(x, 1.0), rtol=1e-5)
+  np.testing.assert_allclose(weight_derivative, jax.jit(top)(x, 1.0), rtol=1e-5)
 
 
-def test_differentiated_top_eigenvector_keeps_the_plain_calls_value_and_sign():
-  # Under differentiation the outputs were the partial run's, whose vector may have the other
-  # sign: the loss one step along it was 6.17 under value_and_grad against 1.38 in a plain
-  # call, and the gradient's slope -0.98 against 1.17 by finite differences.
+def test_differentiated_top_eigenpair_is_the_plain_calls_with_aligned_tangents():
+  # Under differentiation the outputs were the partial run's: residuals at its sqrt(eps) floor
+  # and a vector that may have the other sign (a loss one step along it was 6.17 under
+  # value_and_grad against 1.38 in a plain call). The tangents come from that run: a vector's
+  # must take the plain vector's sign, or the derivative of (v . c)^2 has the wrong sign.
   rng = np.random.default_rng(0)
   values = np.concatenate([[10.0, 6.0, -7.0], rng.uniform(-0.5, 0.5, 37)])
   rotation, _ = np.linalg.qr(rng.standard_normal((40, 40)))
   matrix = jnp.asarray((rotation * values) @ rotation.T, jnp.float32)
   x = jnp.asarray(0.3 * rng.standard_normal(40), jnp.float32)
   loss = _cubic_diagonal_loss(matrix)
+  weights = jnp.asarray(rng.standard_normal(40), jnp.float32)
 
-  def loss_along_top_vector(z):
-    pairs = spectrum.hessian_extreme_eigenvalues(loss, z, num_steps=30, key=0)
-    return loss(z + 0.5 * pairs.eigenvectors[0])
+  def overlap(z):
+    # At these steps and key the two runs' vectors have opposite signs.
+    pairs = spectrum.hessian_extreme_eigenvalues(loss, z, num_steps=20, key=1)
+    return (pairs.eigenvectors[0] @ weights) ** 2, pairs
 
-  value, gradient = jax.value_and_grad(loss_along_top_vector)(x)
-  np.testing.assert_allclose(value, loss_along_top_vector(x), rtol=1e-6)
-  direction = jnp.asarray(rng.standard_normal(40), jnp.float32)
-  direction = direction / jnp.linalg.norm(direction)
-  slope = (
-    loss_along_top_vector(x + 1e-2 * direction) - loss_along_top_vector(x - 1e-2 * direction)
-  ) / 2e-2
-  np.testing.assert_allclose(gradient @ direction, slope, rtol=1e-3)
+  (_, differentiated), gradient = jax.jit(jax.value_and_grad(overlap, has_aux=True))(x)
+  plain = jax.jit(overlap)
+  for got, want in zip(jax.tree.leaves(differentiated), jax.tree.leaves(plain(x)[1]), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Against the dense derivative in float64 (finite differences of float32 Lanczos are noise).
+  with jax.enable_x64(True):
+    wide = lambda z: _cubic_diagonal_loss(jnp.asarray(matrix, jnp.float64))(z)  # noqa: E731
+
+    def dense_overlap(z):
+      _, vectors = jnp.linalg.eigh(jax.hessian(wide)(z))
+      return (vectors[:, -1] @ jnp.asarray(weights, jnp.float64)) ** 2
+
+    exact = np.asarray(jax.grad(dense_overlap)(jnp.asarray(x, jnp.float64)))
+  assert np.linalg.norm(gradient - exact) < 1e-3 * np.linalg.norm(exact)
 
 
 def test_slq_density_integrates_to_one_and_its_moments_match_traces():
