@@ -291,12 +291,12 @@ def fori_loop(num_steps: int, body: Callable[[Any, Any], Any], carry, *, unroll:
   return carry
 
 
-def _reorthogonalization_mode(reorthogonalize: Reorthogonalization) -> str:
+def _reorthogonalization_mode(reorthogonalize: Reorthogonalization, owner: str = "lanczos") -> str:
   """``"full"``, ``"partial"`` or ``"none"`` for the ``reorthogonalize`` argument of lanczos."""
   if isinstance(reorthogonalize, str):
     if reorthogonalize != "partial":
       raise ValueError(
-        f"reorthogonalize must be True, False or 'partial', got {reorthogonalize!r}."
+        f"{owner}: reorthogonalize must be True, False or 'partial', got {reorthogonalize!r}."
       )
     return "partial"
   return "full" if reorthogonalize else "none"
@@ -772,7 +772,7 @@ def check_extreme_arguments(owner: str, *, num_steps, k, which, tol, reorthogona
   _checks.check_loop_length(owner, "k", k)
   if k > num_steps:
     raise ValueError(f"{owner}: k must be in [1, num_steps={num_steps}], got {k}.")
-  if k > 1 and _reorthogonalization_mode(reorthogonalize) == "none":
+  if _reorthogonalization_mode(reorthogonalize, owner) == "none" and k > 1:
     raise ValueError(
       f"{owner}: k={k} needs reorthogonalize=True or 'partial'. Without reorthogonalisation, "
       "copies of converged Ritz values take the slots of the second and later eigenvalues at "

@@ -899,7 +899,9 @@ def test_invalid_arguments_raise():
   for breakdown_tol in (-1e-3, float("nan")):
     with pytest.raises(ValueError, match="breakdown_tol"):
       curvature.lanczos(lambda x: x, jnp.ones(3), 2, breakdown_tol=breakdown_tol)
-  with pytest.raises(ValueError, match="reorthogonalize must be True, False or 'partial'"):
+  with pytest.raises(ValueError, match="extreme_eigenpairs: reorthogonalize must be True"):
+    curvature.extreme_eigenpairs(lambda x: x, jnp.ones(3), num_steps=2, key=0, reorthogonalize="")
+  with pytest.raises(ValueError, match="lanczos: reorthogonalize must be True, False or 'partial'"):
     curvature.lanczos(lambda x: x, jnp.ones(3), 2, reorthogonalize="full")
   with pytest.raises(ValueError, match="which"):
     curvature.extreme_eigenpairs(lambda x: x, jnp.ones(3), num_steps=2, key=0, which="middle")
