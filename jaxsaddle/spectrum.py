@@ -364,12 +364,17 @@ def hessian_extreme_eigenvalues(
     TypeError: for a ``num_steps`` or ``k`` that is not a Python int.
   """
   owner = "hessian_extreme_eigenvalues"
-  _checks.check_loop_length(owner, "k", k)
+  # None reorthogonalises whenever k > 1, so it passes the check as True; k is read only after.
+  curvature.check_extreme_arguments(
+    owner,
+    num_steps=num_steps,
+    k=k,
+    which=which,
+    tol=tol,
+    reorthogonalize=True if reorthogonalize is None else reorthogonalize,
+  )
   if reorthogonalize is None:
     reorthogonalize = "partial" if k > 1 else False
-  curvature.check_extreme_arguments(
-    owner, num_steps=num_steps, k=k, which=which, tol=tol, reorthogonalize=reorthogonalize
-  )
   _check_value_fn(owner, value_fn, params)
   if exact_residuals is None:
     exact_residuals = reorthogonalize == "partial" and eigenvectors
@@ -429,11 +434,9 @@ def _differentiated_with_partial_reorthogonalization(estimate, value_fn, params)
     )
     vectors = primal_out[1].eigenvectors
     if vectors is not None:
-      alignment = sum(
-        jnp.sum((plain * other).reshape(plain.shape[0], -1), axis=1)
-        for plain, other in zip(
-          jax.tree.leaves(vectors), jax.tree.leaves(partial.eigenvectors), strict=True
-        )
+      dtype = curvature._compute_dtype(vectors)
+      alignment = jax.vmap(lambda plain, other: curvature._tree_vdot(plain, other, dtype))(
+        vectors, partial.eigenvectors
       )
       signs = jnp.where(alignment < 0, -1, 1)
       partial_tangent = partial_tangent._replace(
