@@ -282,6 +282,15 @@ def unroll_by_default(fn: Callable, *example_args) -> bool:
   return _contains_convolution(jax.make_jaxpr(fn)(*example_args).jaxpr)
 
 
+def branches_wait_on_host() -> bool:
+  """Whether a ``lax.cond`` or a loop iteration stops the device until the host has its predicate.
+
+  On GPUs XLA copies each predicate to the host and waits for it before launching the branch or
+  the next iteration, a round trip that costs more than reading the memory a branch would skip.
+  """
+  return jax.default_backend() == "gpu"
+
+
 def fori_loop(num_steps: int, body: Callable[[Any, Any], Any], carry, *, unroll: bool):
   """``lax.fori_loop(0, num_steps, body, carry)``, or the same steps unrolled in Python."""
   if not unroll:
@@ -511,9 +520,17 @@ def lanczos(
   group = math.ceil(num_steps / math.ceil(math.sqrt(num_steps)))
   num_groups = math.ceil(num_steps / group)
 
+  host_branches = branches_wait_on_host()
+
   def project_out(basis, w, j):
     """One pass of classical Gram-Schmidt: ``(w - Q h, h)`` with ``h = Q^T w``."""
     coefficients = _coefficients(basis, w, dtype)
+    if isinstance(j, int):  # unrolled: the filled rows are known while tracing
+      return _subtract_rows(basis, coefficients, w, list(range(j + 1))), coefficients
+    if host_branches:
+      # Unfilled rows are zero and their coefficients too: reading them is cheaper than the
+      # host round trips of the groups' conds.
+      return _subtract_rows(basis, coefficients, w, list(range(num_steps))), coefficients
     padded = jnp.pad(coefficients, (0, num_groups * group - num_steps))
 
     def subtract_group(g, w):
@@ -576,6 +593,10 @@ def lanczos(
       w, _ = project_out(basis, w, j)
       return w, norm(w)
 
+    if host_branches and isinstance(j, int):
+      # Measured on an H100: in an unrolled program the test's cond made a step slower than
+      # an unconditional second pass.
+      return project_again(w)
     return jax.lax.cond(
       jnp.sum(coefficients * coefficients) > beta * beta, project_again, lambda w: (w, beta), w
     )
@@ -589,8 +610,13 @@ def lanczos(
     # below read: fused into them, a product in a transposed layout (a weight's, from reverse
     # mode) made the step several times slower. The product itself stays outside the cond, so
     # that XLA can hoist out of the loop what does not depend on the vector (the forward pass
-    # of a plain hvp).
-    w = jax.lax.cond(active, lambda w: w, lambda w: jax.tree.map(jnp.zeros_like, w), apply(q))
+    # of a plain hvp). The layout trap was the CPU's; on a GPU a select does the discarding
+    # without the cond's host round trip.
+    product = apply(q)
+    if host_branches:
+      w = jax.tree.map(lambda leaf: jnp.where(active, leaf, 0), product)
+    else:
+      w = jax.lax.cond(active, lambda w: w, lambda w: jax.tree.map(jnp.zeros_like, w), product)
     alpha = _tree_vdot(q, w, dtype)
     # q_{j-1} is read where it is stored, inside the fused update.
     w = jax.tree.map(
@@ -612,12 +638,12 @@ def lanczos(
       )
       lost = jnp.max(jnp.abs(omega_next)) > math.sqrt(eps)
       reorthogonalize_now = active & (forced | lost) & (j < num_steps - 1)
+      # j is closed over, not an operand, so that unrolled it stays a Python int.
       w, beta = jax.lax.cond(
         reorthogonalize_now,
-        functools.partial(reorthogonalized, vectors),
-        lambda w, j: (w, beta),
+        lambda w: reorthogonalized(vectors, w, j),
+        lambda w: (w, beta),
         w,
-        j,
       )
       # After a pass q_{j+1} is orthogonal to working precision; the next vector is
       # reorthogonalised too, since the recurrence carries q_j's loss of orthogonality into it.

@@ -982,6 +982,40 @@ def test_unrolled_lanczos_equals_the_loop(reorthogonalize, with_stop):
       )
 
 
+@pytest.mark.parametrize("unroll", [False, True])
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+def test_gpu_form_of_lanczos_gives_the_cpu_forms_run_with_fewer_branches(
+  monkeypatch, reorthogonalize, unroll
+):
+  # On a GPU every cond and loop predicate is a host round trip, so there the steps read every
+  # basis row (unrolled, only the filled ones) instead of branching on groups of rows, discard a
+  # stopped product with a select, and unrolled take both Gram-Schmidt passes. Forced on the
+  # CPU, that form must give the same run, through a breakdown (five distinct eigenvalues) and
+  # an operator that is NaN on the zero vector.
+  matrix = _rotated(jnp.asarray([-1.0, 0.5, 3.0, 2.0, -0.25] * 4), 7)
+
+  def matvec(x):
+    return matrix @ x + jnp.where(jnp.all(x == 0), jnp.nan, 0.0)
+
+  start = jnp.arange(1.0, 21.0)
+
+  def run():
+    fn = lambda v: curvature.lanczos(  # noqa: E731
+      matvec, v, 8, reorthogonalize=reorthogonalize, unroll=unroll
+    )
+    return jax.jit(fn)(start), str(jax.make_jaxpr(fn)(start)).count("cond[")
+
+  cpu_form, cpu_conds = run()
+  monkeypatch.setattr(curvature, "branches_wait_on_host", lambda: True)
+  gpu_form, gpu_conds = run()
+  assert gpu_conds < cpu_conds
+  assert int(gpu_form.num_valid) == int(cpu_form.num_valid) == 5
+  np.testing.assert_allclose(gpu_form.alphas, cpu_form.alphas, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gpu_form.betas, cpu_form.betas, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gpu_form.basis, cpu_form.basis, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(gpu_form.basis[5:], 0)
+
+
 def test_cubic_regularization_subsolver_unrolled_on_a_conv_loss_equals_the_loop(monkeypatch):
   params = _conv_params()
   grads = jax.grad(_conv_loss)(params)
