@@ -7,10 +7,14 @@ ravelled matrix (``flat``); the steps in a ``fori_loop`` reading every basis row
 are zero) or unrolled in Python reading only the filled rows (static slices); one Gram-Schmidt
 pass, two, or a second only when Kahan's test asks (a ``lax.cond``). On a GPU a ``lax.cond``
 or a loop iteration waits for its predicate on the host, so the forms differ in how many times a
-step stops the device as well as in the memory they read. ``jaxsaddle.lanczos`` with full and
-with no reorthogonalisation is timed beside them. Run from the repository root as
-``PYTHONPATH=. python benchmarks/results/h100/reorthogonalization_forms.py 10`` (the argument is
-the number of rounds).
+step stops the device as well as in the memory they read. ``jaxsaddle.lanczos`` with each
+reorthogonalisation, looped and unrolled, is timed beside them.
+
+``reorthogonalization_forms_before.log`` is a run with the library before its GPU form and a
+longer list of sketches (tree and flat, looped and unrolled, each number of passes);
+``reorthogonalization_forms.log`` is this script as it stands, after. Run from the repository
+root as ``PYTHONPATH=. python benchmarks/results/h100/reorthogonalization_forms.py 10`` (the
+argument is the number of rounds).
 """
 
 import sys
