@@ -47,11 +47,13 @@ and float16 leaves are upcast (the operator still receives vectors in the leaves
 The loop has a fixed trip count under ``lax.fori_loop``, so everything jits and vmaps.
 
 **Branches on a GPU.** XLA on a GPU reads each ``lax.cond`` predicate and loop condition on
-the host, a round trip that costs more than the memory a branch would skip. There the loop
-discards a stopped product with a select and subtracts every basis row (unfilled rows are
-zero), leaving one ``lax.cond`` a step (whether a second Gram-Schmidt pass is needed); on an
-H100 that took 20 steps with full reorthogonalisation from 5.3x to 3.1x the cost of 20
-Hessian-vector products on a 670k-parameter MLP.
+the host, a round trip of 50-90 µs on an H100. There the loop discards a stopped product with
+a select, and when the whole basis is at most 128 MiB (what the card reads in less than a round
+trip) it subtracts every row (unfilled rows are zero) instead of branching on groups of rows,
+leaving one ``lax.cond`` a step (whether a second Gram-Schmidt pass is needed); on an H100
+that took 20 steps with full reorthogonalisation from 5.3x to 3.1x the cost of 20
+Hessian-vector products on a 670k-parameter MLP (a 54 MB basis). A larger basis keeps the
+groups' conds, which skip more memory than a round trip costs.
 
 **Convolutions on the CPU.** XLA on the CPU runs a convolution's products far slower inside a
 loop body than in straight-line code (jax-ml/jax#12868): ten Hessian-vector products of a
@@ -60,8 +62,8 @@ unrolled in Python. So on the CPU, when the operator convolves (its jaxpr, trace
 a ``conv_general_dilated``), the steps are unrolled in Python instead; ``lanczos(...,
 unroll=...)`` forces either. Unrolled programs take longer to compile, about in proportion
 to the steps. Unrolled, each step knows its filled rows while tracing and subtracts those with
-no cond; on a GPU it also takes both Gram-Schmidt passes, since there Kahan's cond in a
-straight-line program measured slower than the second pass.
+no cond; on a GPU, with a basis of at most 128 MiB, it also takes both Gram-Schmidt passes,
+since there Kahan's cond in a straight-line program measured slower than the second pass.
 
 **Random starts.** With a Gaussian start vector, :math:`m` steps find the largest
 eigenvalue :math:`\lambda_1` of a positive semi-definite :math:`A` of size :math:`n` to
@@ -291,13 +293,27 @@ def unroll_by_default(fn: Callable, *example_args) -> bool:
   return _contains_convolution(jax.make_jaxpr(fn)(*example_args).jaxpr)
 
 
+# About what an H100 reads (3 TB/s) in 40 µs, below the 50-90 µs one host round trip for a
+# branch was measured to cost there.
+_BYTES_READ_IN_A_ROUND_TRIP = 128 * 2**20
+
+
 def branches_wait_on_host() -> bool:
   """Whether a ``lax.cond`` or a loop iteration stops the device until the host has its predicate.
 
   On GPUs XLA copies each predicate to the host and waits for it before launching the branch or
-  the next iteration, a round trip that costs more than reading the memory a branch would skip.
+  the next iteration.
   """
   return jax.default_backend() == "gpu"
+
+
+def reading_beats_branching(num_bytes: int) -> bool:
+  """Whether reading ``num_bytes`` more costs less than a ``lax.cond`` that would skip them.
+
+  On a GPU, up to 128 MiB: the device reads that in less time than the cond's host round trip.
+  On other backends a cond costs next to nothing.
+  """
+  return branches_wait_on_host() and num_bytes <= _BYTES_READ_IN_A_ROUND_TRIP
 
 
 def fori_loop(num_steps: int, body: Callable[[Any, Any], Any], carry, *, unroll: bool):
@@ -530,13 +546,15 @@ def lanczos(
   num_groups = math.ceil(num_steps / group)
 
   host_branches = branches_wait_on_host()
+  basis_bytes = num_steps * sum(leaf.size for leaf in jax.tree.leaves(start)) * dtype.itemsize
+  read_whole_basis = reading_beats_branching(basis_bytes)
 
   def project_out(basis, w, j):
     """One pass of classical Gram-Schmidt: ``(w - Q h, h)`` with ``h = Q^T w``."""
     coefficients = _coefficients(basis, w, dtype)
     if isinstance(j, int):  # unrolled: the filled rows are known while tracing
       return _subtract_rows(basis, coefficients, w, list(range(j + 1))), coefficients
-    if host_branches:
+    if read_whole_basis:
       # Unfilled rows are zero and their coefficients too: reading them is cheaper than the
       # host round trips of the groups' conds.
       return _subtract_rows(basis, coefficients, w, list(range(num_steps))), coefficients
@@ -602,7 +620,7 @@ def lanczos(
       w, _ = project_out(basis, w, j)
       return w, norm(w)
 
-    if host_branches and isinstance(j, int):
+    if read_whole_basis and isinstance(j, int):
       # Measured on an H100: in an unrolled program the test's cond made a step slower than
       # an unconditional second pass.
       return project_again(w)

@@ -982,16 +982,18 @@ def test_unrolled_lanczos_equals_the_loop(reorthogonalize, with_stop):
       )
 
 
+@pytest.mark.parametrize("small_basis", [True, False])
 @pytest.mark.parametrize("unroll", [False, True])
 @pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
 def test_gpu_form_of_lanczos_gives_the_cpu_forms_run_with_fewer_branches(
-  monkeypatch, reorthogonalize, unroll
+  monkeypatch, reorthogonalize, unroll, small_basis
 ):
-  # On a GPU every cond and loop predicate is a host round trip, so there the steps read every
-  # basis row (unrolled, only the filled ones) instead of branching on groups of rows, discard a
-  # stopped product with a select, and unrolled take both Gram-Schmidt passes. Forced on the
-  # CPU, that form must give the same run, through a breakdown (five distinct eigenvalues) and
-  # an operator that is NaN on the zero vector.
+  # On a GPU every cond and loop predicate is a host round trip, so there a stopped product is
+  # discarded with a select, and with a basis small enough to read whole the steps subtract
+  # every row (unrolled, only the filled ones) instead of branching on groups of rows, and
+  # unrolled take both Gram-Schmidt passes. Forced on the CPU, that form must give the same
+  # run, through a breakdown (five distinct eigenvalues) and an operator that is NaN on the
+  # zero vector.
   matrix = _rotated(jnp.asarray([-1.0, 0.5, 3.0, 2.0, -0.25] * 4), 7)
 
   def matvec(x):
@@ -1007,8 +1009,21 @@ def test_gpu_form_of_lanczos_gives_the_cpu_forms_run_with_fewer_branches(
 
   cpu_form, cpu_conds = run()
   monkeypatch.setattr(curvature, "branches_wait_on_host", lambda: True)
+  # The basis is 8 rows of 20 float32s, 640 bytes.
+  monkeypatch.setattr(curvature, "_BYTES_READ_IN_A_ROUND_TRIP", 640 if small_basis else 639)
   gpu_form, gpu_conds = run()
-  assert gpu_conds < cpu_conds
+  # Left: Kahan's test for the second pass (looped, or unrolled with a large basis: one per
+  # step) and partial's decision (one per step unrolled); with a large basis, looped, the
+  # groups' cond in each of the two passes.
+  expected = {
+    (True, False): (1, 3),
+    (True, True): (0, 8),
+    ("partial", False): (2, 4),
+    ("partial", True): (8, 16),
+    (False, False): (0, 0),
+    (False, True): (0, 0),
+  }[reorthogonalize, unroll][0 if small_basis else 1]
+  assert gpu_conds == expected < cpu_conds
   assert int(gpu_form.num_valid) == int(cpu_form.num_valid) == 5
   np.testing.assert_allclose(gpu_form.alphas, cpu_form.alphas, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(gpu_form.betas, cpu_form.betas, rtol=1e-5, atol=1e-6)
