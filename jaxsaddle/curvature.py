@@ -50,10 +50,12 @@ The loop has a fixed trip count under ``lax.fori_loop``, so everything jits and 
 the host, a round trip of 50-90 µs on an H100. There the loop discards a stopped product with
 a select, and when the whole basis is at most 128 MiB (what the card reads in less than a round
 trip) it subtracts every row (unfilled rows are zero) instead of branching on groups of rows,
-leaving one ``lax.cond`` a step (whether a second Gram-Schmidt pass is needed); on an H100
-that took 20 steps with full reorthogonalisation from 5.3x to 3.1x the cost of 20
-Hessian-vector products on a 670k-parameter MLP (a 54 MB basis). A larger basis keeps the
-groups' conds, which skip more memory than a round trip costs.
+leaving one ``lax.cond`` a step with full reorthogonalisation (whether a second Gram-Schmidt
+pass is needed) and two with partial (whether to reorthogonalise at all); on an H100 that took
+20 steps with full reorthogonalisation from 5.3x to 3.1x the cost of 20 Hessian-vector
+products on a 670k-parameter MLP (a 54 MB basis). A larger basis keeps the groups' conds: the
+rows they skip would then cost more to read than their round trips (by this arithmetic; not
+measured). The size is one start vector's: under ``vmap`` the whole batch's basis is read.
 
 **Convolutions on the CPU.** XLA on the CPU runs a convolution's products far slower inside a
 loop body than in straight-line code (jax-ml/jax#12868): ten Hessian-vector products of a
@@ -62,8 +64,7 @@ unrolled in Python. So on the CPU, when the operator convolves (its jaxpr, trace
 a ``conv_general_dilated``), the steps are unrolled in Python instead; ``lanczos(...,
 unroll=...)`` forces either. Unrolled programs take longer to compile, about in proportion
 to the steps. Unrolled, each step knows its filled rows while tracing and subtracts those with
-no cond; on a GPU, with a basis of at most 128 MiB, it also takes both Gram-Schmidt passes,
-since there Kahan's cond in a straight-line program measured slower than the second pass.
+no cond.
 
 **Random starts.** With a Gaussian start vector, :math:`m` steps find the largest
 eigenvalue :math:`\lambda_1` of a positive semi-definite :math:`A` of size :math:`n` to
@@ -293,7 +294,7 @@ def unroll_by_default(fn: Callable, *example_args) -> bool:
   return _contains_convolution(jax.make_jaxpr(fn)(*example_args).jaxpr)
 
 
-# About what an H100 reads (3 TB/s) in 40 µs, below the 50-90 µs one host round trip for a
+# About what an H100 reads (3.35 TB/s) in 40 µs, below the 50-90 µs one host round trip for a
 # branch was measured to cost there.
 _BYTES_READ_IN_A_ROUND_TRIP = 128 * 2**20
 
@@ -427,7 +428,8 @@ def lanczos(
 
   Cost of a step: one ``matvec``, a few passes over single vectors and, with
   ``reorthogonalize``, one product of the stacked basis with a vector (all ``num_steps`` rows,
-  for :math:`h`) and a subtraction that reads only the rows filled so far. The basis is the
+  for :math:`h`) and a subtraction that reads only the rows filled so far (on a GPU, with a
+  basis of at most 128 MiB, every row: see the module docstring). The basis is the
   returned array, written in place, so memory is one basis. With neither ``reorthogonalize`` nor
   ``return_basis`` no basis is stored at all: the recurrence keeps the last two Lanczos vectors
   and one step's work vectors, so memory and traffic per step do not grow with ``num_steps``
@@ -540,23 +542,22 @@ def lanczos(
   inv_norm = _reciprocal_where(has_start, start_norm)
   start = jax.tree.map(lambda leaf: leaf * inv_norm, start)
 
-  # The subtraction reads the basis in groups of about sqrt(num_steps) rows, and a group only once
-  # it holds a filled row: a lax.cond on j, which stays a cond under vmap.
+  # In a loop, unless the whole basis is cheaper to read than the branches, the subtraction
+  # reads the basis in groups of about sqrt(num_steps) rows, and a group only once it holds a
+  # filled row: a lax.cond on j, which stays a cond under vmap.
   group = math.ceil(num_steps / math.ceil(math.sqrt(num_steps)))
   num_groups = math.ceil(num_steps / group)
 
   host_branches = branches_wait_on_host()
   basis_bytes = num_steps * sum(leaf.size for leaf in jax.tree.leaves(start)) * dtype.itemsize
-  read_whole_basis = reading_beats_branching(basis_bytes)
 
   def project_out(basis, w, j):
     """One pass of classical Gram-Schmidt: ``(w - Q h, h)`` with ``h = Q^T w``."""
     coefficients = _coefficients(basis, w, dtype)
     if isinstance(j, int):  # unrolled: the filled rows are known while tracing
       return _subtract_rows(basis, coefficients, w, list(range(j + 1))), coefficients
-    if read_whole_basis:
-      # Unfilled rows are zero and their coefficients too: reading them is cheaper than the
-      # host round trips of the groups' conds.
+    if reading_beats_branching(basis_bytes):
+      # Unfilled rows and their coefficients are zero.
       return _subtract_rows(basis, coefficients, w, list(range(num_steps))), coefficients
     padded = jnp.pad(coefficients, (0, num_groups * group - num_steps))
 
@@ -620,10 +621,6 @@ def lanczos(
       w, _ = project_out(basis, w, j)
       return w, norm(w)
 
-    if read_whole_basis and isinstance(j, int):
-      # Measured on an H100: in an unrolled program the test's cond made a step slower than
-      # an unconditional second pass.
-      return project_again(w)
     return jax.lax.cond(
       jnp.sum(coefficients * coefficients) > beta * beta, project_again, lambda w: (w, beta), w
     )
