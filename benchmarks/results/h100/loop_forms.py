@@ -21,13 +21,15 @@ from benchmarks import spectrum
 BASELINE = "20 hvps fori"
 
 
-def main() -> None:
-  settings = _timing.Settings(rounds=int(sys.argv[1]), min_sample_seconds=0.05, warmup_steps=3)
+def problem_and_rows(rounds: int):
+  """The settings, the MLP's params, batch and start tangent, and the rows both comparisons here
+  share: twenty chained products (looped, the baseline, and unrolled) and ``jaxsaddle.lanczos``
+  with each reorthogonalisation, looped and unrolled."""
+  settings = _timing.Settings(rounds=rounds, min_sample_seconds=0.05, warmup_steps=3)
   params_key, batch_key, tangent_key = jax.random.split(jax.random.key(0), 3)
   params = _mlp.init_mlp(params_key)
   batch = _mlp.random_batch(batch_key)
   tangent = _mlp.normalized(_mlp.init_mlp(tangent_key))
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)
   loops = {
     BASELINE: curvature.Loop(curvature.hvp_loop_step("linearized"), copy(tangent), params, batch),
     "20 hvps unrolled": curvature.Loop(
@@ -42,6 +44,16 @@ def main() -> None:
         params,
         batch,
       )
+  return settings, params, batch, tangent, loops
+
+
+def copy(tree):
+  """A copy of ``tree``: each row donates its own buffers."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def main() -> None:
+  settings, *_, loops = problem_and_rows(int(sys.argv[1]))
   candidates = [_timing.Candidate(name, loop, BASELINE) for name, loop in loops.items()]
   print(_timing.markdown_table(_timing.time_interleaved(candidates, settings)), flush=True)
   print(_timing.markdown_table(spectrum.time_monitoring(settings)), flush=True)

@@ -12,9 +12,11 @@ reorthogonalisation, looped and unrolled, is timed beside them.
 
 ``reorthogonalization_forms_before.log`` is a run with the library before its GPU form and a
 longer list of sketches (tree and flat, looped and unrolled, each number of passes);
-``reorthogonalization_forms.log`` is this script as it stands, after. Run from the repository
-root as ``PYTHONPATH=. python benchmarks/results/h100/reorthogonalization_forms.py 10`` (the
-argument is the number of rounds).
+``reorthogonalization_forms.log`` is this script, after (its library rows were then named
+``jaxsaddle.lanczos ...``; the rows it shares with ``loop_forms.py`` now come from there). Run
+from the repository root as ``PYTHONPATH=. python
+benchmarks/results/h100/reorthogonalization_forms.py 10`` (the argument is the number of
+rounds).
 """
 
 import sys
@@ -23,13 +25,11 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-import jaxsaddle
-from benchmarks import _mlp
 from benchmarks import _timing
 from benchmarks import curvature
+from benchmarks.results.h100 import loop_forms
 
 NUM_STEPS = curvature.NUM_STEPS
-BASELINE = f"{NUM_STEPS} hvps fori"
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -118,35 +118,8 @@ def sketch_step(layout: str, loop: str, passes: str):
   return step
 
 
-def library_step(reorthogonalize, unroll: bool):
-  def step(start, params, batch):
-    operator = curvature.hessian_operator(params, batch, "linearized")
-    result = jaxsaddle.lanczos(
-      operator, start, NUM_STEPS, reorthogonalize=reorthogonalize, unroll=unroll
-    )
-    return jax.tree.map(lambda stacked: stacked[-1], result.basis), result
-
-  return step
-
-
 def main() -> None:
-  settings = _timing.Settings(rounds=int(sys.argv[1]), min_sample_seconds=0.05, warmup_steps=3)
-  params_key, batch_key, tangent_key = jax.random.split(jax.random.key(0), 3)
-  params = _mlp.init_mlp(params_key)
-  batch = _mlp.random_batch(batch_key)
-  tangent = _mlp.normalized(_mlp.init_mlp(tangent_key))
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)
-  loops = {
-    BASELINE: curvature.Loop(curvature.hvp_loop_step("linearized"), copy(tangent), params, batch),
-    f"{NUM_STEPS} hvps unrolled": curvature.Loop(
-      curvature.hvp_loop_step("linearized", unroll=True), copy(tangent), params, batch
-    ),
-  }
-  for reorthogonalize in curvature.REORTHOGONALIZATIONS:
-    for unroll in (False, True):
-      loops[f"jaxsaddle.lanczos {reorthogonalize}, unroll={unroll}"] = curvature.DecompositionLoop(
-        library_step(reorthogonalize, unroll), copy(tangent), params, batch
-      )
+  settings, params, batch, tangent, loops = loop_forms.problem_and_rows(int(sys.argv[1]))
   forms = [
     ("tree", "unrolled", "two"),
     ("tree", "unrolled", "none"),
@@ -155,9 +128,9 @@ def main() -> None:
   ]
   for layout, loop, passes in forms:
     loops[f"sketch {layout} {loop} passes={passes}"] = curvature.DecompositionLoop(
-      sketch_step(layout, loop, passes), copy(tangent), params, batch
+      sketch_step(layout, loop, passes), loop_forms.copy(tangent), params, batch
     )
-  candidates = [_timing.Candidate(name, loop, BASELINE) for name, loop in loops.items()]
+  candidates = [_timing.Candidate(name, loop, loop_forms.BASELINE) for name, loop in loops.items()]
   print(jax.devices(), flush=True)
   print(_timing.markdown_table(_timing.time_interleaved(candidates, settings)), flush=True)
 
