@@ -801,7 +801,11 @@ def test_extreme_eigenpairs_give_zero_vectors_for_missing_pairs_of_a_nan_operato
   np.testing.assert_array_equal(pairs.eigenvectors[1], 0)
 
 
-def test_converged_stops_the_recursion_and_keeps_the_final_residual():
+@pytest.mark.parametrize("gpu_form", [False, True])
+def test_converged_stops_the_recursion_and_keeps_the_final_residual(monkeypatch, gpu_form):
+  # The stop runs the steps in a while_loop; the GPU form (see
+  # test_gpu_form_of_lanczos_gives_the_cpu_forms_run_with_fewer_branches) must stop the same way.
+  monkeypatch.setattr(curvature, "branches_wait_on_host", lambda: gpu_form)
   matrix = _rotated(jnp.concatenate([jnp.linspace(-1.0, 1.0, 58), jnp.array([3.0, 5.0])]), 24)
   start = jnp.cos(jnp.arange(60.0))
   full = curvature.lanczos(lambda x: matrix @ x, start, 30)
