@@ -177,7 +177,17 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
 
   Traced abstractly, so a wrong return is named here rather than deep inside a product.
   """
-  loss = jax.eval_shape(value_fn, params)
+  try:
+    loss = jax.eval_shape(value_fn, params)
+  except Exception as error:
+    # The common slip with flax: a loss of the model, handed the nnx.State of its params.
+    if type(params).__module__.startswith("flax."):
+      raise ValueError(
+        f"{owner}: value_fn failed on the nnx.State of params it is given ({error!r}). value_fn "
+        "takes the params, not the model: build it with "
+        "jaxsaddle.flax.make_value_fn(model, loss_fn, *batch)."
+      ) from error
+    raise
   if not (
     isinstance(loss, jax.ShapeDtypeStruct)
     and loss.shape == ()

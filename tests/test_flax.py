@@ -223,3 +223,26 @@ def test_make_value_fn_drives_lbfgs_under_nnx_optimizer():
   for _ in range(30):
     last = float(train_step(model, optimizer))
   assert last < 1e-2 * first
+
+
+def test_a_value_fn_of_the_model_is_refused_with_the_helper_to_use():
+  # A loss of the model, handed the params' nnx.State, raised a bare "'State' object is not
+  # callable" from inside the argument check.
+  model = MLP(nnx.Rngs(3))
+  x, y = _regression_data()
+  loss_of_model = lambda m: _mse(m, x, y)  # noqa: E731
+  optimizer = nnx.Optimizer(
+    model,
+    jaxsaddle.negative_curvature_descent(
+      0.1, hessian_lipschitz=1.0, epsilon=1e-3, num_lanczos_steps=2
+    ),
+    wrt=nnx.Param,
+  )
+  grads = nnx.grad(loss_of_model)(model)
+  message = "value_fn takes the params, not the model.*jaxsaddle.flax.make_value_fn"
+  with pytest.raises(ValueError, match=message):
+    optimizer.update(model, grads, value_fn=loss_of_model)
+  with pytest.raises(ValueError, match=message):
+    jaxsaddle.spectrum.hessian_trace(
+      loss_of_model, nnx.state(model, nnx.Param), key=0, num_probes=2
+    )
