@@ -1522,6 +1522,10 @@ class MonitorCurvatureState(NamedTuple):
   rng_key: jax.Array  # typed key, split at every estimate
   smallest_eigenvalue: jax.Array  # the latest estimate; NaN before the first
   largest_eigenvalue: jax.Array  # the latest estimate; NaN before the first
+  # Lanczos estimates of ||H v - theta v|| for the latest estimates (see monitor_curvature);
+  # NaN before the first.
+  smallest_residual: jax.Array
+  largest_residual: jax.Array
   eigenvalue_step: jax.Array  # int32, ``count`` when the latest estimate was taken; -1 if none
 
 
@@ -1553,8 +1557,14 @@ def monitor_curvature(
   The state keeps the latest estimate and the step it was taken at, readable with
   ``optax.tree.get(state, "smallest_eigenvalue")``. The sharpness :math:`\lambda_{\max}`
   against :math:`2/\eta` shows the edge of stability, and a negative :math:`\lambda_{\min}`
-  shows a saddle region. A NaN or infinite loss or gradient, or products that overflowed, are
-  recorded as NaN extremes.
+  shows a saddle region. Beside each estimate the state keeps ``smallest_residual`` and
+  ``largest_residual``, the Lanczos estimates :math:`\beta_m |s_m|` of
+  :math:`\|Hv - \theta v\|` for its Ritz vector (see
+  :func:`jaxsaddle.curvature.ritz_pairs`; no basis is stored, so the vector's norm, near 1, is
+  not divided out). An eigenvalue lies within about that distance of the estimate: a
+  :math:`\lambda_{\min}` of -2e-5 with a residual of 1e-2 says the steps were too few to
+  tell a saddle from a minimum, not that the run sits at a flat point. A NaN or infinite loss
+  or gradient, or products that overflowed, are recorded as NaN extremes and residuals.
 
   Example::
 
@@ -1589,6 +1599,8 @@ def monitor_curvature(
       rng_key=_random.canonicalize_key(key),
       smallest_eigenvalue=jnp.full([], jnp.nan, dtype),
       largest_eigenvalue=jnp.full([], jnp.nan, dtype),
+      smallest_residual=jnp.full([], jnp.nan, dtype),
+      largest_residual=jnp.full([], jnp.nan, dtype),
       eigenvalue_step=jnp.full([], -1, jnp.int32),
     )
 
@@ -1619,11 +1631,16 @@ def monitor_curvature(
       # A NaN loss or gradient, or products that overflowed (float16 Hessians beyond 65504
       # gave +inf for both), are recorded as NaN extremes, never as a spectrum.
       finite = finite & jnp.all(jnp.isfinite(pairs.eigenvalues))
-      extremes = jnp.where(finite, pairs.eigenvalues, jnp.nan).astype(dtype)
-      return rng_key, extremes, state.count
+      extremes = jnp.stack([pairs.eigenvalues, pairs.residual_norms])
+      return rng_key, jnp.where(finite, extremes, jnp.nan).astype(dtype), state.count
 
     def keep(rng_key):
-      extremes = jnp.stack([state.smallest_eigenvalue, state.largest_eigenvalue])
+      extremes = jnp.stack(
+        [
+          jnp.stack([state.smallest_eigenvalue, state.largest_eigenvalue]),
+          jnp.stack([state.smallest_residual, state.largest_residual]),
+        ]
+      )
       return rng_key, extremes, state.eigenvalue_step
 
     rng_key, extremes, step = jax.lax.cond(state.count % every == 0, estimate, keep, state.rng_key)
@@ -1637,8 +1654,10 @@ def monitor_curvature(
     new_state = MonitorCurvatureState(
       count=optax.safe_increment(state.count),
       rng_key=rng_key,
-      smallest_eigenvalue=extremes[0],
-      largest_eigenvalue=extremes[1],
+      smallest_eigenvalue=extremes[0, 0],
+      largest_eigenvalue=extremes[0, 1],
+      smallest_residual=extremes[1, 0],
+      largest_residual=extremes[1, 1],
       eigenvalue_step=step,
     )
     return updates, new_state

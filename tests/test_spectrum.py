@@ -941,6 +941,8 @@ def test_monitor_curvature_passes_updates_and_records_eigenvalues_at_the_right_s
     assert int(nan_state.eigenvalue_step) == 0
     assert np.isnan(float(nan_state.smallest_eigenvalue))
     assert np.isnan(float(nan_state.largest_eigenvalue))
+    assert np.isnan(float(nan_state.smallest_residual))
+    assert np.isnan(float(nan_state.largest_residual))
 
 
 def test_top_eigenvalues_of_digits_mlp_match_dense_hessian():
@@ -1152,3 +1154,33 @@ def test_bad_input_raises():
   for bad in (dict(which="top"), dict(k=4), dict(tol=-1.0)):
     with pytest.raises(ValueError, match="^hessian_extreme_eigenvalues: "):
       spectrum.hessian_extreme_eigenvalues(quadratic, params, num_steps=3, key=0, **bad)
+
+
+def test_monitor_curvature_keeps_residuals_that_tell_converged_estimates_from_unconverged_ones():
+  # 200 eigenvalues evenly in [-1, 1]: a few Lanczos steps leave both extremes far off, and the
+  # residuals recorded beside them say so; many steps converge both, with small residuals.
+  diagonal = jnp.linspace(-1.0, 1.0, 200)
+  value_fn = lambda p: 0.5 * jnp.sum(diagonal * p**2)  # noqa: E731
+  params = jnp.ones(200)
+
+  def recorded(num_lanczos_steps):
+    monitor = spectrum.monitor_curvature(every=1, num_lanczos_steps=num_lanczos_steps, key=3)
+    state = monitor.init(params)
+    assert np.isnan(float(state.smallest_residual)) and np.isnan(float(state.largest_residual))
+    _, state = jax.jit(lambda s: monitor.update(params, s, params, value_fn=value_fn))(state)
+    return (
+      np.array([state.smallest_eigenvalue, state.largest_eigenvalue]),
+      np.array([state.smallest_residual, state.largest_residual]),
+    )
+
+  few, few_residuals = recorded(4)
+  errors = np.abs(few - [-1.0, 1.0])
+  assert np.all(errors > 0.05)
+  assert np.all(few_residuals > 0.05)
+  # Some eigenvalue lies within the residual of each estimate (the spectrum is dense here).
+  for estimate, residual in zip(few, few_residuals, strict=True):
+    assert np.min(np.abs(np.asarray(diagonal) - estimate)) <= residual
+  many, many_residuals = recorded(80)
+  np.testing.assert_allclose(many, [-1.0, 1.0], atol=1e-4)
+  assert np.all(many_residuals < 1e-4)
+  assert np.all(np.abs(many - [-1.0, 1.0]) <= many_residuals + 1e-5)
