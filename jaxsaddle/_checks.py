@@ -179,12 +179,12 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
   """
   try:
     loss = jax.eval_shape(value_fn, params)
-  except Exception as error:
+  except (TypeError, AttributeError) as error:
     # The common slip with flax: a loss of the model, handed the nnx.State of its params.
     if type(params).__module__.startswith("flax."):
       raise ValueError(
-        f"{owner}: value_fn failed on the nnx.State of params it is given ({error!r}). value_fn "
-        "takes the params, not the model: build it with "
+        f"{owner}: value_fn failed on the nnx.State of params it is given ({error!r}). If it is "
+        "a loss of the model: value_fn takes the params, not the model; build it with "
         "jaxsaddle.flax.make_value_fn(model, loss_fn, *batch)."
       ) from error
     raise

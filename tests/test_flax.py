@@ -239,7 +239,7 @@ def test_a_value_fn_of_the_model_is_refused_with_the_helper_to_use():
     wrt=nnx.Param,
   )
   grads = nnx.grad(loss_of_model)(model)
-  message = "value_fn takes the params, not the model.*jaxsaddle.flax.make_value_fn"
+  message = "value_fn takes the params, not the model; build it with jaxsaddle.flax.make_value_fn"
   with pytest.raises(ValueError, match=message):
     optimizer.update(model, grads, value_fn=loss_of_model)
   with pytest.raises(ValueError, match=message):
