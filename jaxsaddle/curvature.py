@@ -47,15 +47,16 @@ and float16 leaves are upcast (the operator still receives vectors in the leaves
 The loop has a fixed trip count under ``lax.fori_loop``, so everything jits and vmaps.
 
 **Branches on a GPU.** XLA on a GPU reads each ``lax.cond`` predicate and loop condition on
-the host, a round trip of 50-90 µs on an H100. There the loop discards a stopped product with
-a select, and when the whole basis is at most 128 MiB (what the card reads in less than a round
-trip) it subtracts every row (unfilled rows are zero) instead of branching on groups of rows,
-leaving one ``lax.cond`` a step with full reorthogonalisation (whether a second Gram-Schmidt
-pass is needed) and two with partial (whether to reorthogonalise at all); on an H100 that took
-20 steps with full reorthogonalisation from 5.3x to 3.1x the cost of 20 Hessian-vector
-products on a 670k-parameter MLP (a 54 MB basis). A larger basis keeps the groups' conds: the
-rows they skip would then cost more to read than their round trips (by this arithmetic; not
-measured). The size is one start vector's: under ``vmap`` the whole batch's basis is read.
+the host, a round trip of 50-90 µs on an H100. There a stopped product is discarded with a
+select, and when the whole basis is at most 128 MiB (what the card reads in less than a round
+trip) the loop subtracts every row (unfilled rows are zero) instead of branching on groups of
+rows, leaving one ``lax.cond`` a step with full reorthogonalisation (whether a second
+Gram-Schmidt pass is needed) and two with partial (whether to reorthogonalise at all); on an
+H100 that took 20 steps with full reorthogonalisation from 5.3x to 3.1x the cost of 20
+Hessian-vector products on a 670k-parameter MLP (a 54 MB basis). A larger basis keeps the
+groups' conds: the rows they skip would then cost more to read than their round trips (by
+this arithmetic; not measured). The size is one start vector's: under ``vmap`` the whole
+batch's basis is read. Unrolled steps keep the groups too, whose loop compiles once.
 
 **Convolutions on the CPU.** XLA on the CPU runs a convolution's products far slower inside a
 loop body than in straight-line code (jax-ml/jax#12868): ten Hessian-vector products of a
@@ -63,8 +64,7 @@ two-layer conv net took 2.4 s in a ``fori_loop`` (``unroll=True`` included) and 
 unrolled in Python. So on the CPU, when the operator convolves (its jaxpr, traced once, holds
 a ``conv_general_dilated``), the steps are unrolled in Python instead; ``lanczos(...,
 unroll=...)`` forces either. Unrolled programs take longer to compile, about in proportion
-to the steps. Unrolled, each step knows its filled rows while tracing and subtracts those with
-no cond.
+to the steps.
 
 **Random starts.** With a Gaussian start vector, :math:`m` steps find the largest
 eigenvalue :math:`\lambda_1` of a positive semi-definite :math:`A` of size :math:`n` to
@@ -554,9 +554,10 @@ def lanczos(
   def project_out(basis, w, j):
     """One pass of classical Gram-Schmidt: ``(w - Q h, h)`` with ``h = Q^T w``."""
     coefficients = _coefficients(basis, w, dtype)
-    if isinstance(j, int):  # unrolled: the filled rows are known while tracing
-      return _subtract_rows(basis, coefficients, w, list(range(j + 1))), coefficients
-    if reading_beats_branching(basis_bytes):
+    # Unrolled (j a Python int), reading rows one by one in every step would make compilation
+    # quadratic in the steps (reading the filled ones: 60 steps compiled 50% slower), so
+    # unrolled steps keep the groups' loop, compiled once.
+    if not isinstance(j, int) and reading_beats_branching(basis_bytes):
       # Unfilled rows and their coefficients are zero.
       return _subtract_rows(basis, coefficients, w, list(range(num_steps))), coefficients
     padded = jnp.pad(coefficients, (0, num_groups * group - num_steps))
