@@ -17,6 +17,7 @@ from jaxsaddle import curvature
 from jaxsaddle import problems
 from jaxsaddle import spectrum
 from jaxsaddle._random import canonicalize_key
+from jaxsaddle.spectrum import _density
 
 
 def _quadratic(params):
@@ -127,7 +128,7 @@ def test_a_hyperparameter_rounded_to_zero_by_inject_hyperparams_is_refused_with_
 
 def test_traced_out_of_range_arguments_give_nan_spectrum_results():
   nodes, weights = jnp.array([[0.0, 1.0, 2.0]]), jnp.full((1, 3), 1 / 3)
-  density = jax.jit(spectrum._broadened_density)(nodes.reshape(-1), weights.reshape(-1), None, -0.1)
+  density = jax.jit(_density._broadened_density)(nodes.reshape(-1), weights.reshape(-1), None, -0.1)
   assert np.isnan(density[1]).all()
 
   def classify(gradient_tol):

@@ -14,6 +14,7 @@ import jaxsaddle.flax
 from jaxsaddle import _random
 from jaxsaddle import curvature
 from jaxsaddle import spectrum
+from jaxsaddle.spectrum import _trace
 
 FULL = os.environ.get("JAXSADDLE_FULL") == "1"
 
@@ -279,8 +280,8 @@ def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_slo
 
     identity.defvjp(lambda x: (x, None), lambda _, g: (g,))
     reverse_only = jax.jit(lambda x: value_fn(identity(x)))
-    assert spectrum._second_derivative_form(value_fn, params, jnp.float64) is not None
-    assert spectrum._second_derivative_form(reverse_only, params, jnp.float64) is None
+    assert _trace._second_derivative_form(value_fn, params, jnp.float64) is not None
+    assert _trace._second_derivative_form(reverse_only, params, jnp.float64) is None
     for method in ("hutchinson", "hutch++"):
       forward, reverse = (
         spectrum.hessian_trace(fn, params, key=42, num_probes=9, method=method)
@@ -307,7 +308,7 @@ def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_slo
   steep.defjvp(lambda primals, tangents: (steep(primals[0]), jnp.inf * tangents[0]))
   params = jnp.array([0.0, 1.0, 2.0])
   infinite_slope = lambda x: jnp.sum(x**2) + steep(x[0])  # noqa: E731
-  form = spectrum._second_derivative_form(infinite_slope, params, jnp.float32)
+  form = _trace._second_derivative_form(infinite_slope, params, jnp.float32)
   second, finite = form(jnp.ones(3))
   assert float(second) == 6.0 and not bool(finite)
   with pytest.raises(ValueError, match="NaN or infinite"):
@@ -320,7 +321,7 @@ def test_hessian_trace_of_narrow_dtypes_accumulates_in_float32():
   value_fn = lambda x: 0.5 * jnp.sum(100 * x * x)  # noqa: E731
   for dtype in (jnp.float16, jnp.bfloat16):
     params = jnp.zeros(1000, dtype)
-    assert spectrum._second_derivative_form(value_fn, params, jnp.float32) is None
+    assert _trace._second_derivative_form(value_fn, params, jnp.float32) is None
     estimate = spectrum.hessian_trace(value_fn, params, key=0, num_probes=3)
     assert estimate.value.dtype == jnp.float32
     np.testing.assert_allclose(estimate.value, 100_000.0, rtol=1e-6)
