@@ -34,13 +34,7 @@ def check_positive(owner: str, name: str, value) -> None:
   """Raises ValueError naming ``name`` unless ``value`` is > 0 (traced values pass)."""
   number = concrete_float(value, owner, name)
   if number is not None and not 0 < number < np.inf:
-    hint = ""
-    if number == 0 and jnp.result_type(value) in (jnp.float16, jnp.bfloat16):
-      hint = (
-        f" A {jnp.result_type(value)} zero: optax.inject_hyperparams casts hyperparameters to "
-        "the params' dtype, where small ones may round to 0; pass it "
-        "hyperparam_dtype=jnp.float32."
-      )
+    hint = _narrow_cast_hint(value, number)
     raise ValueError(f"{owner}: {name} must be positive and finite, got {value}.{hint}")
 
 
@@ -48,7 +42,25 @@ def check_nonnegative(owner: str, name: str, value) -> None:
   """Raises ValueError naming ``name`` unless ``value`` is >= 0 (traced values pass)."""
   number = concrete_float(value, owner, name)
   if number is not None and not 0 <= number < np.inf:
-    raise ValueError(f"{owner}: {name} must be non-negative and finite, got {value}.")
+    hint = _narrow_cast_hint(value, number)
+    raise ValueError(f"{owner}: {name} must be non-negative and finite, got {value}.{hint}")
+
+
+def _narrow_cast_hint(value, number: float) -> str:
+  """Why a float16 or bfloat16 hyperparameter may be 0 or infinite when its user passed neither."""
+  dtype = jnp.result_type(value)
+  if dtype not in (jnp.float16, jnp.bfloat16):
+    return ""
+  if number == 0:
+    found, cause = "zero", "small ones may round to 0"
+  elif np.isinf(number):
+    found, cause = "inf", f"ones beyond {float(jnp.finfo(dtype).max):g} overflow to inf"
+  else:
+    return ""
+  return (
+    f" A {dtype} {found}: optax.inject_hyperparams casts hyperparameters to the params' dtype, "
+    f"where {cause}; pass it hyperparam_dtype=jnp.float32."
+  )
 
 
 def check_at_least_one(owner: str, name: str, value) -> None:
@@ -139,16 +151,18 @@ def check_tree_like(owner: str, tree, reference, *, what: str, like: str) -> Non
       )
 
 
-def require_value_fn(owner: str, value_fn, params) -> None:
+def require_value_fn(
+  owner: str, value_fn, params, *, uses: str = "takes Hessian-vector products of the loss"
+) -> None:
   """Raises ValueError, saying how to pass them, unless ``value_fn`` and ``params`` are given.
 
-  Transforms that take Hessian-vector products read the loss as an extra argument of
-  ``update``; optax's ``GradientTransformationExtraArgs`` forwards it through ``optax.chain``
-  and ``nnx.Optimizer.update`` forwards keyword arguments to ``update``.
+  Transforms that read the loss (``uses`` says how, for the message) take it as an extra
+  argument of ``update``; optax's ``GradientTransformationExtraArgs`` forwards it through
+  ``optax.chain`` and ``nnx.Optimizer.update`` forwards keyword arguments to ``update``.
   """
   if value_fn is None:
     raise ValueError(
-      f"{owner} takes Hessian-vector products of the loss and needs it as `value_fn`, a "
+      f"{owner} {uses} and needs it as `value_fn`, a "
       "function of the parameters returning the scalar loss: call "
       "`tx.update(grads, state, params, value_fn=loss_fn)`, or with flax "
       "`optimizer.update(model, grads, value_fn=jaxsaddle.flax.make_value_fn(model, loss, "
@@ -158,14 +172,15 @@ def require_value_fn(owner: str, value_fn, params) -> None:
     raise ValueError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
   if params is None:
     raise ValueError(
-      f"{owner} needs the current parameters to take Hessian-vector products at them: call "
+      f"{owner} needs the current parameters, where value_fn is read: call "
       "`tx.update(grads, state, params, value_fn=loss_fn)`."
     )
   is_masked = lambda leaf: isinstance(leaf, optax.MaskedNode)
   if any(map(is_masked, jax.tree.leaves(params, is_leaf=is_masked))):
     raise ValueError(
-      f"{owner} does not combine with optax.masked: value_fn is a function of the whole "
-      "parameter tree, and masked hands the transform only the selected leaves. Optimize the "
+      f"{owner} does not combine with optax.masked, nor with optax.partition or "
+      "optax.multi_transform, which mask: value_fn is a function of the whole parameter tree, "
+      "and masking hands the transform only the selected leaves. Optimize the "
       "selected leaves alone instead (nnx.Optimizer's wrt, or a value_fn of that subtree that "
       "closes over the rest)."
     )

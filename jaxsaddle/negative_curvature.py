@@ -55,6 +55,13 @@ PyTree = Any
 ValueFn = Callable[[PyTree], jax.Array]
 
 
+def _lower_side(loss_minus: jax.Array, loss_plus: jax.Array) -> jax.Array:
+  """-1 when the loss is lower at ``x - delta``, +1 otherwise (ties included), NaN when either
+  loss is NaN: a comparison with NaN is False, which would pick +1 whatever the losses."""
+  side = jnp.where(loss_minus < loss_plus, -1.0, 1.0)
+  return jnp.where(jnp.isnan(loss_minus) | jnp.isnan(loss_plus), jnp.nan, side)
+
+
 def _scale(scalar, tree: PyTree) -> PyTree:
   """``scalar * tree`` in each leaf's dtype, as ``optax.scale_by_learning_rate`` computes it."""
   return jax.tree.map(lambda leaf: jnp.asarray(scalar, leaf.dtype) * leaf, tree)
@@ -139,7 +146,8 @@ def negative_curvature_descent(
   ``ShardingTypeError``): map over seeds with ``jax.lax.map`` there, or use Auto axes.
 
   NaN or Inf gradients fail the small-gradient test and reach the update unchanged (scaled
-  by :math:`-\eta_t`).
+  by :math:`-\eta_t`). The loss itself is read only by the tie-break at a zero slope: a NaN
+  there gives NaN updates rather than an arbitrary sign.
 
   Example::
 
@@ -222,8 +230,7 @@ def negative_curvature_descent(
       def lower_candidate():
         plus = jax.tree.map(lambda p, s: p + s.astype(p.dtype), params, step)
         minus = jax.tree.map(lambda p, s: p - s.astype(p.dtype), params, step)
-        lower = value_fn(minus) < value_fn(plus)
-        return jnp.where(lower, -1, 1).astype(dtype)
+        return _lower_side(value_fn(minus), value_fn(plus)).astype(dtype)
 
       sign = jax.lax.cond(negative & (slope == 0), lower_candidate, lambda: -jnp.sign(slope))
       new_updates = jax.tree.map(
@@ -336,6 +343,10 @@ def pagd(
   :math:`T` to the smoothness :math:`\ell`, the Hessian-Lipschitz constant :math:`\rho` and
   :math:`\epsilon`. Perturbations and NCE sit in ``lax.cond``; under ``jax.vmap`` they
   become ``select`` and both branches run. NaN or Inf gradients never trigger a perturbation.
+  A NaN or infinite :math:`f(x_t)` or :math:`f(y_t)`, or a NaN loss at :math:`x \pm \delta`,
+  gives NaN updates: the test cannot be read from them, and taking the plain accelerated step
+  instead would silently switch NCE off. (``optax.apply_if_finite`` checks the gradients it
+  is given, not the updates, so it does not skip such a step.)
 
   Example::
 
@@ -391,7 +402,13 @@ def pagd(
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
-    _checks.require_value_fn(owner, value_fn, params)
+    _checks.require_value_fn(
+      owner,
+      value_fn,
+      params,
+      uses="evaluates the loss away from the current parameters (its convexity test and the "
+      "negative curvature exploitation)",
+    )
     _checks.check_tree_like(owner, updates, params, what="updates", like="params")
     if not _checks.has_elements(params):
       return _checks.pass_empty(updates, state)
@@ -452,8 +469,7 @@ def pagd(
           delta = along_velocity(scale)
           plus = optax.tree.add(x, delta)
           minus = optax.tree.sub(x, delta)
-          lower = value_fn(minus) < value_fn(plus)
-          return along_velocity(jnp.where(lower, -scale, scale))
+          return along_velocity(_lower_side(value_fn(minus), value_fn(plus)) * scale)
 
         shift = jax.lax.cond(
           velocity_norm < exploitation_radius, move_along, lambda: optax.tree.zeros_like(velocity)
@@ -465,6 +481,8 @@ def pagd(
       new_updates, new_velocity = jax.lax.cond(
         too_nonconvex, exploit, lambda: (agd_update, next_velocity)
       )
+      readable = jnp.isfinite(loss_x) & jnp.isfinite(loss_y)
+      new_updates = jax.tree.map(lambda u: jnp.where(readable, u, jnp.nan), new_updates)
       return new_updates, new_velocity, too_nonconvex
 
     new_updates, velocity, exploited = jax.lax.cond(

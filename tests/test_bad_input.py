@@ -126,6 +126,17 @@ def test_a_hyperparameter_rounded_to_zero_by_inject_hyperparams_is_refused_with_
   np.testing.assert_allclose(state.hyperparams["escape_threshold"], 1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_hyperparameter_overflowed_by_inject_hyperparams_is_refused_with_the_remedy():
+  make = lambda **dtype: optax.inject_hyperparams(  # noqa: E731
+    jaxsaddle.cubic_regularization, static_args=("subsolver_steps", "key"), **dtype
+  )(hessian_lipschitz=1e5, smoothness=2.0, epsilon=1e-3, subsolver_steps=3)
+  with pytest.raises(ValueError, match="hessian_lipschitz.*float16 inf.*65504.*float32"):
+    make().init(jnp.zeros(3, jnp.float16))
+  state = make(hyperparam_dtype=jnp.float32).init(jnp.zeros(3, jnp.float16))
+  np.testing.assert_allclose(state.hyperparams["hessian_lipschitz"], 1e5)
+
+
 def test_traced_out_of_range_arguments_give_nan_spectrum_results():
   nodes, weights = jnp.array([[0.0, 1.0, 2.0]]), jnp.full((1, 3), 1 / 3)
   density = jax.jit(_density._broadened_density)(nodes.reshape(-1), weights.reshape(-1), None, -0.1)
@@ -264,6 +275,16 @@ def test_curvature_transforms_refuse_optax_masked():
   )
   params = {"a": jnp.ones(3), "b": jnp.ones(2)}
   with pytest.raises(ValueError, match="does not combine with optax.masked"):
+    tx.update(params, tx.init(params), params, value_fn=lambda p: _quadratic(p["a"]))
+  # multi_transform masks inside: the message names it, since its user never called masked.
+  tx = optax.multi_transform(
+    {
+      "curvature": jaxsaddle.saddle_free_newton(0.1, num_lanczos_steps=2, damping=0.1),
+      "sgd": optax.sgd(0.1),
+    },
+    {"a": "curvature", "b": "sgd"},
+  )
+  with pytest.raises(ValueError, match="optax.multi_transform"):
     tx.update(params, tx.init(params), params, value_fn=lambda p: _quadratic(p["a"]))
 
 

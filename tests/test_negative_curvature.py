@@ -63,6 +63,18 @@ def _cubic_saddle_step():
   return lambda params: step(params, tx.init(params))
 
 
+def test_ncd_tie_break_on_a_nan_loss_gives_nan_updates():
+  # At an exact saddle the sign comes from comparing the loss at +-step; NaN compares False,
+  # which picked one side silently.
+  saddle = _cubic_saddle(_rotation())
+  value_fn = lambda x: saddle(x) + jnp.where(jnp.sum(x**2) > 0, jnp.nan, 0.0)  # noqa: E731
+  params = jnp.zeros(5)
+  tx = _ncd()
+  updates, state = _step(tx, value_fn)(params, tx.init(params))
+  assert int(state.num_curvature_steps) == 1
+  assert np.isnan(updates).all()
+
+
 def _run(tx, value_fn, params, num_steps):
   """``num_steps`` updates in a scan; returns the final params and state and the grad norms."""
 
@@ -385,6 +397,23 @@ def test_pagd_negative_curvature_exploitation_moves_as_specified(
   assert int(state.num_perturbations) == 0
 
 
+@pytest.mark.parametrize("nan_where", ["everywhere", "beyond the exploitation radius"])
+def test_pagd_gives_nan_updates_where_it_reads_a_nan_loss(nan_where):
+  # Read as a loss, NaN made the convexity test False (NCE silently off) or picked NCE's side.
+  def value_fn(p):
+    poisoned = True if nan_where == "everywhere" else jnp.abs(p[1]) > 0.3
+    return _indefinite_quadratic(p) + jnp.where(poisoned, jnp.nan, 0.0)
+
+  tx = pagd(**(_PAGD | _NCE))
+  params = jnp.array([0.4, 0.2])
+  # A velocity along the -1 direction, shorter than s: NCE fires and compares x +- delta, the
+  # only points beyond |p_1| = 0.3 (the test itself reads x_1 = 0.02 and y_1 = 0.2).
+  state = tx.init(params)._replace(velocity=jnp.array([0.0, 0.2]))
+  grads = jax.grad(_indefinite_quadratic)(params)
+  updates, _ = jax.jit(functools.partial(tx.update, value_fn=value_fn))(grads, state, params)
+  assert np.isnan(updates).all()
+
+
 def test_pagd_follows_a_learning_rate_schedule():
   # Away from saddles on a convex quadratic (no perturbation, no exploitation), PAGD is the
   # accelerated recursion v <- m v - eta_t g_t, u_t = m v - eta_t g_t with eta_t decaying.
@@ -533,14 +562,18 @@ def test_pagd_vmap_over_8_keys_equals_a_python_loop():
 
 
 @pytest.mark.parametrize(
-  "tx",
-  [_ncd(), pagd(0.1, **_PAGD)],
+  ("tx", "use"),
+  [
+    (_ncd(), "takes Hessian-vector products of the loss"),
+    # PAGD takes no products: its message must not send the user sizing memory for them.
+    (pagd(0.1, **_PAGD), "evaluates the loss away from the current parameters"),
+  ],
   ids=["negative_curvature_descent", "pagd"],
 )
-def test_a_missing_value_fn_or_params_raises_saying_how_to_pass_it(tx):
+def test_a_missing_value_fn_or_params_raises_saying_how_to_pass_it(tx, use):
   params = jnp.zeros(5)
   state = tx.init(params)
-  with pytest.raises(ValueError, match="value_fn"):
+  with pytest.raises(ValueError, match=f"{use} .*value_fn=loss_fn"):
     tx.update(params, state, params)
   with pytest.raises(ValueError, match="value_fn"):
     jax.jit(lambda g, s, p: tx.update(g, s, p))(params, state, params)
