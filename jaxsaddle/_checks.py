@@ -100,17 +100,27 @@ def learning_rate_at(learning_rate, count: jax.Array):
   return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
-def check_float_leaves(tree, owner: str, operation: str = "noise") -> None:
-  """Raises TypeError naming the first leaf that is not a real floating-point array."""
+def check_float_leaves(
+  tree, owner: str, operation: str = "noise", *, leaves: str = "parameter"
+) -> None:
+  """Raises TypeError naming the first leaf that is not a real floating-point array.
+
+  ``leaves`` says what the tree holds ("parameter", or "update" for gradients).
+  """
   for path, leaf in jax.tree.leaves_with_path(tree):
     # result_type: Python floats are leaves optax accepts too.
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        f"{owner}: the parameter at {jax.tree_util.keystr(path) or '<root>'} has dtype "
-        f"{dtype}; {operation} is defined only for real floating-point parameters. "
+      remedy = (
         "Keep integer, boolean and complex arrays out of the optimized tree (e.g. "
         "nnx.Optimizer(model, tx, wrt=nnx.Param) or optax.masked)."
+        if leaves == "parameter"
+        else "Pass floating-point gradients: in an integer dtype the noise would be "
+        "truncated to zero."
+      )
+      raise TypeError(
+        f"{owner}: the {leaves} at {jax.tree_util.keystr(path) or '<root>'} has dtype "
+        f"{dtype}; {operation} is defined only for real floating-point {leaves}s. {remedy}"
       )
 
 

@@ -49,14 +49,14 @@ def canonicalize_key(
   ``jax.vmap`` over them.
   """
   typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  if not typed and (
-    key is None
-    or isinstance(key, (bool, str, bytes))
-    or not jnp.issubdtype(jnp.result_type(key), jnp.integer)
-  ):
+  if not typed and (key is None or isinstance(key, (bool, str, bytes)) or not _integer(key)):
+    # flax's nnx.Rngs and RngStream hold keys and are called to give one.
+    hint = " Call it for a key: rngs() or rngs.params()." if "Rng" in type(key).__name__ else ""
+    # Objects such as nnx.Rngs have reprs many lines long.
+    shown = repr(key) if "\n" not in repr(key) else f"a {type(key).__name__}"
     raise TypeError(
       "key must be a typed PRNG key (jax.random.key), raw uint32 key data "
-      f"(jax.random.PRNGKey) or an int seed, got {key!r}."
+      f"(jax.random.PRNGKey) or an int seed, got {shown}.{hint}"
     )
   # Raw key data has a trailing axis; a 0-d uint32 is a seed (vmapped seeds are).
   raw = (
@@ -82,6 +82,14 @@ def canonicalize_key(
         "Use such a seed, or pass jax.random.key(seed) with x64 enabled."
       )
   return jax.random.wrap_key_data(key) if raw else jax.random.key(key)
+
+
+def _integer(value) -> bool:
+  """Whether ``value`` has an integer dtype; False for objects that have no dtype at all."""
+  try:
+    return jnp.issubdtype(jnp.result_type(value), jnp.integer)
+  except TypeError:
+    return False
 
 
 def _lowbias32(x: jax.Array) -> jax.Array:

@@ -97,8 +97,7 @@ def add_isotropic_noise(
     # Extra arguments (value, value_fn) are accepted and unused, so the transform works alone
     # under nnx.Optimizer.update(model, grads, **kwargs) as well as inside a chain.
     del params, extra_args
-    # Integer updates would truncate the noise to zero.
-    _checks.check_float_leaves(updates, "add_isotropic_noise", "noise")
+    _checks.check_float_leaves(updates, "add_isotropic_noise", "noise", leaves="update")
     if not _checks.has_elements(updates):
       return _checks.pass_empty(updates, state)
     rng_key, sample_key = jax.random.split(state.rng_key)
@@ -232,6 +231,7 @@ def perturb_near_saddle(
         "call `tx.update(grads, state, params, value=loss)` (with flax, "
         "`optimizer.update(model, grads, value=loss)`), or leave escape_threshold out."
       )
+    _checks.check_float_leaves(updates, owner, "a perturbation", leaves="update")
     # A tree without elements has nothing to perturb; the inner transform still runs on it.
     near_saddle = (
       _random.norm_at_most(updates, gradient_threshold)

@@ -240,6 +240,7 @@ def test_bad_analysis_input_raises(call, message):
   [
     (lambda: canonicalize_key(None), "key must be a typed PRNG key"),
     (lambda: canonicalize_key(0.5), "key must be a typed PRNG key"),
+    (lambda: canonicalize_key(np.random.default_rng(0)), "key must be a typed PRNG key"),
     (lambda: jaxsaddle.lsgd(True), "learning_rate must be a number, got the boolean"),
     (lambda: problems.octopus(2.5), "dim sets a loop length"),
   ],

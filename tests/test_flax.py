@@ -246,3 +246,9 @@ def test_a_value_fn_of_the_model_is_refused_with_the_helper_to_use():
     jaxsaddle.spectrum.hessian_trace(
       loss_of_model, nnx.state(model, nnx.Param), key=0, num_probes=2
     )
+
+
+def test_an_nnx_rngs_passed_as_key_is_refused_saying_how_to_get_a_key():
+  for rngs in (nnx.Rngs(0), nnx.Rngs(0).params):
+    with pytest.raises(TypeError, match=r"key must be .* Call it for a key: rngs\(\)"):
+      jaxsaddle.perturbed_sgd(0.1, noise_scale=0.1, key=rngs).init(jnp.zeros(3))
