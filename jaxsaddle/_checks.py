@@ -197,6 +197,15 @@ def require_value_fn(
   check_scalar_loss(owner, value_fn, params)
 
 
+def is_scalar_float(shaped) -> bool:
+  """Whether an abstract value (from ``jax.eval_shape``) is one floating-point number."""
+  return (
+    isinstance(shaped, jax.ShapeDtypeStruct)
+    and shaped.shape == ()
+    and jnp.issubdtype(shaped.dtype, jnp.floating)
+  )
+
+
 def check_scalar_loss(owner: str, value_fn, params) -> None:
   """Raises ValueError unless ``value_fn(params)`` is a floating-point scalar.
 
@@ -213,11 +222,7 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
         "jaxsaddle.flax.make_value_fn(model, loss_fn, *batch)."
       ) from error
     raise
-  if not (
-    isinstance(loss, jax.ShapeDtypeStruct)
-    and loss.shape == ()
-    and jnp.issubdtype(loss.dtype, jnp.floating)
-  ):
+  if not is_scalar_float(loss):
     raise ValueError(
       f"{owner}: value_fn must return the scalar floating-point loss, got {loss}. Reduce "
       "per-example losses (e.g. with jnp.mean) and drop auxiliary outputs."

@@ -184,11 +184,7 @@ def dataset_value_fn(
     out = jax.eval_shape(loss_fn, params, first)
     # jnp.mean would also average a vector of per-example losses into a plausible scalar.
     # And it would turn an integer loss, whose Hessian is not defined, into a float one.
-    if not (
-      isinstance(out, jax.ShapeDtypeStruct)
-      and out.shape == ()
-      and jnp.issubdtype(out.dtype, jnp.floating)
-    ):
+    if not _checks.is_scalar_float(out):
       raise ValueError(
         f"{owner}: loss_fn(params, batch) must return the scalar floating-point loss, "
         f"got {out}. Reduce per-example losses within the batch (e.g. with jnp.mean)."
