@@ -53,7 +53,8 @@ def _narrow_cast_hint(value, number: float) -> str:
     return ""
   if number == 0:
     found, cause = "zero", "small ones may round to 0"
-  elif np.isinf(number):
+  elif number == np.inf and dtype == jnp.float16:
+    # bfloat16 overflows where float32 does, so the remedy would not help there.
     found, cause = "inf", f"ones beyond {float(jnp.finfo(dtype).max):g} overflow to inf"
   else:
     return ""
@@ -111,17 +112,26 @@ def check_float_leaves(
     # result_type: Python floats are leaves optax accepts too.
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
-      remedy = (
-        "Keep integer, boolean and complex arrays out of the optimized tree (e.g. "
-        "nnx.Optimizer(model, tx, wrt=nnx.Param) or optax.masked)."
-        if leaves == "parameter"
-        else "Pass floating-point gradients: in an integer dtype the noise would be "
-        "truncated to zero."
-      )
+      if leaves == "parameter":
+        remedy = (
+          "Keep integer, boolean and complex arrays out of the optimized tree (e.g. "
+          "nnx.Optimizer(model, tx, wrt=nnx.Param) or optax.masked)."
+        )
+      else:
+        truncated = jnp.issubdtype(dtype, jnp.integer)
+        remedy = "Pass real floating-point gradients" + (
+          ": in an integer dtype the update would be truncated toward zero." if truncated else "."
+        )
       raise TypeError(
         f"{owner}: the {leaves} at {jax.tree_util.keystr(path) or '<root>'} has dtype "
         f"{dtype}; {operation} is defined only for real floating-point {leaves}s. {remedy}"
       )
+
+
+def check_updates(owner: str, updates, params, operation: str) -> None:
+  """Raises unless ``updates`` is shaped like ``params`` with real floating-point leaves."""
+  check_tree_like(owner, updates, params, what="updates", like="params")
+  check_float_leaves(updates, owner, operation, leaves="update")
 
 
 def has_elements(tree) -> bool:

@@ -200,7 +200,7 @@ def negative_curvature_descent(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    _checks.check_updates(owner, updates, params, "a curvature step")
     if not _checks.has_elements(params):
       return _checks.pass_empty(updates, state)
     gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
@@ -343,10 +343,11 @@ def pagd(
   :math:`T` to the smoothness :math:`\ell`, the Hessian-Lipschitz constant :math:`\rho` and
   :math:`\epsilon`. Perturbations and NCE sit in ``lax.cond``; under ``jax.vmap`` they
   become ``select`` and both branches run. NaN or Inf gradients never trigger a perturbation.
-  A NaN or infinite :math:`f(x_t)` or :math:`f(y_t)`, or a NaN loss at :math:`x \pm \delta`,
-  gives NaN updates: the test cannot be read from them, and taking the plain accelerated step
-  instead would silently switch NCE off. (``optax.apply_if_finite`` checks the gradients it
-  is given, not the updates, so it does not skip such a step.)
+  On the steps that run the test (the perturbing ones read no loss), a NaN or infinite
+  :math:`f(x_t)` or :math:`f(y_t)`, or a NaN loss at :math:`x \pm \delta`, gives NaN
+  updates: the test cannot be read from them, and taking the plain accelerated step instead
+  would silently switch NCE off. (``optax.apply_if_finite`` checks the gradients it is
+  given, not the updates, so it does not skip such a step.)
 
   Example::
 
@@ -409,7 +410,7 @@ def pagd(
       uses="evaluates the loss away from the current parameters (its convexity test and the "
       "negative curvature exploitation)",
     )
-    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    _checks.check_updates(owner, updates, params, "an accelerated step")
     if not _checks.has_elements(params):
       return _checks.pass_empty(updates, state)
     near_saddle = _random.norm_at_most(updates, gradient_threshold) & (
@@ -478,11 +479,14 @@ def pagd(
         exploit_update = optax.tree.cast_like(optax.tree.sub(shift, shrunk), updates)
         return exploit_update, optax.tree.zeros_like(velocity)
 
+      # A NaN or infinite loss makes gap NaN or rounding infinite, so the test reads False and
+      # would silently switch NCE off: the accelerated step is NaN instead. A factor of 1 (or
+      # NaN) fuses into the step's own computation, where a select after the cond took a pass.
+      nan_unless_readable = jnp.where(jnp.isfinite(loss_x) & jnp.isfinite(loss_y), 1, jnp.nan)
+      agd_update = jax.tree.map(lambda u: u * nan_unless_readable.astype(u.dtype), agd_update)
       new_updates, new_velocity = jax.lax.cond(
         too_nonconvex, exploit, lambda: (agd_update, next_velocity)
       )
-      readable = jnp.isfinite(loss_x) & jnp.isfinite(loss_y)
-      new_updates = jax.tree.map(lambda u: jnp.where(readable, u, jnp.nan), new_updates)
       return new_updates, new_velocity, too_nonconvex
 
     new_updates, velocity, exploited = jax.lax.cond(

@@ -174,7 +174,7 @@ def saddle_free_newton(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    _checks.check_updates(owner, updates, params, "a Newton step")
     if not _checks.has_elements(params):
       return _checks.pass_empty(updates, state)
     gradient = optax.tree.cast(updates, curvature._compute_dtype(updates))
@@ -339,7 +339,7 @@ def cubic_regularization(
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
     del extra_args
     _checks.require_value_fn(owner, value_fn, params)
-    _checks.check_tree_like(owner, updates, params, what="updates", like="params")
+    _checks.check_updates(owner, updates, params, "a cubic-regularised step")
     if not _checks.has_elements(params):
       return _checks.pass_empty(updates, state)
     dtype = curvature._compute_dtype(updates)

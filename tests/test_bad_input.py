@@ -135,6 +135,12 @@ def test_a_hyperparameter_overflowed_by_inject_hyperparams_is_refused_with_the_r
     make().init(jnp.zeros(3, jnp.float16))
   state = make(hyperparam_dtype=jnp.float32).init(jnp.zeros(3, jnp.float16))
   np.testing.assert_allclose(state.hyperparams["hessian_lipschitz"], 1e5)
+  # A negative one overflows too, but in float32 it would be refused all the same: no advice.
+  negative = optax.inject_hyperparams(jaxsaddle.pgd)(
+    -1e5, perturbation_radius=1e-3, gradient_threshold=1e-3, escape_steps=5
+  )
+  with pytest.raises(ValueError, match=r"learning_rate must be non-negative .*-inf\.$"):
+    negative.init(jnp.zeros(3, jnp.float16))
 
 
 def test_traced_out_of_range_arguments_give_nan_spectrum_results():
@@ -296,3 +302,38 @@ def test_iteration_matrices_judges_symmetry_in_the_hessian_s_own_precision():
   with jax.enable_x64(True):
     matrices = analysis.iteration_matrices(optax.sgd(0.1), hessian, 1, params_dtype=jnp.float64)
   assert matrices.dtype == jnp.float64
+
+
+@pytest.mark.parametrize(
+  "tx",
+  [
+    jaxsaddle.pgd(0.1, perturbation_radius=1.0, gradient_threshold=1.0, escape_steps=1),
+    jaxsaddle.perturbed_sgd(0.1, noise_scale=0.1),
+    jaxsaddle.negative_curvature_descent(
+      0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=2
+    ),
+    jaxsaddle.pagd(
+      0.1,
+      momentum=0.9,
+      perturbation_radius=1.0,
+      gradient_threshold=1.0,
+      escape_steps=1,
+      exploitation_radius=0.1,
+    ),
+    jaxsaddle.saddle_free_newton(0.1, num_lanczos_steps=2, damping=0.1),
+    jaxsaddle.cubic_regularization(
+      hessian_lipschitz=1.0, smoothness=1.0, epsilon=1e-2, subsolver_steps=2
+    ),
+  ],
+  ids=["pgd", "perturbed_sgd", "ncd", "pagd", "saddle_free_newton", "cubic_regularization"],
+)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_non_float_gradients_are_refused_as_updates(tx, dtype):
+  # In an integer gradient's dtype PGD's noise was truncated to zero while it counted a
+  # perturbation, and NC descent's learning rate became 0: steps that silently did nothing.
+  params = {"w": jnp.zeros(4)}
+  remedy = "truncated toward zero" if dtype == jnp.int32 else r"gradients\.$"
+  with pytest.raises(TypeError, match=rf"the update at \['w'\] has dtype .*{remedy}"):
+    tx.update(
+      {"w": jnp.zeros(4, dtype)}, tx.init(params), params, value_fn=lambda p: jnp.sum(p["w"] ** 2)
+    )
