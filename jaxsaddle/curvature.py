@@ -121,11 +121,58 @@ Which = Literal["smallest", "largest", "both"]
 Reorthogonalization = bool | Literal["partial"]
 
 
+def _any_equation(jaxpr: jax.extend.core.Jaxpr, predicate: Callable[[Any], bool]) -> bool:
+  """Whether ``predicate`` holds for an equation of ``jaxpr`` or of a jaxpr nested in one."""
+
+  def nested(value) -> list:
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+      return [value.jaxpr]
+    if isinstance(value, jax.extend.core.Jaxpr):
+      return [value]
+    if isinstance(value, (tuple, list)):
+      return [jaxpr for item in value for jaxpr in nested(item)]
+    return []
+
+  return any(
+    predicate(equation)
+    or any(_any_equation(inner, predicate) for v in equation.params.values() for inner in nested(v))
+    for equation in jaxpr.eqns
+  )
+
+
+def _calls_custom_vjp(jaxpr: jax.extend.core.Jaxpr) -> bool:
+  """Whether ``jaxpr``, or a jaxpr nested in one of its equations, calls a custom_vjp function."""
+  return _any_equation(jaxpr, lambda equation: "custom_vjp" in equation.primitive.name)
+
+
+def _forward_differentiable(
+  value_fn: Callable[[PyTree], jax.Array], params: PyTree, tangent: PyTree | None = None
+) -> bool:
+  """Whether forward mode differentiates ``value_fn``'s gradient at ``params`` (along
+  ``tangent``, by default ``params``): not when ``value_fn`` calls a ``jax.custom_vjp``
+  function, or a primitive without a forward rule.
+
+  Decided by an abstract trace of the product: a missing rule fails there, whereas a
+  custom_vjp call that forward mode cannot go through stays in the traced product and fails
+  only once lowered (one whose backward pass does not read its input leaves none).
+  """
+  tangent = params if tangent is None else tangent
+  try:
+    traced = jax.make_jaxpr(lambda p, t: jax.jvp(jax.grad(value_fn), (p,), (t,)))(params, tangent)
+  except (TypeError, NotImplementedError):
+    return False
+  return not _calls_custom_vjp(traced.jaxpr)
+
+
 def hvp(value_fn: Callable[[PyTree], jax.Array], params: PyTree, tangent: PyTree) -> PyTree:
   """Returns the Hessian of ``value_fn`` at ``params`` applied to ``tangent``.
 
   Forward-over-reverse, ``jax.jvp(jax.grad(value_fn), (params,), (tangent,))[1]``: about the
-  cost of one gradient. ``tangent`` must have the structure and dtypes of ``params``.
+  cost of one gradient. Where forward mode cannot differentiate the gradient (``value_fn``
+  calls a ``jax.custom_vjp`` function, or a primitive without a forward rule), it is
+  reverse-over-reverse instead, ``jax.vjp(jax.grad(value_fn), params)`` applied to ``tangent``
+  (the Hessian is symmetric), which differentiates the custom rule's backward pass. ``tangent``
+  must have the structure and dtypes of ``params``.
 
   Args:
     value_fn: a scalar function of a pytree.
@@ -135,7 +182,28 @@ def hvp(value_fn: Callable[[PyTree], jax.Array], params: PyTree, tangent: PyTree
   Returns:
     ``H(params) @ tangent`` as a pytree like ``params``.
   """
-  return jax.jvp(jax.grad(value_fn), (params,), (tangent,))[1]
+  if _forward_differentiable(value_fn, params, tangent):
+    return jax.jvp(jax.grad(value_fn), (params,), (tangent,))[1]
+  return jax.vjp(jax.grad(value_fn), params)[1](tangent)[0]
+
+
+def _linearize_value_and_hvp(
+  value_fn: Callable[[PyTree], jax.Array], params: PyTree
+) -> tuple[jax.Array, PyTree, Callable[[PyTree], PyTree]]:
+  """``(value, grad, hvp_fn)`` at ``params``, from one forward and one backward pass.
+
+  ``jax.linearize(jax.value_and_grad(value_fn), params)``, so that each product costs only the
+  linearised (tangent) computation; where forward mode cannot differentiate the gradient (see
+  :func:`hvp`), ``jax.vjp`` of the same function, each product then a reverse pass. The
+  returned function keeps the residuals of those passes alive in memory.
+  """
+  value_and_grad = jax.value_and_grad(value_fn)
+  if _forward_differentiable(value_fn, params):
+    (value, gradient), linear = jax.linearize(value_and_grad, params)
+    return value, gradient, lambda tangent: linear(tangent)[1]
+  (value, gradient), vjp_fn = jax.vjp(value_and_grad, params)
+  # The cotangent (0, v) gives 0 * grad + H v.
+  return value, gradient, lambda tangent: vjp_fn((jnp.zeros_like(value), tangent))[0]
 
 
 def linearize_hvp(
@@ -146,7 +214,8 @@ def linearize_hvp(
   ``jax.linearize(jax.grad(value_fn), params)`` runs the forward pass once; each product then
   costs only the linearised (tangent) computation, which pays off when many products are taken
   at the same point, as in :func:`lanczos`. The returned function keeps the residuals of the
-  forward pass alive in memory.
+  forward pass alive in memory. Where forward mode cannot differentiate the gradient (see
+  :func:`hvp`), products are reverse passes through ``jax.vjp(jax.grad(value_fn), params)``.
 
   Args:
     value_fn: a scalar function of a pytree.
@@ -155,7 +224,8 @@ def linearize_hvp(
   Returns:
     ``(grad, hvp_fn)`` with ``hvp_fn(tangent) == hvp(value_fn, params, tangent)``.
   """
-  return jax.linearize(jax.grad(value_fn), params)
+  _, gradient, hvp_fn = _linearize_value_and_hvp(value_fn, params)
+  return gradient, hvp_fn
 
 
 class LanczosResult(NamedTuple):
@@ -267,21 +337,7 @@ def _subtract_rows(
 
 def _contains_convolution(jaxpr: jax.extend.core.Jaxpr) -> bool:
   """Whether ``jaxpr`` or any jaxpr nested in its equations' parameters convolves."""
-
-  def nested(value) -> list:
-    if isinstance(value, jax.extend.core.ClosedJaxpr):
-      return [value.jaxpr]
-    if isinstance(value, jax.extend.core.Jaxpr):
-      return [value]
-    if isinstance(value, (tuple, list)):
-      return [jaxpr for item in value for jaxpr in nested(item)]
-    return []
-
-  return any(
-    equation.primitive.name == "conv_general_dilated"
-    or any(_contains_convolution(inner) for v in equation.params.values() for inner in nested(v))
-    for equation in jaxpr.eqns
-  )
+  return _any_equation(jaxpr, lambda equation: equation.primitive.name == "conv_general_dilated")
 
 
 def unroll_by_default(fn: Callable, *example_args) -> bool:

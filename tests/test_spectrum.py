@@ -315,6 +315,34 @@ def test_hessian_trace_forms_match_hessian_vector_products_and_flag_infinite_slo
     spectrum.hessian_trace(infinite_slope, params, key=0, num_probes=3)
 
 
+def test_a_custom_vjp_that_reads_its_input_gets_reverse_over_reverse_products():
+  # Forward mode cannot differentiate the backward pass of a custom_vjp whose residual is its
+  # input: every Hessian-vector product, and so every spectrum function, failed on such a loss.
+  @jax.custom_vjp
+  def softplus(x):
+    return jnp.logaddexp(x, 0.0)
+
+  softplus.defvjp(lambda x: (softplus(x), x), lambda x, g: (g * jax.nn.sigmoid(x),))
+  value_fn = lambda p: jnp.sum(softplus(p["a"]) ** 2)  # noqa: E731
+  with jax.enable_x64(True):
+    a = jnp.linspace(-2.0, 2.0, 7)
+    params, tangent = {"a": a}, {"a": jnp.linspace(1.0, 3.0, 7)}
+    with pytest.raises(TypeError, match="custom_vjp"):
+      jax.jvp(jax.grad(value_fn), (params,), (tangent,))
+    smooth, slope = jnp.logaddexp(a, 0.0), jax.nn.sigmoid(a)
+    diagonal = 2 * (slope**2 + smooth * slope * (1 - slope))
+    expected = diagonal * tangent["a"]
+    np.testing.assert_allclose(curvature.hvp(value_fn, params, tangent)["a"], expected, rtol=1e-13)
+    gradient, hvp_fn = curvature.linearize_hvp(value_fn, params)
+    np.testing.assert_allclose(gradient["a"], 2 * smooth * slope, rtol=1e-13)
+    np.testing.assert_allclose(hvp_fn(tangent)["a"], expected, rtol=1e-13)
+    pairs = spectrum.hessian_extreme_eigenvalues(value_fn, params, num_steps=7, key=0, which="both")
+    np.testing.assert_allclose(pairs.eigenvalues, [diagonal.min(), diagonal.max()], rtol=1e-10)
+    # Rademacher probes give a diagonal Hessian's trace exactly.
+    trace = spectrum.hessian_trace(value_fn, params, key=0, num_probes=3)
+    np.testing.assert_allclose(trace.value, jnp.sum(diagonal), rtol=1e-12)
+
+
 def test_hessian_trace_of_narrow_dtypes_accumulates_in_float32():
   # A float16 loss cannot hold a form above 65504: narrow leaves take Hessian-vector products,
   # whose inner products accumulate in float32.

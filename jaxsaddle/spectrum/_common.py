@@ -44,12 +44,7 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 def _linearize(value_fn: ValueFn, params: PyTree):
   """The loss, gradient, an HVP function and a finiteness flag, for a checked ``value_fn``."""
-  # Linearising value_and_grad gives the loss from the same forward pass as the gradient.
-  (value, gradient), linear = jax.linearize(jax.value_and_grad(value_fn), params)
-
-  def hvp_fn(tangent):
-    return linear(tangent)[1]
-
+  value, gradient, hvp_fn = curvature._linearize_value_and_hvp(value_fn, params)
   return value, gradient, hvp_fn, jnp.isfinite(value) & _all_finite(gradient)
 
 

@@ -28,25 +28,6 @@ def _quadratic_form(hvp_fn: Callable, vector: PyTree, dtype) -> jax.Array:
   return curvature._tree_vdot(vector, hvp_fn(vector), dtype)
 
 
-def _calls_custom_vjp(jaxpr) -> bool:
-  """Whether ``jaxpr``, or a jaxpr nested in one of its equations, calls a custom_vjp function."""
-
-  def nested(value):
-    if hasattr(value, "eqns"):
-      yield value
-    elif hasattr(getattr(value, "jaxpr", None), "eqns"):
-      yield value.jaxpr
-    elif isinstance(value, (tuple, list)):
-      for item in value:
-        yield from nested(item)
-
-  return any(
-    "custom_vjp" in eqn.primitive.name
-    or any(_calls_custom_vjp(inner) for value in eqn.params.values() for inner in nested(value))
-    for eqn in jaxpr.eqns
-  )
-
-
 def _second_derivative_form(value_fn: ValueFn, params: PyTree, dtype):
   r"""``v -> (v^T H v, finite)`` without a reverse pass, or None where that is not done.
 
@@ -68,7 +49,7 @@ def _second_derivative_form(value_fn: ValueFn, params: PyTree, dtype):
   narrow = any(
     jnp.finfo(d).bits < 32 for d in [*jax.tree.leaves(leaf_dtypes), traced.out_avals[0].dtype]
   )
-  if narrow or _calls_custom_vjp(traced.jaxpr):
+  if narrow or curvature._calls_custom_vjp(traced.jaxpr):
     return None
 
   def form(vector):
