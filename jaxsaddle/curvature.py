@@ -553,7 +553,9 @@ def lanczos(
   :math:`n = 50` was accurate at :math:`\|A\| = 10^{-16}`, off by 0.7% at :math:`10^{-17}`
   and broke down at :math:`10^{-18}`). Above :math:`\|A\| \approx 10^{19}` the squares
   overflow. Scale the operator by a power of two, which is exact, or compute in float64
-  (about :math:`10^{-150}` to :math:`10^{150}`).
+  (about :math:`10^{-150}` to :math:`10^{150}`). :func:`extreme_eigenpairs` keeps its
+  residuals honest there: exact ones are computed scaled, and below that scale its estimates
+  are floored at :math:`\|A\|`, so a wrong Ritz value never comes with a small residual.
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
   if not _checks.has_elements(init_vector):
@@ -1039,6 +1041,15 @@ def extreme_eigenpairs(
     estimated_residuals = jnp.maximum(
       estimated_residuals, math.sqrt(float(jnp.finfo(dtype).eps)) * _largest_entry(result)
     )
+  # Below this ||A||, the squares of A q's entries (about ||A|| / sqrt(n)) come within 100 of
+  # the smallest normal number: the recursion's norms degrade or underflow into a false
+  # breakdown, so its estimates certify nothing below ||A|| itself (see lanczos).
+  num_elements = sum(leaf.size for leaf in jax.tree.leaves(like))
+  underflow_scale = 100 * math.sqrt(float(jnp.finfo(dtype).smallest_normal) * num_elements)
+  largest = _largest_entry(result)
+  estimated_residuals = jnp.where(
+    largest < underflow_scale, jnp.maximum(estimated_residuals, largest), estimated_residuals
+  )
   if exact_residuals:
     leaf_dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), like)
     as_input = jax.tree.map(lambda stacked, d: stacked.astype(d), vectors, leaf_dtypes)
@@ -1046,7 +1057,13 @@ def extreme_eigenpairs(
 
     def residual_norm(image, vector, value):
       residual = _tree_axpy(-value, vector, image)
-      return jnp.sqrt(_tree_vdot(residual, residual, dtype))
+      # Scaled by its largest entry, so that a tiny residual's squares cannot underflow into
+      # a zero residual, a certificate of convergence.
+      largest = jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(residual)]))
+      inverse = _reciprocal_where(largest > 0, largest)
+      scaled = jax.tree.map(lambda leaf: leaf * inverse.astype(leaf.dtype), residual)
+      norm = largest * jnp.sqrt(_tree_vdot(scaled, scaled, dtype))
+      return jnp.where(jnp.isfinite(largest), norm, largest)
 
     residual_norms = jax.vmap(residual_norm)(images, vectors, jnp.where(present, values, 0))
     residual_norms = jnp.where(present, residual_norms, jnp.nan)

@@ -1056,3 +1056,25 @@ def test_cubic_regularization_subsolver_unrolled_on_a_conv_loss_equals_the_loop(
   for name in params:
     assert np.all(np.asarray(unrolled[name]) != 0)
     np.testing.assert_allclose(unrolled[name], looped[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-18, 1.0])
+def test_residuals_bound_the_error_even_when_the_squared_norms_underflow(scale):
+  # In float32, ||A|| = 1e-30 makes the recursion's squared norms underflow into a false
+  # breakdown after one step: the Ritz values are wrong, and the residuals, exact and
+  # estimated, came out 0, certifying them. An eigenvalue lies within the residual of each.
+  eigenvalues = np.linspace(-5.0, 3.0, 18) * scale
+  matrix = jnp.diag(jnp.asarray(eigenvalues, jnp.float32))
+  for exact in (True, False):
+    pairs = curvature.extreme_eigenpairs(
+      lambda v: matrix @ v,
+      jnp.zeros(18),
+      num_steps=12,
+      key=0,
+      which="both",
+      eigenvectors=exact,
+      exact_residuals=exact,
+    )
+    values = np.asarray(pairs.eigenvalues, np.float64)
+    distance = np.min(np.abs(values[:, None] - eigenvalues[None, :]), axis=1)
+    assert np.all(distance <= np.asarray(pairs.residual_norms) * 1.001), (exact, distance)
