@@ -102,11 +102,12 @@ def learning_rate_at(learning_rate, count: jax.Array):
 
 
 def check_float_leaves(
-  tree, owner: str, operation: str = "noise", *, leaves: str = "parameter"
+  tree, owner: str, operation: str = "noise", *, leaves: str = "parameter", remedy: str = ""
 ) -> None:
   """Raises TypeError naming the first leaf that is not a real floating-point array.
 
-  ``leaves`` says what the tree holds ("parameter", or "update" for gradients).
+  ``leaves`` says what the tree holds ("parameter", "update" for gradients, or another name
+  with its own ``remedy``).
   """
   for path, leaf in jax.tree.leaves_with_path(tree):
     # result_type: Python floats are leaves optax accepts too.
@@ -117,7 +118,7 @@ def check_float_leaves(
           "Keep integer, boolean and complex arrays out of the optimized tree (e.g. "
           "nnx.Optimizer(model, tx, wrt=nnx.Param) or optax.masked)."
         )
-      else:
+      elif leaves == "update":
         truncated = jnp.issubdtype(dtype, jnp.integer)
         remedy = "Pass real floating-point gradients" + (
           ": in an integer dtype the update would be truncated toward zero." if truncated else "."

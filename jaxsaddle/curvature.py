@@ -269,6 +269,15 @@ class RitzPairs(NamedTuple):
   num_steps: jax.Array
 
 
+def _as_arrays(tree: PyTree) -> PyTree:
+  """``tree`` with Python scalars made arrays of their default dtype; arrays are kept, sharded
+  ones with their sharding."""
+  return jax.tree.map(
+    lambda leaf: leaf if hasattr(leaf, "sharding") else jnp.asarray(leaf, jnp.result_type(leaf)),
+    tree,
+  )
+
+
 def _compute_dtype(tree: PyTree) -> jnp.dtype:
   """float64 when any leaf is float64, else float32 (bfloat16 and float16 are upcast)."""
   return jnp.result_type(jnp.float32, *(jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)))
@@ -380,6 +389,17 @@ def fori_loop(num_steps: int, body: Callable[[Any, Any], Any], carry, *, unroll:
   for step in range(num_steps):
     carry = body(step, carry)
   return carry
+
+
+def _stop(decision) -> jax.Array:
+  """The boolean scalar a ``converged`` test returned, or a ValueError naming the test."""
+  decision = jnp.asarray(decision)
+  if decision.shape != () or decision.dtype != jnp.bool_:
+    raise ValueError(
+      "lanczos: converged(alphas, betas, num_valid) must return a boolean scalar, got "
+      f"{decision.dtype}{list(decision.shape)}; reduce with jnp.all or jnp.any."
+    )
+  return decision
 
 
 def _reorthogonalization_mode(reorthogonalize: Reorthogonalization, owner: str = "lanczos") -> str:
@@ -516,7 +536,9 @@ def lanczos(
       the duplicates carry little weight. The extreme Ritz values converge first and are not
       affected: the duplicates are copies of converged values. Their derivatives through the
       recursion are, though, once they converge: differentiate a run with ``True`` or
-      ``"partial"`` (:func:`jaxsaddle.spectrum.hessian_extreme_eigenvalues` does).
+      ``"partial"`` (:func:`jaxsaddle.spectrum.hessian_extreme_eigenvalues` does). Nor does
+      the breakdown test see an exhausted Krylov space reliably without it: round-off keeps
+      the recursion going, so ``num_valid`` may exceed the space's dimension.
     return_basis: whether to return the basis. Without it and without ``reorthogonalize``,
       only the last two Lanczos vectors are kept.
     converged: an optional stopping test, ``converged(alphas, betas, num_valid)`` on the
@@ -558,6 +580,7 @@ def lanczos(
   are floored at :math:`\|A\|`, so a wrong Ritz value never comes with a small residual.
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
+  init_vector = _as_arrays(init_vector)
   if not _checks.has_elements(init_vector):
     raise ValueError("lanczos: init_vector has no array elements; there is no vector to iterate.")
   # An integer start vector would be truncated, and the operator would only ever see zeros.
@@ -582,6 +605,13 @@ def lanczos(
     image = matvec(as_input)
     _checks.check_tree_like(
       "lanczos", image, vector, what="matvec's output", like="its input vector"
+    )
+    _checks.check_float_leaves(
+      image,
+      "lanczos",
+      "Lanczos",
+      leaves="matvec output",
+      remedy="Return the product in a floating dtype: an integer one would be truncated.",
     )
     return _cast(image, dtype)
 
@@ -742,7 +772,7 @@ def lanczos(
     betas = betas.at[j].set(jnp.where(active, beta, 0))
     num_valid = num_valid + active.astype(jnp.int32)
     if converged is not None:
-      continues = continues & ~converged(alphas, betas, num_valid)
+      continues = continues & ~_stop(converged(alphas, betas, num_valid))
     # After a breakdown or a stop the next vector, and so the basis row, is zero.
     inv_beta = _reciprocal_where(continues, beta)
     q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), w)
@@ -916,6 +946,13 @@ def extreme_eigenpairs(
 
     \text{num\_steps} \ge \frac12 + \frac{\ln(1.648 \sqrt{n} / \delta)}{2 \sqrt{\varepsilon}}.
 
+  Lanczos from one start vector sees each distinct eigenvalue once: a repeated eigenvalue
+  fills one slot, and the next slot holds the next distinct one. At the saddle of
+  ``problems.matrix_factorization(5, 2)``, whose smallest eigenvalues are -2.0418 twice and
+  -2.0146 twice, ``k=2`` gives [-2.0418, -2.0146]. So ``k`` Ritz values do not count
+  eigenvalues: a spectral density (:func:`jaxsaddle.spectrum.hessian_density`, with
+  :func:`jaxsaddle.spectrum.degeneracy`'s negative mass) or a dense ``eigh`` does.
+
   Args:
     matvec: the symmetric operator on pytrees like ``like``.
     like: a pytree giving the structure, shapes and dtypes of the vectors.
@@ -937,7 +974,8 @@ def extreme_eigenpairs(
       eigenvalue); ``num_steps`` is then the most steps taken, and the number taken is
       :attr:`RitzPairs.num_steps`. Each step then also computes the Ritz values of the tridiagonal
       so far, an eigendecomposition of size ``num_steps``. An eigenvalue near zero may need
-      every step. None (the default) runs all ``num_steps``.
+      every step. The loop is then a ``lax.while_loop``, which reverse-mode differentiation
+      cannot go through. None (the default) runs all ``num_steps``.
     exact_residuals: compute ``||A v - theta v||`` with ``k`` (or ``2 k``) extra matvecs, one
       after another (``lax.map``); otherwise use the Lanczos estimate of :func:`ritz_pairs`,
       which is free and, divided by the Ritz vector's norm when the basis is not fully
@@ -966,10 +1004,7 @@ def extreme_eigenpairs(
       "exact_residuals=True needs the Ritz vectors: pass eigenvectors=True, or "
       "exact_residuals=False for the Lanczos estimate of the residuals."
     )
-  like = jax.tree.map(
-    lambda leaf: leaf if hasattr(leaf, "sharding") else jnp.asarray(leaf, jnp.result_type(leaf)),
-    like,
-  )
+  like = _as_arrays(like)
   if not jax.tree.leaves(like):
     raise ValueError("extreme_eigenpairs: like has no array leaves; there is no vector space.")
   _checks.check_float_leaves(like, "extreme_eigenpairs", "Lanczos")

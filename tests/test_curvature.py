@@ -1078,3 +1078,18 @@ def test_residuals_bound_the_error_even_when_the_squared_norms_underflow(scale):
     values = np.asarray(pairs.eigenvalues, np.float64)
     distance = np.min(np.abs(values[:, None] - eigenvalues[None, :]), axis=1)
     assert np.all(distance <= np.asarray(pairs.residual_norms) * 1.001), (exact, distance)
+
+
+def test_lanczos_names_a_converged_test_that_is_not_a_boolean_scalar_and_takes_python_floats():
+  matrix = jnp.diag(jnp.arange(1.0, 6.0))
+  matvec = lambda v: matrix @ v  # noqa: E731
+  # A Python bool used to fail inside the while_loop (~False is -1), a vector inside a select.
+  result = curvature.lanczos(matvec, jnp.ones(5), 3, converged=lambda a, b, m: False)
+  assert int(result.num_valid) == 3
+  with pytest.raises(ValueError, match="converged.*boolean scalar.*bool\\[5\\]"):
+    curvature.lanczos(matvec, jnp.ones(5), 3, converged=lambda a, b, m: jnp.zeros(5, bool))
+  # An integer product was truncated into wrong coefficients.
+  with pytest.raises(TypeError, match="matvec output .* has dtype int"):
+    curvature.lanczos(lambda v: (matrix @ v).astype(int), jnp.ones(5), 3)
+  floats = curvature.lanczos(lambda v: [2.0 * v[0], 3.0 * v[1]], [1.0, 1.0], 2)
+  np.testing.assert_allclose(curvature.ritz_pairs(floats).eigenvalues, [2.0, 3.0], rtol=1e-6)

@@ -42,7 +42,10 @@ def hessian_extreme_eigenvalues(
     params: the point at which the Hessian is taken.
     num_steps: the number of Lanczos steps (Hessian-vector products), at least ``k``.
     key: a PRNG key or an int seed for the start vector.
-    k: the number of eigenvalues at each requested end.
+    k: the number of eigenvalues at each requested end. Lanczos sees a repeated eigenvalue
+      once, so these are the ``k`` extreme distinct ones (see
+      :func:`jaxsaddle.curvature.extreme_eigenpairs`); count eigenvalues with
+      :func:`hessian_density`.
     which: ``"largest"`` (descending), ``"smallest"`` (ascending) or ``"both"`` (the ``k``
       smallest ascending, then the ``k`` largest descending).
     reorthogonalize: reorthogonalisation in Lanczos (``True``, ``"partial"`` or ``False``, see
