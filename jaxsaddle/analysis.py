@@ -198,7 +198,10 @@ def iteration_matrices(
   second moment, no Krylov space built from the zero gradient: for
   :func:`jaxsaddle.saddle_free_newton` pass the linearisation of its full-space form,
   :math:`I - \eta (|H| + \lambda I)^{-1} H`, to :func:`attraction_dimension` directly).
-  A ``ValueError`` names the violated condition. The checks need concrete values, so
+  A ``ValueError`` names the violated condition when the Jacobian comes out NaN or infinite.
+  A step that JAX differentiates to 0 where it has no derivative is not detected:
+  ``optax.scale_by_sign()`` gives :math:`M = I`, every direction neutral. The checks need
+  concrete values, so
   call this outside ``jax.jit`` (it jits its own loop); under an outer ``jit`` they are
   skipped.
 
