@@ -1066,9 +1066,10 @@ def test_residuals_bound_the_error_even_when_the_squared_norms_underflow(scale):
   eigenvalues = np.linspace(-5.0, 3.0, 18) * scale
   matrix = jnp.diag(jnp.asarray(eigenvalues, jnp.float32))
   for exact in (True, False):
+    # An empty leaf rides along: the scaled exact residual must skip it.
     pairs = curvature.extreme_eigenpairs(
-      lambda v: matrix @ v,
-      jnp.zeros(18),
+      lambda v: {"a": matrix @ v["a"], "empty": v["empty"]},
+      {"a": jnp.zeros(18), "empty": jnp.zeros((0, 3))},
       num_steps=12,
       key=0,
       which="both",
