@@ -1096,13 +1096,13 @@ def extreme_eigenpairs(
       residual = _tree_axpy(-value, vector, image)
       # Scaled by its largest entry, so that a tiny residual's squares cannot underflow into
       # a zero residual, a certificate of convergence.
-      largest = jnp.max(
+      peak = jnp.max(
         jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(residual) if leaf.size])
       )
-      inverse = _reciprocal_where(largest > 0, largest)
+      inverse = _reciprocal_where(peak > 0, peak)
       scaled = jax.tree.map(lambda leaf: leaf * inverse.astype(leaf.dtype), residual)
-      norm = largest * jnp.sqrt(_tree_vdot(scaled, scaled, dtype))
-      return jnp.where(jnp.isfinite(largest), norm, largest)
+      norm = peak * jnp.sqrt(_tree_vdot(scaled, scaled, dtype))
+      return jnp.where(jnp.isfinite(peak), norm, peak)
 
     residual_norms = jax.vmap(residual_norm)(images, vectors, jnp.where(present, values, 0))
     residual_norms = jnp.where(present, residual_norms, jnp.nan)
