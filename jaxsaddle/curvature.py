@@ -583,7 +583,7 @@ def lanczos(
     init_vector,
     "lanczos",
     "Lanczos",
-    leaves="start vector leaf",
+    leaves="start vector",
     remedy="Pass a real floating-point init_vector.",
   )
   if breakdown_tol is not None:
