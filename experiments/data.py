@@ -220,8 +220,6 @@ def _field(batch: dict, name: str, file: Path):
 
 
 def _read_cifar10_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
-  if not file.is_file():
-    raise FileNotFoundError(f"CIFAR-10 batch file {file} does not exist.")
   try:
     with open(file, "rb") as handle:
       batch = _ArrayUnpickler(handle, encoding="bytes").load()
@@ -282,14 +280,31 @@ def load_cifar10(path: str | os.PathLike) -> Dataset:
       ``(N, 3072)``) and ``labels`` (N integers in [0, 9]). Only numpy arrays
       and plain data are unpickled, so a tampered file cannot run code.
   """
+  directory = cifar10_directory(path)
+  x_train, y_train = _read_cifar10_files(directory, CIFAR10_TRAIN_FILES)
+  x_test, y_test = _read_cifar10_files(directory, (CIFAR10_TEST_FILE,))
+  return Dataset("cifar10", x_train, y_train, x_test, y_test, num_classes=10)
+
+
+def cifar10_directory(path: str | os.PathLike) -> Path:
+  """The directory of CIFAR-10's six batch files, given it or the directory that contains it.
+
+  Raises:
+    FileNotFoundError: the directory, or one of the files, naming those missing. Cheap (no file
+      is read), so a run can check its path before it starts.
+  """
   directory = Path(path).expanduser()
   if not directory.is_dir():
     raise FileNotFoundError(f"CIFAR-10 directory {directory} does not exist.")
   if (directory / CIFAR10_DIR).is_dir():
     directory = directory / CIFAR10_DIR
-  x_train, y_train = _read_cifar10_files(directory, CIFAR10_TRAIN_FILES)
-  x_test, y_test = _read_cifar10_files(directory, (CIFAR10_TEST_FILE,))
-  return Dataset("cifar10", x_train, y_train, x_test, y_test, num_classes=10)
+  names = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
+  missing = [name for name in names if not (directory / name).is_file()]
+  if missing:
+    raise FileNotFoundError(
+      f"CIFAR-10 directory {directory} lacks the batch file(s) {', '.join(missing)}."
+    )
+  return directory
 
 
 def cifar10_path() -> str | None:

@@ -156,6 +156,12 @@ def check_config(config: Config) -> None:
     raise ValueError(f"learning_rates must be positive, got {config.learning_rates}.")
   _runner.check_log_every(config)
   _runner.check_known("datasets", config.datasets, sorted(data.LOADERS))
+  # CIFAR-10 units run last: a bad path would otherwise end a full run hours in.
+  if "cifar10" in runnable_datasets(config):
+    try:
+      data.cifar10_directory(config.cifar10_path)
+    except FileNotFoundError as error:
+      raise ValueError(f"cifar10_path (from {data.CIFAR10_ENV}): {error}") from error
 
 
 def runnable_datasets(config: Config) -> tuple[str, ...]:

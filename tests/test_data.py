@@ -227,7 +227,11 @@ class RunsCode:
 @pytest.mark.parametrize(
   "corrupt, error, message",
   [
-    (lambda d, b: d.joinpath("data_batch_3").unlink(), FileNotFoundError, "data_batch_3 does not"),
+    (
+      lambda d, b: d.joinpath("data_batch_3").unlink(),
+      FileNotFoundError,
+      "lacks the batch file\\(s\\) data_batch_3\\.",
+    ),
     (
       lambda d, b: d.joinpath("test_batch").write_bytes(pickle.dumps(b["test_batch"])[:200]),
       ValueError,

@@ -135,6 +135,16 @@ def test_bad_configs_are_rejected(change, message):
     pgd_networks.check_config(dataclasses.replace(pgd_networks.Config(), **change))
 
 
+def test_a_cifar10_path_without_its_batch_files_is_rejected_before_the_run(tmp_path):
+  # CIFAR-10's units come last: the path used to fail only after every other unit had run.
+  config = pgd_networks.Config(datasets=("digits", "cifar10"), architectures=("logistic",))
+  with pytest.raises(ValueError, match="cifar10_path .*nowhere does not exist"):
+    pgd_networks.check_config(dataclasses.replace(config, cifar10_path=str(tmp_path / "nowhere")))
+  (tmp_path / "data_batch_1").write_bytes(b"")
+  with pytest.raises(ValueError, match="lacks the batch file\\(s\\) data_batch_2, .*test_batch"):
+    pgd_networks.check_config(dataclasses.replace(config, cifar10_path=str(tmp_path)))
+
+
 @pytest.mark.parametrize("batch_size", [0, 11])
 def test_training_refuses_batches_outside_the_training_set(batch_size):
   # Clamped, a batch larger than the training set would train full-batch under a summary that
