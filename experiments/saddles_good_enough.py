@@ -477,8 +477,19 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
     negative, negative_note = _finite_mean([c["negative_mass"] for c in escape])
     critical = sum(k != "not critical" for c in escape for k in c["classification"])
     seeds = sum(len(c["classification"]) for c in escape)
+    perturbations = sum(sum(c["num_perturbations"]) for c in escape)
+    curvature_steps = sum(sum(c["num_curvature_steps"]) for c in escape)
+    # An escape method whose mechanism never fired ran as gradient descent: nothing it ends
+    # with can be credited to escaping.
+    methods = (
+      f"The escape methods (PGD, NC descent; {perturbations:g} perturbations and "
+      f"{curvature_steps:g} curvature steps over all seeds)"
+      if perturbations + curvature_steps
+      else "PGD and NC descent, whose escape steps never fired in this run (no perturbation, "
+      "no curvature step: they ran as gradient descent),"
+    )
     lines.append(
-      f"- The escape methods (PGD, NC descent) end with {mean_degeneracy:.0%}{degeneracy_note} "
+      f"- {methods} end with {mean_degeneracy:.0%}{degeneracy_note} "
       f"of the mass near zero and {negative:.1%}{negative_note} negative on average: "
       + (
         "the spectrum where they stop is highly degenerate, as Sankar and Balasubramanian report"

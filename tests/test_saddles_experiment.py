@@ -100,6 +100,13 @@ def test_summary_and_figures(quick_run, closing):
       f"{config.gradient_tol:g}; {saddles}/{len(kinds)} are classified saddles ({degenerate} "
       "degenerate)"
     ) in summary
+  # The escape methods are credited with their endpoints only when their escape steps fired.
+  escape_steps = sum(
+    sum(record["num_perturbations"]) + sum(record["num_curvature_steps"])
+    for unit, record in units.items()
+    if unit.split("/")[1] in ("pgd", "ncd")
+  )
+  assert ("whose escape steps never fired in this run" in summary) == (escape_steps == 0)
   assert "## Dense check" in summary
   assert_is_figure(quick_run / "figures" / "digits-spectrum.png", taller_than=200, wider_than=300)
   assert_is_figure(quick_run / "figures" / "digits-loss.png", taller_than=200, wider_than=300)
