@@ -17,6 +17,10 @@ Band = Literal["minmax", "quantile"]
 # level itself), so each curve gets a line style as well as a colour.
 _LINE_STYLES = ("-", "--", "-.", ":")
 _LEVEL_STYLES = ("--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+# A log axis spans at least this factor: the matplotlib default zooms a loss flat at ln 10 until
+# noise in its sixth digit fills the panel, under tick labels like 2.30259e0.
+_MIN_LOG_SPAN = 1.25
 
 
 def _save(figure, path: str | Path, dpi: int) -> Path:
@@ -114,13 +118,25 @@ def plot_curves_over_seeds(
     style = _LEVEL_STYLES[index % len(_LEVEL_STYLES)]
     axes.axhline(level, color="0.25", linestyle=style, linewidth=1.0, label=label, zorder=3)
   _draw_curves(axes, curves, None, band)
-  axes.set_yscale(yscale)
+  _set_yscale(axes, yscale)
   axes.set_xlabel(xlabel)
   axes.set_ylabel(ylabel)
   axes.set_title(title)
   axes.grid(alpha=0.3)
   axes.legend(title=f"median over seeds, band {band_label}", fontsize="small")
   return _save(figure, path, dpi=120)
+
+
+def _set_yscale(axes, yscale: str) -> None:
+  """``axes.set_yscale``; a log axis spans at least ``_MIN_LOG_SPAN`` (then with 3-digit
+  labels on its ticks, which lie within one decade)."""
+  axes.set_yscale(yscale)
+  low, high = axes.get_ylim()
+  if yscale == "log" and high < low * _MIN_LOG_SPAN:
+    centre = np.sqrt(low * high)
+    axes.set_ylim(centre / np.sqrt(_MIN_LOG_SPAN), centre * np.sqrt(_MIN_LOG_SPAN))
+    for set_formatter in (axes.yaxis.set_major_formatter, axes.yaxis.set_minor_formatter):
+      set_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
 
 
 def plot_panels(
@@ -154,7 +170,7 @@ def plot_panels(
   figure, grid = _panel_grid(len(panels), columns, (4.2, 3.2))
   for axes, (panel_title, curves) in zip(grid.flat, panels.items(), strict=False):
     _draw_curves(axes, curves, x, band)
-    axes.set_yscale(yscale)
+    _set_yscale(axes, yscale)
     axes.set_title(panel_title, fontsize="medium")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
@@ -173,16 +189,17 @@ def plot_advantage(
   *,
   title: str = "PGD's advantage (GD − PGD final loss) against model size",
 ) -> Path:
-  """A scatter of mean paired differences with 95% error bars, one colour per group."""
+  """A scatter of mean paired differences with 95% error bars, one colour and marker per group."""
   figure, axes = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for index, group in enumerate(dict.fromkeys(groups)):
     chosen = [i for i, g in enumerate(groups) if g == group]
+    # Past the colour cycle the marker changes, so no two groups look alike.
     axes.errorbar(
       [sizes[i] for i in chosen],
       [intervals[i][0] for i in chosen],
       yerr=[intervals[i][1] for i in chosen],
-      fmt="o",
+      fmt=_MARKERS[index // len(colors) % len(_MARKERS)],
       color=colors[index % len(colors)],
       capsize=3,
       label=group,
