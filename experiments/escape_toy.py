@@ -46,6 +46,7 @@ from experiments import _oracle
 from experiments import _plots
 from experiments import _runner
 from jaxsaddle import problems
+from jaxsaddle import smoothing
 
 NAME = "escape-toy"
 METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd", "lsgd", "ncd", "sfn")
@@ -286,27 +287,56 @@ def make_figure(run: _runner.RunDirectory, config: Config) -> str:
   return str(path.relative_to(run.path))
 
 
-def summary_table(run: _runner.RunDirectory, config: Config) -> str:
+def _table(run: _runner.RunDirectory, config: Config, cell) -> str:
+  """Problems and methods against dimensions, each cell ``cell(closing record)``."""
   units = run.finished_units()
   header = ["problem", "method", *[f"d={d}" for d in config.dims]]
-  rows = []
-  for problem in config.problems:
-    for method in config.methods:
-      cells = []
-      for d in config.dims:
-        closing = units[f"{problem}/{d}/{method}"]
-        median = closing["median_escape_step"]
-        escaped = sum(s is not None for s in closing["escape_step"])
-        shown = f">{config.steps}" if median is None else f"{median:g}"
-        cells.append(f"{shown} ({escaped}/{config.seeds})")
-      rows.append([problem, method, *cells])
+  rows = [
+    [problem, method, *[cell(units[f"{problem}/{d}/{method}"]) for d in config.dims]]
+    for problem in config.problems
+    for method in config.methods
+  ]
   return _runner.markdown_table(header, rows)
+
+
+def summary_table(run: _runner.RunDirectory, config: Config) -> str:
+  def cell(closing) -> str:
+    median = closing["median_escape_step"]
+    escaped = sum(s is not None for s in closing["escape_step"])
+    shown = f">{config.steps}" if median is None else f"{median:g}"
+    return f"{shown} ({escaped}/{config.seeds})"
+
+  return _table(run, config, cell)
+
+
+def oracle_table(run: _runner.RunDirectory, config: Config) -> str:
+  """Median oracle calls up to the escape, a censored seed counting as infinitely many."""
+
+  def cell(closing) -> str:
+    calls = [
+      calls if step is not None else math.inf
+      for calls, step in zip(closing["oracle_calls"], closing["escape_step"], strict=True)
+    ]
+    median = float(np.median(calls))
+    return "censored" if math.isinf(median) else f"{median:g}"
+
+  return _table(run, config, cell)
+
+
+def fitted_dims(config: Config, method: str) -> tuple[int, ...]:
+  """The dimensions where ``method`` is itself: LSGD smooths no vector shorter than 3, so
+  there it is GD, and a slope through those points would be GD's."""
+  if method == "lsgd":
+    return tuple(d for d in config.dims if d >= smoothing.MIN_LENGTH)
+  return config.dims
 
 
 def growth(run: _runner.RunDirectory, config: Config, problem: str, method: str) -> float | None:
   """The least-squares slope of log(median escape step) against d, over uncensored dims."""
   units = run.finished_units()
-  points = [(d, units[f"{problem}/{d}/{method}"]["median_escape_step"]) for d in config.dims]
+  points = [
+    (d, units[f"{problem}/{d}/{method}"]["median_escape_step"]) for d in fitted_dims(config, method)
+  ]
   points = [(d, m) for d, m in points if m is not None and m > 0]
   if len(points) < 2:
     return None
@@ -339,12 +369,26 @@ def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
     "",
     f"{config.seeds} seeds per (problem, dimension, method), float64, at most {config.steps} "
     "steps. Cells: median escape step over seeds (a censored seed counts as infinitely late) "
-    "and the number of seeds that escaped. Oracle calls per seed up to its escape (a "
-    f"Hessian-vector product counted as {_oracle.HVP_COST:g} gradient, a Lanczos call of d "
-    "steps as d + 1 products) are in each unit's closing record.",
+    "and the number of seeds that escaped.",
     "",
     summary_table(run, config),
     "",
+    "Steps favour the methods that take Hessian-vector products at some steps; their cost is "
+    "in oracle calls, the median over seeds up to the escape (a censored seed counts as "
+    f"infinitely many; a Hessian-vector product counts as {_oracle.HVP_COST:g} gradient, a "
+    "Lanczos call of d steps as d + 1 products; each seed's count is in the closing record):",
+    "",
+    oracle_table(run, config),
+    "",
+    *(
+      [
+        f"LSGD smooths no vector shorter than {smoothing.MIN_LENGTH}, so at d < "
+        f"{smoothing.MIN_LENGTH} it is GD; its slope is fitted from d = {smoothing.MIN_LENGTH} on.",
+        "",
+      ]
+      if "lsgd" in config.methods and min(config.dims) < smoothing.MIN_LENGTH
+      else []
+    ),
     "## What the numbers say",
     "",
     "Du et al. (2017) prove that GD can need time exponential in d on the octopus function "
