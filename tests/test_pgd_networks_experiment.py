@@ -171,7 +171,7 @@ def test_confidence_interval_matches_student_t():
   assert half == pytest.approx(3.182446 * np.sqrt(5 / 3) / 2, rel=1e-5)
 
 
-def _row(architecture, advantage, size):
+def _row(architecture, advantage, size, perturbed_seeds=8):
   return dict(
     dataset="digits",
     architecture=architecture,
@@ -180,6 +180,10 @@ def _row(architecture, advantage, size):
     advantage=advantage,
     pgd_escaped=0,
     gd_escaped=0,
+    perturbed_seeds=perturbed_seeds,
+    largest_difference=abs(advantage[0]) + advantage[1],
+    gd_rate=0.1,
+    pgd_rate=0.1,
   )
 
 
@@ -196,6 +200,14 @@ def test_verdict_counts_only_differences_beyond_noise_and_round_off():
   text = pgd_networks.verdict(rows, min_effect=1e-3)
   assert "above zero in 2 of 4 settings, and higher in 1" in text
   assert "every setting where PGD helps is a shallow model" in text
+  assert "perturbed on no seed" not in text
+  # A PGD that never perturbed ran GD's algorithm: its differences, however significant they
+  # look (rounding amplified over a run), are not counted for or against it.
+  rows[3] = _row("deep-5x32", (-0.03, 0.01), 5000, perturbed_seeds=0)
+  text = pgd_networks.verdict(rows, min_effect=1e-3)
+  assert "above zero in 2 of 4 settings, and higher in 0" in text
+  assert "In 1 setting PGD perturbed on no seed" in text
+  assert "differed from GD's in 1 of 1, by up to 0.04" in text
 
 
 def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
