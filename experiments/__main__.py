@@ -94,7 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.exit(f"error: {error}")
   print(f"{args.experiment}: {run_dir.path}")
   start = time.perf_counter()
-  table = module.run(run_dir)
+  try:
+    table = module.run(run_dir)
+  except KeyboardInterrupt:
+    # Finished units are already on disk; JAX's traceback would hide how to continue.
+    print(
+      f"\ninterrupted: finished units are kept; continue with\n"
+      f"  python -m experiments {args.experiment} --resume {run_dir.path}",
+      file=sys.stderr,
+    )
+    return 130
   print(table)
   print(f"wrote {run_dir.path} in {time.perf_counter() - start:.1f} s")
   return 0

@@ -772,4 +772,7 @@ def run(run_dir: _runner.RunDirectory) -> str:
   _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
   figure = make_figure(run_dir, config)
   run_dir.write_summary(summary(run_dir, config, figure))
-  return "\n\n".join(summary_table(run_dir, config, problem) for problem in ("spread", "ones"))
+  return "\n\n".join(
+    f"{problem}: {problem_title(problem, config)}\n{summary_table(run_dir, config, problem)}"
+    for problem in PROBLEMS
+  )

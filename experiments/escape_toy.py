@@ -259,32 +259,48 @@ def censored(steps: list[int | None], limit: int) -> np.ndarray:
   return np.asarray([limit if s is None else s for s in steps], np.float64)
 
 
-def make_figure(run: _runner.RunDirectory, config: Config) -> str:
+def make_figures(run: _runner.RunDirectory, config: Config) -> list[str]:
+  """Escape steps and oracle calls against dimension; a censored seed is drawn at its count
+  when the run stopped (``config.steps`` steps), so a censored median is a lower bound."""
   units = run.finished_units()
-  panels = {
-    problem: {
-      method: np.stack(
-        [
-          censored(units[f"{problem}/{d}/{method}"]["escape_step"], config.steps)
-          for d in config.dims
-        ],
-        axis=1,
-      )
-      for method in config.methods
-    }
-    for problem in config.problems
-  }
-  path = _plots.plot_panels(
-    panels,
-    run.figures / "escape_time.png",
-    title=f"escape time against dimension (censored at {config.steps} steps)",
-    ylabel="steps to escape",
-    xlabel="dimension d",
-    x=np.asarray(config.dims),
-    yscale="log",
-    columns=2,
+  measures = (
+    (
+      "escape_time.png",
+      "escape time",
+      "steps to escape",
+      lambda closing: censored(closing["escape_step"], config.steps),
+    ),
+    (
+      "escape_oracle_calls.png",
+      "oracle calls to escape",
+      "oracle calls (gradient = 1)",
+      lambda closing: np.asarray(closing["oracle_calls"], np.float64),
+    ),
   )
-  return str(path.relative_to(run.path))
+  figures = []
+  for file_name, title, ylabel, measure in measures:
+    panels = {
+      problem: {
+        method: np.stack(
+          [measure(units[f"{problem}/{d}/{method}"]) for d in config.dims],
+          axis=1,
+        )
+        for method in config.methods
+      }
+      for problem in config.problems
+    }
+    path = _plots.plot_panels(
+      panels,
+      run.figures / file_name,
+      title=f"{title} against dimension (censored at {config.steps} steps)",
+      ylabel=ylabel,
+      xlabel="dimension d",
+      x=np.asarray(config.dims),
+      yscale="log",
+      columns=2,
+    )
+    figures.append(str(path.relative_to(run.path)))
+  return figures
 
 
 def _table(run: _runner.RunDirectory, config: Config, cell) -> str:
@@ -363,7 +379,7 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
   return lines
 
 
-def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
+def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> str:
   lines = [
     "# Escape time against dimension",
     "",
@@ -397,8 +413,7 @@ def summary(run: _runner.RunDirectory, config: Config, figure: str) -> str:
     "",
     *verdict(run, config),
     "",
-    f"![{figure}]({figure})",
-    "",
+    *(f"![{figure}]({figure})\n" for figure in figures),
   ]
   return "\n".join(lines)
 
@@ -416,6 +431,6 @@ def run(run_dir: _runner.RunDirectory) -> str:
   config: Config = run_dir.config
   check_config(config)
   _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
-  figure = make_figure(run_dir, config)
-  run_dir.write_summary(summary(run_dir, config, figure))
+  figures = make_figures(run_dir, config)
+  run_dir.write_summary(summary(run_dir, config, figures))
   return summary_table(run_dir, config)

@@ -19,6 +19,8 @@ from _experiment_runs import read_metrics
 from _experiment_runs import run_experiments
 from _experiment_runs import shared_quick_run
 
+from experiments import attraction
+
 QUICK_DIMS = tuple(range(2, 13))
 ROTATED_DIMS = (4, 7, 10)
 CONSTANT = {"gd": 0.0, "lsgd_sigma=0.5": 0.5, "lsgd_sigma=1": 1.0, "lsgd_sigma=10": 10.0}
@@ -173,6 +175,11 @@ def test_resume_recomputes_only_the_unit_that_was_not_finished(quick_run, tmp_pa
 
   result = run_experiments("attraction-region", "--resume", str(copy))
   assert f"computed 1 unit(s): {last['unit']}" in result.stdout
+  # Each printed table says which problem it is for.
+  config = attraction.default_config(quick=True)
+  for problem in attraction.PROBLEMS:
+    title = attraction.problem_title(problem, config)
+    assert f"{problem}: {title}\n| candidate" in result.stdout
   before = [r for r in read_metrics(quick_run) if r.get("kind") != "unit"]
   after = [r for r in read_metrics(copy) if r.get("kind") != "unit"]
   assert after == before

@@ -117,7 +117,9 @@ def test_summary_and_figure(quick_run, closing):
       elif None not in medians:
         slope = math.log(medians[-1] / medians[0]) / (fitted[-1] - fitted[0])
         assert f"- {problem}, {method}: log-escape-time slope {slope:+.2f}" in summary
-  assert_is_figure(quick_run / "figures" / "escape_time.png", taller_than=200, wider_than=300)
+  for figure in ("escape_time.png", "escape_oracle_calls.png"):
+    assert_is_figure(quick_run / "figures" / figure, taller_than=200, wider_than=300)
+    assert f"![figures/{figure}](figures/{figure})" in summary
 
 
 def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):

@@ -20,6 +20,7 @@ from _experiment_runs import read_metrics
 from _experiment_runs import run_experiments
 from _experiment_runs import shared_quick_run
 
+from experiments import __main__ as experiments_main
 from experiments import _runner
 from experiments import escape
 from experiments import escape_toy
@@ -192,3 +193,15 @@ def test_unknown_problems_and_methods_are_refused_before_any_unit(module, field,
   with pytest.raises(ValueError, match=rf"unknown {field} \['x'\]"):
     module.run(run)
   assert not run.metrics_path.exists()  # nothing was computed, not even the first unit
+
+
+def test_interrupted_run_says_how_to_resume(tmp_path, monkeypatch, capsys):
+  def interrupted(run_dir):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(escape, "run", interrupted)
+  # Not --quick: its fast_compile would edit this process's XLA_FLAGS.
+  out = tmp_path / "run"
+  assert experiments_main.main(["escape", "--out", str(out)]) == 130
+  assert f"python -m experiments escape --resume {out}" in capsys.readouterr().err
+  assert (out / "config.json").exists()  # what the resume reads is kept
