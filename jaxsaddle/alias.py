@@ -23,10 +23,9 @@ import numpy as np
 import optax
 
 from jaxsaddle import _checks
-from jaxsaddle.perturbation import add_isotropic_noise
-from jaxsaddle.perturbation import perturb_near_saddle
+from jaxsaddle import perturbation
+from jaxsaddle import smoothing
 from jaxsaddle.smoothing import Mode
-from jaxsaddle.smoothing import laplacian_smoothing
 
 
 def pgd(
@@ -70,13 +69,14 @@ def pgd(
     A ``GradientTransformationExtraArgs``.
   """
   _checks.check_learning_rate("pgd", learning_rate)
-  tx = perturb_near_saddle(
+  tx = perturbation._perturb_near_saddle(
     optax.scale_by_learning_rate(learning_rate),
     perturbation_radius=perturbation_radius,
     gradient_threshold=gradient_threshold,
     escape_steps=escape_steps,
     escape_threshold=escape_threshold,
     key=key,
+    owner="pgd",
   )
   return _checks.public_transform(tx, nonnegative=[learning_rate])
 
@@ -114,7 +114,9 @@ def noisy_gd(
   """
   _checks.check_learning_rate("noisy_gd", learning_rate)
   tx = optax.chain(
-    add_isotropic_noise(noise_scale, distribution="sphere", key=key),
+    perturbation._add_isotropic_noise(
+      noise_scale, distribution="sphere", key=key, owner="noisy_gd"
+    ),
     optax.scale_by_learning_rate(learning_rate),
   )
   return _checks.public_transform(tx, nonnegative=[learning_rate])
@@ -149,7 +151,9 @@ def perturbed_sgd(
   """
   _checks.check_learning_rate("perturbed_sgd", learning_rate)
   tx = optax.chain(
-    add_isotropic_noise(noise_scale, distribution="gaussian", key=key),
+    perturbation._add_isotropic_noise(
+      noise_scale, distribution="gaussian", key=key, owner="perturbed_sgd"
+    ),
     optax.scale_by_learning_rate(learning_rate),
   )
   return _checks.public_transform(tx, nonnegative=[learning_rate])
@@ -317,7 +321,7 @@ def lsgd(
   elif nesterov:
     raise ValueError("lsgd: nesterov=True needs a momentum; pass momentum=0.9, for instance.")
   tx = optax.chain(
-    laplacian_smoothing(sigma, order=order, mode=mode),
+    smoothing._laplacian_smoothing(sigma, order=order, mode=mode, owner="lsgd"),
     optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None else optax.identity(),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -80,15 +80,23 @@ def add_isotropic_noise(
     Integer, boolean or complex parameters are rejected by ``init`` with a
     ``TypeError``.
   """
-  _checks.check_nonnegative("add_isotropic_noise", "noise_scale", noise_scale)
+  return _add_isotropic_noise(
+    noise_scale, distribution=distribution, key=key, owner="add_isotropic_noise"
+  )
+
+
+def _add_isotropic_noise(
+  noise_scale, *, distribution: _random.Distribution, key, owner: str
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`add_isotropic_noise`, its errors naming ``owner`` (an alias built on it)."""
+  _checks.check_nonnegative(owner, "noise_scale", noise_scale)
   if distribution not in _random.DISTRIBUTIONS:
     raise ValueError(
-      f"add_isotropic_noise: distribution must be one of {_random.DISTRIBUTIONS}, "
-      f"got {distribution!r}."
+      f"{owner}: distribution must be one of {_random.DISTRIBUTIONS}, got {distribution!r}."
     )
 
   def init_fn(params):
-    _checks.check_float_leaves(params, "add_isotropic_noise")
+    _checks.check_float_leaves(params, owner)
     return AddIsotropicNoiseState(
       count=jnp.zeros([], jnp.int32), rng_key=_random.canonicalize_key(key)
     )
@@ -97,7 +105,7 @@ def add_isotropic_noise(
     # Extra arguments (value, value_fn) are accepted and unused, so the transform works alone
     # under nnx.Optimizer.update(model, grads, **kwargs) as well as inside a chain.
     del params, extra_args
-    _checks.check_float_leaves(updates, "add_isotropic_noise", "noise", leaves="update")
+    _checks.check_float_leaves(updates, owner, "noise", leaves="update")
     if not _checks.has_elements(updates):
       return _checks.pass_empty(updates, state)
     rng_key, sample_key = jax.random.split(state.rng_key)
@@ -111,10 +119,10 @@ def add_isotropic_noise(
   )
 
 
-def _scalar_loss(value, like: jax.Array) -> jax.Array:
+def _scalar_loss(owner: str, value, like: jax.Array) -> jax.Array:
   if jnp.shape(value) != ():
     raise ValueError(
-      f"perturb_near_saddle: value must be the scalar loss, got shape {jnp.shape(value)} "
+      f"{owner}: value must be the scalar loss, got shape {jnp.shape(value)} "
       "(reduce per-example losses before passing them)."
     )
   return jnp.asarray(value).astype(like.dtype)
@@ -201,7 +209,28 @@ def perturb_near_saddle(
     ``escape_threshold`` and optional without, and all extra arguments are forwarded to
     ``inner``.
   """
-  owner = "perturb_near_saddle"
+  return _perturb_near_saddle(
+    inner,
+    perturbation_radius=perturbation_radius,
+    gradient_threshold=gradient_threshold,
+    escape_steps=escape_steps,
+    escape_threshold=escape_threshold,
+    key=key,
+    owner="perturb_near_saddle",
+  )
+
+
+def _perturb_near_saddle(
+  inner: optax.GradientTransformation,
+  *,
+  perturbation_radius,
+  gradient_threshold,
+  escape_steps,
+  escape_threshold,
+  key,
+  owner: str,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`perturb_near_saddle`, its errors naming ``owner`` (an alias built on it)."""
   _checks.check_nonnegative(owner, "perturbation_radius", perturbation_radius)
   _checks.check_positive(owner, "gradient_threshold", gradient_threshold)
   _checks.check_at_least_one(owner, "escape_steps", escape_steps)
@@ -265,7 +294,7 @@ def perturb_near_saddle(
 
     # A perturbation whose starting loss is unknown leaves a NaN baseline, so no later
     # check compares against the loss of an older perturbation.
-    loss = jnp.nan if value is None else _scalar_loss(value, state.value_at_perturbation)
+    loss = jnp.nan if value is None else _scalar_loss(owner, value, state.value_at_perturbation)
     value_at_perturbation = jnp.where(near_saddle, loss, state.value_at_perturbation)
     second_order_stationary = state.second_order_stationary
     if escape_threshold is not None:

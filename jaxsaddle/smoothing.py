@@ -487,7 +487,13 @@ def laplacian_smoothing(
     g = jnp.array([0.0, 0.0, 3.0, 0.0, 0.0])
     smoothed, _ = tx.update(g, tx.init(g))  # same mean, the spike spread out
   """
-  owner = "laplacian_smoothing"
+  return _laplacian_smoothing(sigma, order=order, mode=mode, owner="laplacian_smoothing")
+
+
+def _laplacian_smoothing(
+  sigma, *, order: int, mode: Mode, owner: str
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`laplacian_smoothing`, its errors naming ``owner`` (an alias built on it)."""
   _checks.check_nonnegative(owner, "sigma", sigma)
   _check_order(owner, order)
   _check_mode(owner, mode)

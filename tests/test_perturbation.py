@@ -120,8 +120,25 @@ def test_pgd_hyperparameters_reject_bad_input(kwargs, name):
 )
 def test_pgd_rejects_bad_hyperparameters_naming_them(kwargs, name):
   base = dict(perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps=10)
-  with pytest.raises(ValueError, match=name):
+  # Each names the function the user called, not the transform the alias is built on.
+  with pytest.raises(ValueError, match=f"^pgd: {name}"):
     jaxsaddle.pgd(0.1, **(base | kwargs))
+  with pytest.raises(ValueError, match=f"^perturb_near_saddle: {name}"):
+    jaxsaddle.perturb_near_saddle(optax.sgd(0.1), **(base | kwargs))
+
+
+def test_noise_aliases_name_themselves_in_errors():
+  with pytest.raises(ValueError, match="^noisy_gd: noise_scale"):
+    jaxsaddle.noisy_gd(0.1, noise_scale=-1.0)
+  with pytest.raises(ValueError, match="^perturbed_sgd: noise_scale"):
+    jaxsaddle.perturbed_sgd(0.1, noise_scale=-1.0)
+  with pytest.raises(TypeError, match=r"^pgd: the parameter at \['n'\] has dtype int32"):
+    tx = jaxsaddle.pgd(0.1, perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps=3)
+    tx.init({"n": jnp.zeros(2, jnp.int32)})
+  with pytest.raises(ValueError, match="^pgd: value must be the scalar loss"):
+    tx = jaxsaddle.pgd(0.1, perturbation_radius=0.1, gradient_threshold=1e-3, escape_steps=3)
+    params = jnp.zeros(2)
+    tx.update(params, tx.init(params), params, value=jnp.zeros(2))
 
 
 @pytest.mark.parametrize("learning_rate", [-0.1, float("nan"), float("inf")])

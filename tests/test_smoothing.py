@@ -346,7 +346,8 @@ def test_init_on_shape_dtype_structs_and_integer_leaves_rejected():
 def test_bad_hyperparameters_raise_value_errors_naming_them(kwargs, name):
   with pytest.raises(ValueError, match=f"laplacian_smoothing: {name} must"):
     jaxsaddle.laplacian_smoothing(**kwargs)
-  with pytest.raises(ValueError, match=f"laplacian_smoothing: {name} must"):
+  # The alias's errors name the alias, not the transform it is built on.
+  with pytest.raises(ValueError, match=f"lsgd: {name} must"):
     jaxsaddle.lsgd(0.1, **kwargs)
 
 
