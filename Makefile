@@ -1,4 +1,4 @@
-# Two entry points, each working on a fresh machine with only Python 3.11+:
+# Two entry points, each working on a fresh machine with only Python 3.11-3.13:
 #   make demo   runs the quick version of the four experiments (writes runs/<name>/<timestamp>/)
 #   make test   runs ruff and the test suite
 PYTHON ?= python3
