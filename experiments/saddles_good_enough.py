@@ -254,6 +254,7 @@ def measure_spectrum(dataset_name: str, config: Config):
       "top_residuals": top.residual_norms,
       # The classification's own Lanczos estimate: a second run would repeat it.
       "smallest_eigenvalue": report.smallest_eigenvalue,
+      "smallest_residual": report.smallest_residual,
       "near_zero_mass": mass.near_zero_mass,
       "negative_mass": mass.negative_mass,
       "semicircle_ks": fit.ks_distance,
@@ -348,6 +349,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
         "top_eigenvalues",
         "top_residuals",
         "smallest_eigenvalue",
+        "smallest_residual",
         "near_zero_mass",
         "negative_mass",
         "semicircle_ks",
@@ -451,11 +453,18 @@ def verdict(run: _runner.RunDirectory, config: Config) -> list[str]:
     seeds = len(c["classification"])
     saddles = sum(kind.endswith("saddle") for kind in c["classification"])
     degenerate = sum(kind == "degenerate saddle" for kind in c["classification"])
+    undetermined = sum(kind == "undetermined" for kind in c["classification"])
     critical = sum(kind != "not critical" for kind in c["classification"])
     lines.append(
       f"- {c['dataset']}, {c['method']}: {critical}/{seeds} seeds end within the gradient "
       f"tolerance {config.gradient_tol:g}; {saddles}/{seeds} are classified saddles "
-      f"({degenerate} degenerate); on average {_percent(c['near_zero_mass'], 0)} of "
+      f"({degenerate} degenerate)"
+      + (
+        f" and {undetermined} undetermined (Lanczos not converged enough to tell)"
+        if undetermined
+        else ""
+      )
+      + f"; on average {_percent(c['near_zero_mass'], 0)} of "
       f"the spectral mass is within {config.relative_tol:g}·λ_max of zero and "
       f"{_percent(c['negative_mass'], 1)} is negative; the median number of top "
       f"eigenvalues outside the semicircle bulk is {_outliers(c, config)} "

@@ -240,11 +240,12 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
     )
 
 
-def _as_arrays(tree):
-  """Python numbers as arrays; anything else (arrays, ShapeDtypeStructs) unchanged."""
+def as_arrays(tree):
+  """Python numbers and NumPy arrays as JAX arrays; JAX arrays (sharded ones keep their
+  sharding) and ShapeDtypeStructs unchanged."""
   if tree is None:
     return None
-  return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, (int, float, complex)) else x, tree)
+  return jax.tree.map(lambda leaf: leaf if hasattr(leaf, "sharding") else jnp.asarray(leaf), tree)
 
 
 # Inputs that jax.jit takes as arrays: anything else (a callable, a string) keeps an eager call
@@ -293,10 +294,10 @@ def public_transform(
   )
 
   def init_fn(params):
-    return tx.init(_as_arrays(params))
+    return tx.init(as_arrays(params))
 
   def guarded_update(updates, state, params=None, **extra_args):
-    updates, state = tx.update(_as_arrays(updates), state, _as_arrays(params), **extra_args)
+    updates, state = tx.update(as_arrays(updates), state, as_arrays(params), **extra_args)
     valid = within_ranges(positive, nonnegative, fractions, counts)
     if valid is not None:
       updates = jax.tree.map(lambda u: jnp.where(valid, u, jnp.nan).astype(u.dtype), updates)

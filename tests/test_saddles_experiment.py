@@ -54,23 +54,27 @@ def test_every_method_gets_a_spectrum_per_seed(closing):
 def test_classifications_follow_from_the_recorded_numbers(closing):
   # classify_critical_point's rules, recomputed from each seed's record: "not critical" above
   # the gradient tolerance; below it, a strict saddle exactly when the smallest eigenvalue is
-  # below -relative_tol * lambda_max, a minimum whenever it is above +relative_tol * lambda_max.
+  # below -relative_tol * lambda_max, undetermined when it is not but its residual reaches
+  # below, and otherwise a minimum whenever it is above +relative_tol * lambda_max.
   config, units = closing
   for record in units.values():
     rows = zip(
       record["classification"],
       record["gradient_norm"],
       record["smallest_eigenvalue"],
+      record["smallest_residual"],
       record["top_eigenvalues"],
       strict=True,
     )
-    for kind, gradient_norm, smallest, top in rows:
+    for kind, gradient_norm, smallest, residual, top in rows:
       tolerance = config.relative_tol * np.nanmax(top)
       if not gradient_norm <= config.gradient_tol:
         assert kind == "not critical"
         continue
       assert (kind == "strict saddle") == (smallest < -tolerance)
-      if smallest > tolerance:
+      unresolved = smallest >= -tolerance and smallest - residual < -tolerance
+      assert (kind == "undetermined") == unresolved
+      if smallest > tolerance and not unresolved:
         assert kind == "minimum"
 
 
@@ -100,6 +104,9 @@ def test_summary_and_figures(quick_run, closing):
       f"{config.gradient_tol:g}; {saddles}/{len(kinds)} are classified saddles ({degenerate} "
       "degenerate)"
     ) in summary
+    undetermined = kinds.count("undetermined")
+    if undetermined:
+      assert f"({degenerate} degenerate) and {undetermined} undetermined" in summary
   # The escape methods are credited with their endpoints only when their escape steps fired.
   escape_steps = sum(
     sum(record["num_perturbations"]) + sum(record["num_curvature_steps"])

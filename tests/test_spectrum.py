@@ -569,6 +569,30 @@ def test_semicircle_fit_finds_the_centre_and_radius_of_a_shifted_goe_of_2000():
   assert float(fit.outlier_mass) == 0.0
 
 
+def test_semicircle_fit_is_scale_free_in_float32():
+  # Squared distances between nodes underflowed float32 at 1e-18 (every eigenvalue an outlier)
+  # and overflowed it at 1e19 (an infinite radius).
+  eigenvalues = np.linalg.eigvalsh(_goe(400, 15)) + np.linspace(0, 12, 400) * (
+    np.arange(400) >= 395
+  )
+  unit = spectrum.semicircle_fit(jnp.asarray(eigenvalues, jnp.float32))
+  assert 0 < float(unit.outlier_mass) < 0.05
+  for scale in (1e-18, 1e19):
+    fit = spectrum.semicircle_fit(jnp.asarray(eigenvalues * scale, jnp.float32))
+    np.testing.assert_allclose(
+      [fit.center, fit.radius],
+      [unit.center * scale, unit.radius * scale],
+      rtol=1e-5,
+      atol=1e-6 * scale,
+    )
+    np.testing.assert_allclose(
+      [fit.ks_distance, fit.bulk_ks_distance, fit.outlier_mass],
+      [unit.ks_distance, unit.bulk_ks_distance, unit.outlier_mass],
+      atol=1e-6,
+    )
+    np.testing.assert_array_equal(np.isnan(fit.outliers), np.isnan(unit.outliers))
+
+
 @pytest.mark.parametrize(
   "n", [400, pytest.param(2000, marks=pytest.mark.skipif(not FULL, reason="JAXSADDLE_FULL"))]
 )
@@ -858,6 +882,14 @@ def test_dataset_value_fn_weights_a_padded_last_batch_by_its_real_examples():
       selected = spectrum.dataset_value_fn(loss_fn, with_empty, weights=jnp.asarray(weights))
       np.testing.assert_allclose(selected(w), reference(w), rtol=1e-13)
       assert np.all(np.isfinite(jax.grad(selected)(w)))
+    # Traced, the same weights give a NaN loss; a negative weight used to drop its batch from the
+    # sum but not from the total weight.
+    traced = jax.jit(
+      lambda weights: spectrum.dataset_value_fn(loss_fn, batches, weights=weights)(w)
+    )
+    for bad in ([1.0, -1.0, 1.0], [1.0, jnp.inf, 1.0], [0.0, 0.0, 0.0]):
+      assert np.isnan(traced(jnp.asarray(bad)))
+    np.testing.assert_allclose(traced(jnp.asarray([4.0, 4.0, 2.0])), full(w), rtol=1e-13)
   for bad, error in [
     ([1.0, 1.0], ValueError),
     ([0.0, 0.0, 0.0], ValueError),
@@ -1213,3 +1245,84 @@ def test_monitor_curvature_keeps_residuals_that_tell_converged_estimates_from_un
   np.testing.assert_allclose(many, [-1.0, 1.0], atol=1e-4)
   assert np.all(many_residuals < 1e-4)
   assert np.all(np.abs(many - [-1.0, 1.0]) <= many_residuals + 1e-5)
+
+
+def test_python_float_leaves_are_parameters_like_arrays():
+  # They used to fail in the probes with "'float' object has no attribute 'size'".
+  value_fn = lambda p: 3.0 * p["e"] ** 2 + jnp.sum(p["f"] ** 2)
+  params = {"e": 2.0, "f": jnp.ones(2)}
+  trace = spectrum.hessian_trace(value_fn, params, key=0, num_probes=2)
+  assert float(trace.value) == pytest.approx(10.0, rel=1e-6)
+  density = spectrum.hessian_density(value_fn, params, key=0, num_probes=2, num_steps=3)
+  assert float(spectrum.degeneracy(density).negative_mass) == 0.0
+  report = spectrum.classify_critical_point(
+    value_fn,
+    {"e": 0.0, "f": jnp.zeros(2)},
+    gradient_tol=1e-6,
+    eigenvalue_tol=1e-3,
+    num_steps=3,
+    key=0,
+  )
+  assert report.kind_name == "minimum"
+  np.testing.assert_allclose(
+    [report.smallest_eigenvalue, report.largest_eigenvalue], [2.0, 6.0], rtol=1e-6
+  )
+  top = spectrum.hessian_extreme_eigenvalues(value_fn, params, num_steps=3, key=0)
+  np.testing.assert_allclose(top.eigenvalues, [6.0], rtol=1e-6)
+
+
+def test_unconverged_lanczos_makes_the_classification_undetermined_not_a_minimum():
+  # lambda_min = -0.02 below a cluster from 0.01 to 100: 20 steps leave the smallest Ritz value
+  # at +0.07 with a residual of about 0.4, which used to read "minimum".
+  eigenvalues = np.concatenate([[-0.02], np.geomspace(0.01, 100, 199)])
+  matrix = jnp.asarray(_rotated(eigenvalues, 0), jnp.float32)
+  classify = jax.jit(
+    lambda num_steps: spectrum.classify_critical_point(
+      _quadratic(matrix),
+      jnp.zeros(200),
+      gradient_tol=1e-4,
+      eigenvalue_tol=1e-3,
+      num_steps=num_steps,
+      key=0,
+    ),
+    static_argnums=0,
+  )
+  early = classify(20)
+  assert early.kind_name == "undetermined"
+  assert float(early.smallest_eigenvalue) > 1e-3
+  assert float(early.smallest_eigenvalue - early.smallest_residual) < -1e-3
+  late = classify(100)
+  assert late.kind_name == "strict saddle"
+  assert float(late.smallest_eigenvalue) == pytest.approx(-0.02, abs=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_narrow_params_round_no_minimum_into_a_degenerate_saddle(dtype):
+  # 2 + x^4 + y^4, written so that rounding in the narrow dtype shows: a minimum, whose probe
+  # read decreases of 0.03 (bfloat16) and 0.003 (float16) from rounding alone.
+  value_fn = lambda w: jnp.sum((1 + w) ** 4 - 4 * w - 6 * w**2 - 4 * w**3)
+  report = spectrum.classify_critical_point(
+    value_fn, jnp.zeros(2, dtype), gradient_tol=1e-4, eigenvalue_tol=1e-3, num_steps=5, key=0
+  )
+  assert report.kind_name == "minimum"
+  assert float(report.smallest_residual) == 0.0  # the dense path
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+def test_estimated_residuals_cover_the_rounding_of_bfloat16_products(reorthogonalize):
+  # The operator computes in the leaves' bfloat16: its rounding, not the recursion's float32,
+  # bounds how close the Ritz values come (the estimates were 7e-7 for errors of 2e-3).
+  eigenvalues = np.linspace(-1.0, 10.0, 30)
+  matrix = jnp.asarray(_rotated(eigenvalues, 1), jnp.float32)
+  value_fn = lambda x: 0.5 * x.astype(jnp.float32) @ matrix @ x.astype(jnp.float32)
+  result = spectrum.hessian_extreme_eigenvalues(
+    value_fn,
+    jnp.zeros(30, jnp.bfloat16),
+    num_steps=30,
+    key=0,
+    which="both",
+    reorthogonalize=reorthogonalize,
+    exact_residuals=False,
+  )
+  errors = np.abs(np.asarray(result.eigenvalues) - eigenvalues[[0, -1]])
+  assert np.all(errors <= np.asarray(result.residual_norms))

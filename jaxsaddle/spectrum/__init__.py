@@ -28,7 +28,8 @@ on any pytree of parameters, jits, and vmaps over random probes.
   "degenerate saddle" measurements of Sankar and Balasubramanian.
 - :func:`semicircle_fit`: the Wigner semicircle that best fits the bulk of a spectrum, a
   Kolmogorov-Smirnov score, and the outliers (Sagun et al.'s bulk and outliers).
-- :func:`classify_critical_point`: minimum, strict saddle, degenerate saddle or not critical.
+- :func:`classify_critical_point`: minimum, strict or degenerate saddle, not critical, or
+  undetermined (too few Lanczos steps to tell).
 - :func:`restrict` makes any of these per layer; :func:`dataset_value_fn` makes them use a
   whole dataset; :func:`monitor_curvature` tracks the extreme eigenvalues during training.
 

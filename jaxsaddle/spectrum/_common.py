@@ -26,16 +26,19 @@ def _check_params(owner: str, params: PyTree) -> None:
   _checks.check_float_leaves(params, owner, "a Hessian")
 
 
-def _check_value_fn(owner: str, value_fn: ValueFn, params: PyTree) -> None:
-  """Raises unless ``value_fn`` maps ``params`` (real floating leaves) to a real scalar.
+def _check_value_fn(owner: str, value_fn: ValueFn, params: PyTree) -> PyTree:
+  """Raises unless ``value_fn`` maps ``params`` (real floating leaves) to a real scalar; returns
+  ``params`` with Python numbers made arrays.
 
   Every public function calls it once, before anything is traced: the scalar-loss check is an
   abstract evaluation of ``value_fn``, paid at every eager call.
   """
   if not callable(value_fn):
     raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
+  params = _checks.as_arrays(params)
   _check_params(owner, params)
   _checks.check_scalar_loss(owner, value_fn, params)
+  return params
 
 
 def _all_finite(tree: PyTree) -> jax.Array:

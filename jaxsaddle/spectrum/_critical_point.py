@@ -22,8 +22,14 @@ from jaxsaddle.spectrum._density import _slq
 from jaxsaddle.spectrum._shape import degeneracy
 
 # Kinds returned by classify_critical_point, indexed by its integer ``kind``.
-CRITICAL_POINT_KINDS = ("not critical", "minimum", "strict saddle", "degenerate saddle")
-_NOT_CRITICAL, _MINIMUM, _STRICT_SADDLE, _DEGENERATE_SADDLE = range(4)
+CRITICAL_POINT_KINDS = (
+  "not critical",
+  "minimum",
+  "strict saddle",
+  "degenerate saddle",
+  "undetermined",
+)
+_NOT_CRITICAL, _MINIMUM, _STRICT_SADDLE, _DEGENERATE_SADDLE, _UNDETERMINED = range(5)
 
 
 class CriticalPointReport(NamedTuple):
@@ -31,7 +37,8 @@ class CriticalPointReport(NamedTuple):
 
   Attributes:
     kind: an int32 index into ``CRITICAL_POINT_KINDS``: 0 "not critical", 1 "minimum",
-      2 "strict saddle", 3 "degenerate saddle" (``kind_name`` gives the string).
+      2 "strict saddle", 3 "degenerate saddle", 4 "undetermined" (``kind_name`` gives the
+      string).
     value: the loss at the point.
     gradient_norm: :math:`\\|\\nabla f\\|`.
     smallest_eigenvalue: :math:`\\lambda_{\\min}` (exact for small problems, else Lanczos).
@@ -40,6 +47,8 @@ class CriticalPointReport(NamedTuple):
     degeneracy: the fraction of eigenvalues within ``eigenvalue_tol`` of zero.
     probe_decrease: the largest decrease :math:`f(x) - f(x + r d)` seen by the higher-order
       probe (negative when every probe went up).
+    smallest_residual: the Lanczos estimate of :math:`\\|Hv - \\theta v\\|` for
+      ``smallest_eigenvalue``'s Ritz pair (0 on the dense path).
   """
 
   kind: jax.Array
@@ -50,6 +59,7 @@ class CriticalPointReport(NamedTuple):
   index: jax.Array
   degeneracy: jax.Array
   probe_decrease: jax.Array
+  smallest_residual: jax.Array
 
   @property
   def kind_name(self) -> str:
@@ -88,7 +98,7 @@ def classify_critical_point(
   probe_radii: Sequence[float] = (1e-3, 1e-2, 1e-1),
   num_probe_directions: int = 8,
 ) -> CriticalPointReport:
-  r"""Classifies ``params`` as a minimum, a strict saddle, a degenerate saddle or not critical.
+  r"""Classifies ``params``: minimum, strict or degenerate saddle, not critical, or undetermined.
 
   With :math:`g = \|\nabla f(x)\|`, :math:`\tau` = ``eigenvalue_tol`` and
   :math:`\lambda_{\min}(\nabla^2 f(x))` (see **Spectrum** below):
@@ -115,7 +125,16 @@ def classify_critical_point(
     (possibly degenerate: ``degeneracy`` > 0). So :math:`(w_1 w_2 w_3 - 1)^2` at 0 (zero
     Hessian, descent of order :math:`r^3`) and :math:`x^2 - y^4` are degenerate saddles,
     while :math:`x^2 + y^4` is a minimum. A probe can miss descent confined to a thin cusp
-    or beyond the largest radius; set ``probe_radii`` to the scale of the problem.
+    or beyond the largest radius; set ``probe_radii`` to the scale of the problem;
+  - **undetermined** (Lanczos path only) if the smallest Ritz value :math:`\theta` is at
+    least :math:`-\tau` but :math:`\theta - r < -\tau`, with :math:`r` its residual
+    estimate: :math:`\theta` is an upper bound on :math:`\lambda_{\min}`, and one that has
+    not converged says nothing of how far below it :math:`\lambda_{\min}` lies. With
+    eigenvalues -0.02 and 199 spread over [0.01, 100], 20 steps gave :math:`\theta = 0.071`
+    with :math:`r = 0.43`, which used to read "minimum". More steps, or the dense path,
+    decide. (:math:`r` is a convergence test, not a bound on :math:`\lambda_{\min}`: there is
+    an eigenvalue within :math:`r` of :math:`\theta`, and Lanczos from a random start finds
+    the extreme ones first.)
 
   **Spectrum.** When the parameter count :math:`n` is at most ``num_steps``, the Hessian is
   formed from :math:`n` vmapped products (no more than one Lanczos run costs) and everything
@@ -143,6 +162,11 @@ def classify_critical_point(
     num_probe_directions: random directions of the higher-order probe (each tried with both
       signs, as is the eigenvector).
 
+  The probe's rounding allowance uses the machine epsilon of the narrowest of the loss's and
+  the params' dtypes, and the distance actually moved once the params' dtype has rounded
+  :math:`x + r d`: bfloat16 params of :math:`2 + x^4 + y^4` read a decrease of 0.03 from
+  rounding alone, which used to make that minimum a degenerate saddle.
+
   Returns:
     A :class:`CriticalPointReport`. Under ``jit``, a non-finite loss, gradient or Hessian gives
     NaN numbers and kind "not critical", and so does a NaN loss at a probe point when the probe
@@ -157,21 +181,27 @@ def classify_critical_point(
   radii = np.asarray(probe_radii, np.float64)
   if radii.ndim != 1 or radii.size == 0 or not np.all((radii > 0) & np.isfinite(radii)):
     raise ValueError(f"{owner}: probe_radii must be positive and finite, got {probe_radii!r}.")
-  _check_value_fn(owner, value_fn, params)
+  params = _check_value_fn(owner, value_fn, params)
   value, gradient, hvp_fn, finite = _linearize(value_fn, params)
   dtype = _compute_dtype(params)
+  rounding = max(
+    float(jnp.finfo(d).eps)
+    for d in (value.dtype, *(leaf.dtype for leaf in jax.tree.leaves(params)))
+  )
   value = value.astype(dtype)
   lanczos_key, slq_key, direction_key = jax.random.split(_random.canonicalize_key(key), 3)
 
   if _random.tree_size(params) <= num_steps:
     eigenvalues, eigenvectors = _dense_eigh(hvp_fn, params, dtype)
     smallest, largest = eigenvalues[0], eigenvalues[-1]
+    smallest_residual = jnp.zeros((), dtype)
     measure = eigenvalues
   else:
     pairs = curvature.extreme_eigenpairs(
       hvp_fn, params, num_steps=num_steps, key=lanczos_key, k=1, which="both"
     )
     (smallest, largest), eigenvectors = pairs.eigenvalues, pairs.eigenvectors
+    smallest_residual = pairs.residual_norms[0]
     measure = _slq(hvp_fn, params, slq_key, num_probes, num_steps, "rademacher", True, None)
   mass = degeneracy(measure, tol=0.0, atol=eigenvalue_tol)
 
@@ -186,14 +216,15 @@ def classify_critical_point(
 
   def change(direction, step):
     moved = jax.tree.map(lambda p, d: p + (step * d).astype(p.dtype), params, direction)
-    return value_fn(moved).astype(dtype) - value
+    moved_by = jax.tree.map(lambda m, p: m.astype(dtype) - p.astype(dtype), moved, params)
+    return value_fn(moved).astype(dtype) - value, _random.global_norm(moved_by).astype(dtype)
 
-  changes = jax.vmap(lambda d: jax.vmap(lambda s: change(d, s))(steps))(directions)
+  changes, distances = jax.vmap(lambda d: jax.vmap(lambda s: change(d, s))(steps))(directions)
   # A loss falling to -inf at a probe point is descent: the rounding allowance comes from finite
   # values only, or it would be infinite too.
   finite_changes = jnp.where(jnp.isfinite(changes), changes, 0)
-  roundoff = 64 * jnp.finfo(dtype).eps * (jnp.abs(value) + jnp.abs(value + finite_changes))
-  allowance = jnp.abs(steps) * gradient_tol + 0.5 * eigenvalue_tol * steps**2 + roundoff
+  roundoff = 64 * rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
+  allowance = distances * gradient_tol + 0.5 * eigenvalue_tol * distances**2 + roundoff
   descent = jnp.any(changes < -allowance)
 
   gradient_norm = _random.global_norm(gradient).astype(dtype)
@@ -203,7 +234,11 @@ def classify_critical_point(
     jnp.where(
       smallest < -eigenvalue_tol,
       _STRICT_SADDLE,
-      jnp.where((smallest <= eigenvalue_tol) & descent, _DEGENERATE_SADDLE, _MINIMUM),
+      jnp.where(
+        smallest - smallest_residual < -eigenvalue_tol,
+        _UNDETERMINED,
+        jnp.where((smallest <= eigenvalue_tol) & descent, _DEGENERATE_SADDLE, _MINIMUM),
+      ),
     ),
   )
   finite = finite & jnp.isfinite(smallest) & jnp.isfinite(largest)
@@ -229,5 +264,6 @@ def classify_critical_point(
     index=mass.negative_mass,
     degeneracy=mass.near_zero_mass,
     probe_decrease=-jnp.min(changes),
+    smallest_residual=smallest_residual,
   )
   return _checked(owner, finite, report)

@@ -163,7 +163,9 @@ def hessian_density(
       ``"partial"`` keeps the basis semi-orthogonal, which gives the same nodes and weights up
       to round-off for fewer passes over the basis when probes run one at a time
       (``probe_batch_size=1``; probes run together share every pass); without it converged
-      nodes get "ghost" copies that share the mass of the original.
+      nodes get "ghost" copies that share the mass of the original, and gradients through
+      the density are NaN once ``num_steps`` reaches the dimension (differentiate with
+      ``True`` or ``"partial"``).
     probe_batch_size: how many probes run at once (each holds a ``num_steps`` by ``n``
       Lanczos basis); None runs all of them at once. Params sharded over Explicit mesh axes
       run one probe at a time whatever this says: batching turns Lanczos's ``lax.cond`` calls into
@@ -187,7 +189,7 @@ def hessian_density(
     raise ValueError(f"{owner}: grid must be a 1-D array of points, got shape {jnp.shape(grid)}.")
   if grid is not None and jnp.issubdtype(jnp.result_type(grid), jnp.complexfloating):
     raise TypeError(f"{owner}: grid must hold real numbers, got dtype {jnp.result_type(grid)}.")
-  _check_value_fn(owner, value_fn, params)
+  params = _check_value_fn(owner, value_fn, params)
   _, _, hvp_fn, finite = _linearize(value_fn, params)
   nodes, weights = _slq(
     hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonalize, probe_batch_size

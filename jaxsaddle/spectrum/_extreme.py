@@ -43,9 +43,10 @@ def hessian_extreme_eigenvalues(
     num_steps: the number of Lanczos steps (Hessian-vector products), at least ``k``.
     key: a PRNG key or an int seed for the start vector.
     k: the number of eigenvalues at each requested end. Lanczos sees a repeated eigenvalue
-      once, so these are the ``k`` extreme distinct ones (see
-      :func:`jaxsaddle.curvature.extreme_eigenpairs`); count eigenvalues with
-      :func:`hessian_density`.
+      once, so these are usually the ``k`` extreme distinct ones (see
+      :func:`jaxsaddle.curvature.extreme_eigenpairs`), and after a breakdown the test misses
+      (see :func:`jaxsaddle.curvature.lanczos`) a repeated one may fill several slots;
+      count eigenvalues with :func:`hessian_density`.
     which: ``"largest"`` (descending), ``"smallest"`` (ascending) or ``"both"`` (the ``k``
       smallest ascending, then the ``k`` largest descending).
     reorthogonalize: reorthogonalisation in Lanczos (``True``, ``"partial"`` or ``False``, see
@@ -118,7 +119,7 @@ def hessian_extreme_eigenvalues(
   )
   if reorthogonalize is None:
     reorthogonalize = "partial" if k > 1 else False
-  _check_value_fn(owner, value_fn, params)
+  params = _check_value_fn(owner, value_fn, params)
   if exact_residuals is None:
     exact_residuals = reorthogonalize == "partial" and eigenvectors
 

@@ -167,6 +167,18 @@ def semicircle_fit(spectrum, *, margin: float = 0.1) -> SemicircleFit:
 @jax.jit
 def _semicircle_fit(nodes: jax.Array, weights: jax.Array, margin) -> SemicircleFit:
   nodes, weights = _normalized(nodes, weights)
+  # The fit squares distances between nodes, which underflow float32 for spectra near 1e-18 and
+  # overflow it near 1e19: it runs on the nodes divided by a power of two near their largest
+  # magnitude (exactly) and scales its answer back.
+  magnitude = jnp.max(jnp.where((weights != 0) & jnp.isfinite(nodes), jnp.abs(nodes), 0))
+  scale = jnp.where(magnitude > 0, jnp.exp2(jnp.floor(jnp.log2(magnitude))), 1).astype(nodes.dtype)
+  fit = _unit_scale_fit(nodes / scale, weights, margin)
+  return fit._replace(
+    center=fit.center * scale, radius=fit.radius * scale, outliers=fit.outliers * scale
+  )
+
+
+def _unit_scale_fit(nodes: jax.Array, weights: jax.Array, margin) -> SemicircleFit:
   order = jnp.argsort(nodes)
   sorted_nodes, sorted_weights = nodes[order], weights[order]
   cumulative = jnp.cumsum(sorted_weights)

@@ -192,7 +192,7 @@ def hessian_trace(
     raise ValueError(f"{owner}: hutch++ needs num_probes >= 3, got {num_probes}.")
   if probe_batch_size is not None:
     _checks.check_loop_length(owner, "probe_batch_size", probe_batch_size)
-  _check_value_fn(owner, value_fn, params)
+  params = _check_value_fn(owner, value_fn, params)
   dtype = _compute_dtype(params)
   form = _second_derivative_form(value_fn, params, dtype)
   finite = jnp.array(True)

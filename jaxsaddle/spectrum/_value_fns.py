@@ -137,7 +137,7 @@ def dataset_value_fn(
       (booleans select batches); a batch of weight 0 does not count even where its loss is
       NaN, as a masked mean over a batch of padding only is (0 / 0); masking the examples
       with ``jnp.where``, as above, keeps its gradient out too. None (the default) weighs
-      the batches equally.
+      the batches equally. Traced weights that are negative or not finite give a NaN loss.
 
   Returns:
     ``value_fn(params)``, a function usable with every function of this module.
@@ -197,6 +197,10 @@ def dataset_value_fn(
     dtype = jnp.promote_types(losses.dtype, jnp.float32)
     weight = weights.astype(dtype)
     terms = jnp.where(weight > 0, weight * losses.astype(dtype), 0)
-    return (jnp.sum(terms) / jnp.sum(weight)).astype(losses.dtype)
+    # Traced weights escape the checks above: out of range, they give a NaN loss, which every
+    # function of this module reports, rather than a mean over some other set of batches.
+    valid = jnp.all((weight >= 0) & jnp.isfinite(weight))
+    loss = jnp.where(valid, jnp.sum(terms) / jnp.sum(weight), jnp.nan)
+    return loss.astype(losses.dtype)
 
   return value_fn
