@@ -566,8 +566,10 @@ def lanczos(
   and broke down at :math:`10^{-18}`). Above :math:`\|A\| \approx 10^{19}` the squares
   overflow. Scale the operator by a power of two, which is exact, or compute in float64
   (about :math:`10^{-150}` to :math:`10^{150}`). :func:`extreme_eigenpairs` keeps its
-  residuals honest there: exact ones are computed scaled, and below that scale its estimates
-  are floored at :math:`\|A\|`, so a wrong Ritz value never comes with a small residual.
+  residuals honest there: exact ones are computed scaled, and where :math:`\|T\|` is below
+  :math:`10 \sqrt{\text{tiny} \cdot n}` every residual, estimated or exact, is floored at
+  that scale, so a wrong Ritz value, or a Rayleigh quotient after a false breakdown, never
+  comes with a small residual.
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
   init_vector = _checks.as_arrays(init_vector)
@@ -853,6 +855,23 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
   )
 
 
+def _underflow_scale(like: PyTree, dtype) -> float:
+  r""":math:`10 \sqrt{\text{tiny} \cdot n}`: below this :math:`\|A\|` the recursion is unreliable.
+
+  There the squares of the entries of :math:`A q` (about :math:`\|A\| / \sqrt n`) come within
+  100 of the smallest normal number, so the recursion's norms degrade (its residual estimates
+  were measured too small from about 5 sqrt(tiny n)) or underflow into a false breakdown.
+  """
+  num_elements = sum(leaf.size for leaf in jax.tree.leaves(like))
+  return 10 * math.sqrt(float(jnp.finfo(dtype).smallest_normal) * num_elements)
+
+
+def _underflows(largest: jax.Array, like: PyTree) -> jax.Array:
+  """Whether ``largest``, the largest entry of T, is nonzero but below
+  :func:`_underflow_scale` (a zero operator is resolved exactly, every coefficient 0)."""
+  return (largest > 0) & (largest < _underflow_scale(like, largest.dtype))
+
+
 def _padded_eigh(result: LanczosResult) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``eigh`` of the whole static-size tridiagonal, and which slots are valid.
 
@@ -999,12 +1018,12 @@ def extreme_eigenpairs(
   )
   if exact_residuals and not eigenvectors:
     raise ValueError(
-      "exact_residuals=True needs the Ritz vectors: pass eigenvectors=True, or "
+      "extreme_eigenpairs: exact_residuals=True needs the Ritz vectors: pass eigenvectors=True, or "
       "exact_residuals=False for the Lanczos estimate of the residuals."
     )
   like = _checks.as_arrays(like)
-  if not jax.tree.leaves(like):
-    raise ValueError("extreme_eigenpairs: like has no array leaves; there is no vector space.")
+  if not _checks.has_elements(like):
+    raise ValueError("extreme_eigenpairs: like has no array elements; there is no vector space.")
   _checks.check_float_leaves(like, "extreme_eigenpairs", "Lanczos")
   start = jax.tree.map(
     lambda noise, leaf: noise.astype(leaf.dtype),
@@ -1080,16 +1099,6 @@ def extreme_eigenpairs(
   operator_eps = max(float(jnp.finfo(leaf.dtype).eps) for leaf in jax.tree.leaves(like))
   if operator_eps > float(jnp.finfo(dtype).eps):
     estimated_residuals = jnp.maximum(estimated_residuals, operator_eps * _largest_entry(result))
-  # Below this ||A||, the squares of A q's entries (about ||A|| / sqrt(n)) come within 100 of
-  # the smallest normal number: the recursion's norms degrade (the estimates were measured
-  # too small from about 5 sqrt(tiny n)) or underflow into a false breakdown, so its
-  # estimates certify nothing below ||A|| itself (see lanczos).
-  num_elements = sum(leaf.size for leaf in jax.tree.leaves(like))
-  underflow_scale = 10 * math.sqrt(float(jnp.finfo(dtype).smallest_normal) * num_elements)
-  largest = _largest_entry(result)
-  estimated_residuals = jnp.where(
-    largest < underflow_scale, jnp.maximum(estimated_residuals, largest), estimated_residuals
-  )
   if exact_residuals:
     leaf_dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), like)
     as_input = jax.tree.map(lambda stacked, d: stacked.astype(d), vectors, leaf_dtypes)
@@ -1111,4 +1120,13 @@ def extreme_eigenpairs(
     residual_norms = jnp.where(present, residual_norms, jnp.nan)
   else:
     residual_norms = jnp.where(present, estimated_residuals, jnp.nan)
+  # Below the underflow scale the recursion may have stopped at a false breakdown: a residual,
+  # even an exact one, then tells how good its Ritz pair is but not that the pair is extreme,
+  # so none certifies anything finer than that scale (a one-step "breakdown" at 1e-20 gave a
+  # Rayleigh quotient of 4e-20 with an exact residual of 3e-20 for a spectrum from -1e-20).
+  residual_norms = jnp.where(
+    _underflows(_largest_entry(result), like),
+    jnp.maximum(residual_norms, _underflow_scale(like, dtype)),
+    residual_norms,
+  )
   return RitzPairs(values, vectors, residual_norms, result.num_valid)

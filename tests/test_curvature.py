@@ -511,6 +511,10 @@ def test_without_a_basis_the_coefficients_are_the_same_and_no_basis_is_returned(
     np.testing.assert_allclose(pairs.eigenvalues, [-1.0, 3.0], atol=1e-10)
     with pytest.raises(ValueError, match="exact_residuals=True needs the Ritz vectors"):
       curvature.extreme_eigenpairs(operator, start, num_steps=4, key=3, eigenvectors=False)
+  # An empty space is named as extreme_eigenpairs' like, not as the start vector it draws.
+  for empty in ({}, jnp.ones((0,)), {"w": jnp.ones((0, 3))}):
+    with pytest.raises(ValueError, match="extreme_eigenpairs: like has no array elements"):
+      curvature.extreme_eigenpairs(lambda v: v, empty, num_steps=3, key=0)
 
 
 @pytest.mark.parametrize("reorthogonalize", [True, "partial"])

@@ -591,6 +591,8 @@ def test_semicircle_fit_is_scale_free_in_float32():
       atol=1e-6,
     )
     np.testing.assert_array_equal(np.isnan(fit.outliers), np.isnan(unit.outliers))
+  # A point mass keeps a positive radius however small its scale.
+  assert float(spectrum.semicircle_fit(jnp.full(5, 1e-30, jnp.float32)).radius) > 0
 
 
 @pytest.mark.parametrize(
@@ -1306,6 +1308,13 @@ def test_narrow_params_round_no_minimum_into_a_degenerate_saddle(dtype):
   )
   assert report.kind_name == "minimum"
   assert float(report.smallest_residual) == 0.0  # the dense path
+  # Narrow params with a float32 loss: the loss's rounding is float32's, so the r^3 descent of
+  # 1 + x^2 - y^3 is seen.
+  mixed = lambda w: 1 + w.astype(jnp.float32)[0] ** 2 - w.astype(jnp.float32)[1] ** 3
+  report = spectrum.classify_critical_point(
+    mixed, jnp.zeros(2, dtype), gradient_tol=1e-4, eigenvalue_tol=1e-3, num_steps=5, key=0
+  )
+  assert report.kind_name == "degenerate saddle"
 
 
 @pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
@@ -1326,3 +1335,30 @@ def test_estimated_residuals_cover_the_rounding_of_bfloat16_products(reorthogona
   )
   errors = np.abs(np.asarray(result.eigenvalues) - eigenvalues[[0, -1]])
   assert np.all(errors <= np.asarray(result.residual_norms))
+
+
+def test_a_hessian_too_small_for_float32_lanczos_is_reported_not_turned_into_a_density():
+  # A [-1, 10] spectrum scaled by 1e-20: the recursion's squared norms come near the smallest
+  # normal number and the nodes collapsed to one per probe, with no negative mass.
+  matrix = jnp.asarray(_rotated(np.linspace(-1.0, 10.0, 30), 2) * 1e-20, jnp.float32)
+  density = functools.partial(
+    spectrum.hessian_density, _quadratic(matrix), jnp.zeros(30), key=0, num_probes=2, num_steps=10
+  )
+  with pytest.raises(ValueError, match="too small for Lanczos in float32"):
+    density()
+  assert np.all(np.isnan(jax.jit(density)().density))
+  # The classification cannot resolve the sign of the smallest eigenvalue either.
+  report = spectrum.classify_critical_point(
+    _quadratic(matrix), jnp.zeros(30), gradient_tol=0.0, eigenvalue_tol=1e-23, num_steps=10, key=0
+  )
+  assert report.kind_name == "undetermined"
+  assert np.isnan(report.index) and np.isnan(report.degeneracy)
+  # One probe in a tiny eigenspace is no underflow when another sees the Hessian's norm, 4.
+  rank_one = lambda x: 0.5 * jnp.sum(x) ** 2 + 0.5e-20 * jnp.sum(x**2)
+  for key in range(4):
+    spectrum.hessian_density(rank_one, jnp.zeros(4), key=key, num_probes=4, num_steps=3)
+  # A zero Hessian is resolved exactly: all its mass at 0.
+  zero = spectrum.hessian_density(
+    lambda x: jnp.sum(x), jnp.zeros(30), key=0, num_probes=2, num_steps=10
+  )
+  assert float(spectrum.degeneracy(zero, tol=0.0, atol=0.0).near_zero_mass) == 1.0

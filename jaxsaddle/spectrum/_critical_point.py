@@ -1,4 +1,5 @@
-"""Minimum, strict saddle, degenerate saddle or not critical: :func:`classify_critical_point`."""
+"""Minimum, strict or degenerate saddle, not critical or undetermined: the critical points of
+:func:`classify_critical_point`."""
 
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -43,8 +44,9 @@ class CriticalPointReport(NamedTuple):
     gradient_norm: :math:`\\|\\nabla f\\|`.
     smallest_eigenvalue: :math:`\\lambda_{\\min}` (exact for small problems, else Lanczos).
     largest_eigenvalue: :math:`\\lambda_{\\max}` (likewise).
-    index: the fraction of eigenvalues below ``-eigenvalue_tol``.
-    degeneracy: the fraction of eigenvalues within ``eigenvalue_tol`` of zero.
+    index: the fraction of eigenvalues below ``-eigenvalue_tol`` (NaN for a Hessian too
+      small for Lanczos in the compute dtype, whose SLQ nodes collapse).
+    degeneracy: the fraction of eigenvalues within ``eigenvalue_tol`` of zero (likewise).
     probe_decrease: the largest decrease :math:`f(x) - f(x + r d)` seen by the higher-order
       probe (negative when every probe went up).
     smallest_residual: the Lanczos estimate of :math:`\\|Hv - \\theta v\\|` for
@@ -132,9 +134,14 @@ def classify_critical_point(
     not converged says nothing of how far below it :math:`\lambda_{\min}` lies. With
     eigenvalues -0.02 and 199 spread over [0.01, 100], 20 steps gave :math:`\theta = 0.071`
     with :math:`r = 0.43`, which used to read "minimum". More steps, or the dense path,
-    decide. (:math:`r` is a convergence test, not a bound on :math:`\lambda_{\min}`: there is
-    an eigenvalue within :math:`r` of :math:`\theta`, and Lanczos from a random start finds
-    the extreme ones first.)
+    decide, except where :math:`r` is floored: at a bfloat16 or float16 leaf's rounding of
+    the products (:func:`jaxsaddle.curvature.extreme_eigenpairs`) and, for a Hessian too
+    small for the compute dtype, at the underflow scale of :func:`jaxsaddle.curvature.lanczos`;
+    there widen the dtype, raise :math:`\tau` or take the dense path. A probe that saw
+    descent does not decide it either (a saddle, strict or degenerate: ``probe_decrease``
+    shows it). (:math:`r` is a convergence test, not a bound on :math:`\lambda_{\min}`:
+    there is an eigenvalue within :math:`r` of :math:`\theta`, and Lanczos from a random
+    start finds the extreme ones first.)
 
   **Spectrum.** When the parameter count :math:`n` is at most ``num_steps``, the Hessian is
   formed from :math:`n` vmapped products (no more than one Lanczos run costs) and everything
@@ -162,10 +169,10 @@ def classify_critical_point(
     num_probe_directions: random directions of the higher-order probe (each tried with both
       signs, as is the eigenvector).
 
-  The probe's rounding allowance uses the machine epsilon of the narrowest of the loss's and
-  the params' dtypes, and the distance actually moved once the params' dtype has rounded
-  :math:`x + r d`: bfloat16 params of :math:`2 + x^4 + y^4` read a decrease of 0.03 from
-  rounding alone, which used to make that minimum a degenerate saddle.
+  The probe's rounding allowance uses the machine epsilon of the loss's dtype, and the
+  distance actually moved once the params' dtype has rounded :math:`x + r d`: bfloat16
+  params of :math:`2 + x^4 + y^4` computed in bfloat16 read a decrease of 0.03 from rounding
+  alone, which used to make that minimum a degenerate saddle.
 
   Returns:
     A :class:`CriticalPointReport`. Under ``jit``, a non-finite loss, gradient or Hessian gives
@@ -184,10 +191,8 @@ def classify_critical_point(
   params = _check_value_fn(owner, value_fn, params)
   value, gradient, hvp_fn, finite = _linearize(value_fn, params)
   dtype = _compute_dtype(params)
-  rounding = max(
-    float(jnp.finfo(d).eps)
-    for d in (value.dtype, *(leaf.dtype for leaf in jax.tree.leaves(params)))
-  )
+  # The loss's own rounding; the params' rounding of a probe point is in the distance moved.
+  rounding = float(jnp.finfo(value.dtype).eps)
   value = value.astype(dtype)
   lanczos_key, slq_key, direction_key = jax.random.split(_random.canonicalize_key(key), 3)
 
@@ -196,13 +201,19 @@ def classify_critical_point(
     smallest, largest = eigenvalues[0], eigenvalues[-1]
     smallest_residual = jnp.zeros((), dtype)
     measure = eigenvalues
+    underflowed = jnp.zeros((), bool)
   else:
     pairs = curvature.extreme_eigenpairs(
       hvp_fn, params, num_steps=num_steps, key=lanczos_key, k=1, which="both"
     )
     (smallest, largest), eigenvectors = pairs.eigenvalues, pairs.eigenvectors
     smallest_residual = pairs.residual_norms[0]
-    measure = _slq(hvp_fn, params, slq_key, num_probes, num_steps, "rademacher", True, None)
+    # Too small an operator floors the extremes' residuals at the underflow scale, so the
+    # kind is undetermined unless eigenvalue_tol exceeds it; SLQ's nodes have collapsed too,
+    # so index and degeneracy are NaN.
+    measure, underflowed = _slq(
+      hvp_fn, params, slq_key, num_probes, num_steps, "rademacher", True, None
+    )
   mass = degeneracy(measure, tol=0.0, atol=eigenvalue_tol)
 
   flattest = jax.tree.map(lambda stacked: stacked[:1], eigenvectors)
@@ -261,8 +272,8 @@ def classify_critical_point(
     gradient_norm=gradient_norm,
     smallest_eigenvalue=smallest,
     largest_eigenvalue=largest,
-    index=mass.negative_mass,
-    degeneracy=mass.near_zero_mass,
+    index=jnp.where(underflowed, jnp.nan, mass.negative_mass),
+    degeneracy=jnp.where(underflowed, jnp.nan, mass.near_zero_mass),
     probe_decrease=-jnp.min(changes),
     smallest_residual=smallest_residual,
   )

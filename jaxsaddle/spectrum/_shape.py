@@ -173,9 +173,9 @@ def _semicircle_fit(nodes: jax.Array, weights: jax.Array, margin) -> SemicircleF
   magnitude = jnp.max(jnp.where((weights != 0) & jnp.isfinite(nodes), jnp.abs(nodes), 0))
   scale = jnp.where(magnitude > 0, jnp.exp2(jnp.floor(jnp.log2(magnitude))), 1).astype(nodes.dtype)
   fit = _unit_scale_fit(nodes / scale, weights, margin)
-  return fit._replace(
-    center=fit.center * scale, radius=fit.radius * scale, outliers=fit.outliers * scale
-  )
+  # The unit-scale fit keeps its radius above zero; so must the scaled one.
+  radius = jnp.maximum(fit.radius * scale, 2 * jnp.finfo(nodes.dtype).tiny)
+  return fit._replace(center=fit.center * scale, radius=radius, outliers=fit.outliers * scale)
 
 
 def _unit_scale_fit(nodes: jax.Array, weights: jax.Array, margin) -> SemicircleFit:
