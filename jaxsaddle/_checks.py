@@ -115,8 +115,9 @@ def check_float_leaves(
     if not jnp.issubdtype(dtype, jnp.floating):
       if leaves == "parameter":
         remedy = (
-          "Keep integer, boolean and complex arrays out of the optimized tree (e.g. "
-          "nnx.Optimizer(model, tx, wrt=nnx.Param) or optax.masked)."
+          "Keep integer, boolean and complex arrays out of the optimized tree: with flax, hold "
+          "them in a variable type the optimizer's wrt filter leaves out (an nnx.Variable "
+          "subclass other than nnx.Param, with wrt=nnx.Param), or use optax.masked."
         )
       elif leaves == "update":
         truncated = jnp.issubdtype(dtype, jnp.integer)
@@ -224,7 +225,7 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
   """
   try:
     loss = jax.eval_shape(value_fn, params)
-  except (TypeError, AttributeError) as error:
+  except (TypeError, AttributeError, KeyError, IndexError) as error:
     # The common slip with flax: a loss of the model, handed the nnx.State of its params.
     if type(params).__module__.startswith("flax."):
       raise ValueError(
@@ -232,7 +233,15 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
         "a loss of the model: value_fn takes the params, not the model; build it with "
         "jaxsaddle.flax.make_value_fn(model, loss_fn, *batch)."
       ) from error
-    raise
+    # The other: a wrapper (optax.flatten, a partition) that hands the transform params unlike
+    # the tree value_fn reads.
+    structure = jax.tree.structure(params)
+    raise ValueError(
+      f"{owner}: value_fn failed on the params it is given ({error!r}), a tree of structure "
+      f"{structure}. value_fn must take the params exactly as the transform receives them; "
+      "inside optax.flatten, optax.masked or a partition they are not the model's tree, so "
+      "keep the transforms that read value_fn outside such wrappers."
+    ) from error
   if not is_scalar_float(loss):
     raise ValueError(
       f"{owner}: value_fn must return the scalar floating-point loss, got {loss}. Reduce "

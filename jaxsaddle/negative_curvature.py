@@ -73,8 +73,8 @@ class NegativeCurvatureDescentState(NamedTuple):
   count: jax.Array  # int32, number of updates
   rng_key: jax.Array  # typed key, split at every update
   # The last Lanczos estimate of lambda_min, NaN before any and where the Hessian-vector
-  # products overflowed. Not "smallest_eigenvalue", the field of monitor_curvature, so that
-  # optax.tree.get finds each in a chain of both.
+  # products were NaN or overflowed (that step is a gradient step). Not "smallest_eigenvalue",
+  # the field of monitor_curvature, so that optax.tree.get finds each in a chain of both.
   last_smallest_eigenvalue: jax.Array
   num_lanczos_calls: jax.Array  # int32, updates whose gradient was small enough to run Lanczos
   num_curvature_steps: jax.Array  # int32, updates that stepped along negative curvature

@@ -293,6 +293,24 @@ def test_curvature_transforms_refuse_optax_masked():
   )
   with pytest.raises(ValueError, match="optax.multi_transform"):
     tx.update(params, tx.init(params), params, value_fn=lambda p: _quadratic(p["a"]))
+  # flatten hands value_fn one vector: JAX's "does not support string indexing" used to be all
+  # the user saw.
+  for make in (
+    lambda: jaxsaddle.saddle_free_newton(0.1, num_lanczos_steps=2, damping=0.1),
+    lambda: jaxsaddle.pagd(
+      0.1,
+      momentum=0.5,
+      perturbation_radius=0.1,
+      gradient_threshold=1e-3,
+      escape_steps=3,
+      exploitation_radius=0.1,
+    ),
+  ):
+    tx = optax.flatten(make())
+    with pytest.raises(
+      ValueError, match="value_fn failed on the params it is given.*optax.flatten"
+    ):
+      tx.update(params, tx.init(params), params, value_fn=lambda p: _quadratic(p["a"]))
 
 
 def test_iteration_matrices_judges_symmetry_in_the_hessian_s_own_precision():
