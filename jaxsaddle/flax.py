@@ -65,19 +65,22 @@ def make_value_fn(
     training mode normalises by the batch's statistics and its running
     averages are not updated).
   """
-  graphdef, _, rest = nnx.split(model, wrt, ...)
+  graphdef, selected, rest = nnx.split(model, wrt, ...)
   # Pure arrays, not the model's live Variables: merging those would write batch-norm
   # statistics and rng counts back into the model, across trace levels under jit or grad.
   rest = nnx.as_pure(rest)
+  expected = jax.tree.structure(nnx.as_pure(selected))
 
   def value_fn(params: nnx.State) -> jax.Array:
-    try:
-      merged = nnx.merge(graphdef, params, rest)
-    except ValueError as error:
+    # Compared before merging: the state of other variables of the same shapes merged without
+    # error and gave the loss of another model.
+    given = jax.tree.structure(nnx.as_pure(params)) if isinstance(params, nnx.State) else None
+    if given != expected:
       raise ValueError(
-        f"make_value_fn: the params given do not fit the model's variables selected by wrt={wrt!r}"
-        f" ({error}); pass make_value_fn the same wrt as nnx.Optimizer."
-      ) from error
-    return loss_fn(merged, *batch)
+        f"make_value_fn: the params given do not fit the model's variables selected by "
+        f"wrt={wrt!r}: expected a State of structure {expected}, got {given or type(params)}; "
+        "pass make_value_fn the same wrt as nnx.Optimizer."
+      )
+    return loss_fn(nnx.merge(graphdef, params, rest), *batch)
 
   return value_fn

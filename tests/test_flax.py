@@ -206,6 +206,25 @@ def test_make_value_fn_names_a_wrt_unlike_the_optimizer_s():
   value = jaxsaddle.flax.make_value_fn(model, _mse, x, y, wrt=only_output)(params)
   np.testing.assert_allclose(value, _mse(model, x, y), rtol=1e-6)
 
+  # Two layers of the same shapes: the state of one merged into the other without error and gave
+  # the loss of another model, eagerly.
+  class Twin(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(3, 3, use_bias=False, rngs=rngs)
+      self.b = nnx.Linear(3, 3, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(self.a(x))
+
+  twin = Twin(nnx.Rngs(4))
+  inputs = jnp.ones((2, 3))
+  first, second = (nnx.All(nnx.Param, nnx.PathContains(name)) for name in ("a", "b"))
+  loss = lambda model, x: jnp.sum(model(x) ** 2)
+  with pytest.raises(ValueError, match="pass make_value_fn the same wrt"):
+    jaxsaddle.flax.make_value_fn(twin, loss, inputs, wrt=second)(
+      nnx.as_pure(nnx.state(twin, first))
+    )
+
 
 def test_make_value_fn_drives_lbfgs_under_nnx_optimizer():
   model = MLP(nnx.Rngs(3))
