@@ -115,9 +115,8 @@ def check_float_leaves(
     if not jnp.issubdtype(dtype, jnp.floating):
       if leaves == "parameter":
         remedy = (
-          "Keep integer, boolean and complex arrays out of the optimized tree: with flax, hold "
-          "them in a variable type the optimizer's wrt filter leaves out (an nnx.Variable "
-          "subclass other than nnx.Param, with wrt=nnx.Param), or use optax.masked."
+          "Keep integer, boolean and complex arrays out of this tree: with flax, hold them in "
+          "an nnx.Variable type other than nnx.Param, which wrt=nnx.Param leaves out."
         )
       elif leaves == "update":
         truncated = jnp.issubdtype(dtype, jnp.integer)
@@ -226,6 +225,8 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
   try:
     loss = jax.eval_shape(value_fn, params)
   except (TypeError, AttributeError, KeyError, IndexError) as error:
+    if isinstance(error, (jax.errors.JAXTypeError, jax.errors.JAXIndexError)):
+      raise  # JAX's tracing errors (a Python branch on a traced value) explain themselves.
     # The common slip with flax: a loss of the model, handed the nnx.State of its params.
     if type(params).__module__.startswith("flax."):
       raise ValueError(
@@ -233,15 +234,15 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
         "a loss of the model: value_fn takes the params, not the model; build it with "
         "jaxsaddle.flax.make_value_fn(model, loss_fn, *batch)."
       ) from error
-    # The other: a wrapper (optax.flatten, a partition) that hands the transform params unlike
-    # the tree value_fn reads.
-    structure = jax.tree.structure(params)
-    raise ValueError(
-      f"{owner}: value_fn failed on the params it is given ({error!r}), a tree of structure "
-      f"{structure}. value_fn must take the params exactly as the transform receives them; "
-      "inside optax.flatten, optax.masked or a partition they are not the model's tree, so "
-      "keep the transforms that read value_fn outside such wrappers."
-    ) from error
+    # The other: a wrapper (optax.flatten, a partition) that hands a transform params unlike
+    # the tree value_fn reads. The user's own error stays as it is, with the possibility noted.
+    error.add_note(
+      f"{owner}: value_fn failed on the params it was given ({len(jax.tree.leaves(params))} "
+      "leaves). If it is called by a transform inside optax.flatten, optax.masked or a "
+      "partition, those params are not the tree value_fn reads: keep the transforms that read "
+      "value_fn outside such wrappers."
+    )
+    raise
   if not is_scalar_float(loss):
     raise ValueError(
       f"{owner}: value_fn must return the scalar floating-point loss, got {loss}. Reduce "

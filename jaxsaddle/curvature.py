@@ -569,7 +569,11 @@ def lanczos(
   residuals honest there: exact ones are computed scaled, and where :math:`\|T\|` is below
   :math:`10 \sqrt{\text{tiny} \cdot n}` every residual, estimated or exact, is floored at
   that scale, so a wrong Ritz value, or a Rayleigh quotient after a false breakdown, never
-  comes with a small residual.
+  comes with a small residual. That test reads :math:`\|T\|`, and what underflows is a
+  :math:`\beta_j` of about that scale, which a legitimate recursion reaches when
+  :math:`\|A\|` lies within about :math:`10^5` of it (:math:`\beta_j` may fall to
+  :math:`10^{-5} \|T\|` before a breakdown is read): there results can degrade unflagged,
+  so keep :math:`\|A\|` well above the scale.
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
   init_vector = _checks.as_arrays(init_vector)
@@ -1000,7 +1004,9 @@ def extreme_eigenpairs(
       floored at :math:`\sqrt{\epsilon} \max_i(|\alpha_i|, \beta_i)`. With a leaf
       narrower than the recursion's dtype (bfloat16, say) the estimate is floored at that leaf's
       epsilon times :math:`\max_i(|\alpha_i|, \beta_i)`, the rounding of the products the
-      operator computes in it. Exact residuals need ``eigenvectors``.
+      operator computes in it. Where :math:`\|T\|` lies below the underflow scale of
+      :func:`lanczos`, every residual, exact ones too, is floored at that scale. Exact
+      residuals need ``eigenvectors``.
 
   Returns:
     :class:`RitzPairs` with ``k`` (or ``2 k``) entries, each eigenvector leaf of shape

@@ -36,6 +36,12 @@ import jax
 from flax import nnx
 
 
+def _variable_paths(state) -> list[str]:
+  """The sorted paths of a State's (or nested dict's) variables, such as ``"layer/kernel"``."""
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.as_pure(state))[0]
+  return sorted(jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves)
+
+
 def make_value_fn(
   model: nnx.Module,
   loss_fn: Callable[..., jax.Array],
@@ -69,17 +75,18 @@ def make_value_fn(
   # Pure arrays, not the model's live Variables: merging those would write batch-norm
   # statistics and rng counts back into the model, across trace levels under jit or grad.
   rest = nnx.as_pure(rest)
-  expected = jax.tree.structure(nnx.as_pure(selected))
+  expected = _variable_paths(selected)
 
   def value_fn(params: nnx.State) -> jax.Array:
     # Compared before merging: the state of other variables of the same shapes merged without
     # error and gave the loss of another model.
-    given = jax.tree.structure(nnx.as_pure(params)) if isinstance(params, nnx.State) else None
+    given = _variable_paths(params)
     if given != expected:
+      unexpected, missing = sorted(set(given) - set(expected)), sorted(set(expected) - set(given))
       raise ValueError(
         f"make_value_fn: the params given do not fit the model's variables selected by "
-        f"wrt={wrt!r}: expected a State of structure {expected}, got {given or type(params)}; "
-        "pass make_value_fn the same wrt as nnx.Optimizer."
+        f"wrt={wrt!r} (not selected: {unexpected[:3]}; missing: {missing[:3]}); pass "
+        "make_value_fn the same wrt as nnx.Optimizer."
       )
     return loss_fn(nnx.merge(graphdef, params, rest), *batch)
 

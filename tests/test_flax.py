@@ -220,7 +220,12 @@ def test_make_value_fn_names_a_wrt_unlike_the_optimizer_s():
   inputs = jnp.ones((2, 3))
   first, second = (nnx.All(nnx.Param, nnx.PathContains(name)) for name in ("a", "b"))
   loss = lambda model, x: jnp.sum(model(x) ** 2)
-  with pytest.raises(ValueError, match="pass make_value_fn the same wrt"):
+  # Any tree of the selected variables' paths fits: a pure dict as well as a State.
+  whole = jaxsaddle.flax.make_value_fn(twin, loss, inputs)
+  np.testing.assert_allclose(
+    whole(nnx.to_pure_dict(nnx.state(twin, nnx.Param))), loss(twin, inputs)
+  )
+  with pytest.raises(ValueError, match=r"not selected: \['a/kernel'\].*same wrt"):
     jaxsaddle.flax.make_value_fn(twin, loss, inputs, wrt=second)(
       nnx.as_pure(nnx.state(twin, first))
     )

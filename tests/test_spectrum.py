@@ -1362,3 +1362,22 @@ def test_a_hessian_too_small_for_float32_lanczos_is_reported_not_turned_into_a_d
     lambda x: jnp.sum(x), jnp.zeros(30), key=0, num_probes=2, num_steps=10
   )
   assert float(spectrum.degeneracy(zero, tol=0.0, atol=0.0).near_zero_mass) == 1.0
+
+
+def test_a_float32_loss_returned_in_float64_keeps_float32_s_rounding_allowance():
+  # At a true minimum of 1 + sum((x+1)^4 - 4x - 6x^2 - 4x^3 - 1), computed in float32: cast to
+  # float64, its rounding noise (4e-7) read as higher-order descent.
+  def value_fn(x):
+    loss = 1 + jnp.sum((x + 1) ** 4 - 4 * x - 6 * x**2 - 4 * x**3 - 1)
+    return loss.astype(jnp.float64)
+
+  with jax.enable_x64(True):
+    report = spectrum.classify_critical_point(
+      value_fn,
+      jnp.zeros(2, jnp.float32),
+      gradient_tol=1e-4,
+      eigenvalue_tol=1e-3,
+      num_steps=5,
+      key=0,
+    )
+  assert report.kind_name == "minimum"

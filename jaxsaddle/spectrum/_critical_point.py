@@ -134,10 +134,10 @@ def classify_critical_point(
     not converged says nothing of how far below it :math:`\lambda_{\min}` lies. With
     eigenvalues -0.02 and 199 spread over [0.01, 100], 20 steps gave :math:`\theta = 0.071`
     with :math:`r = 0.43`, which used to read "minimum". More steps, or the dense path,
-    decide, except where :math:`r` is floored: at a bfloat16 or float16 leaf's rounding of
-    the products (:func:`jaxsaddle.curvature.extreme_eigenpairs`) and, for a Hessian too
-    small for the compute dtype, at the underflow scale of :func:`jaxsaddle.curvature.lanczos`;
-    there widen the dtype, raise :math:`\tau` or take the dense path. A probe that saw
+    decide, except where :math:`r` cannot shrink: with bfloat16 or float16 leaves it carries
+    their rounding of the products and, for a Hessian too small for the compute dtype, it is
+    floored at the underflow scale of :func:`jaxsaddle.curvature.lanczos`; there widen the
+    dtype, raise :math:`\tau` or take the dense path. A probe that saw
     descent does not decide it either (a saddle, strict or degenerate: ``probe_decrease``
     shows it). (:math:`r` is a convergence test, not a bound on :math:`\lambda_{\min}`:
     there is an eigenvalue within :math:`r` of :math:`\theta`, and Lanczos from a random
@@ -169,7 +169,8 @@ def classify_critical_point(
     num_probe_directions: random directions of the higher-order probe (each tried with both
       signs, as is the eigenvector).
 
-  The probe's rounding allowance uses the machine epsilon of the loss's dtype, and the
+  The probe's rounding allowance uses the machine epsilon of the loss's dtype (at least that
+  of float32, or float64 for float64 params), and the
   distance actually moved once the params' dtype has rounded :math:`x + r d`: bfloat16
   params of :math:`2 + x^4 + y^4` computed in bfloat16 read a decrease of 0.03 from rounding
   alone, which used to make that minimum a degenerate saddle.
@@ -191,8 +192,9 @@ def classify_critical_point(
   params = _check_value_fn(owner, value_fn, params)
   value, gradient, hvp_fn, finite = _linearize(value_fn, params)
   dtype = _compute_dtype(params)
-  # The loss's own rounding; the params' rounding of a probe point is in the distance moved.
-  rounding = float(jnp.finfo(value.dtype).eps)
+  # The loss's rounding, and at least the compute dtype's: a float32 loss cast to float64 still
+  # carries float32's. The params' rounding of a probe point is in the distance moved.
+  rounding = max(float(jnp.finfo(d).eps) for d in (value.dtype, _compute_dtype(params)))
   value = value.astype(dtype)
   lanczos_key, slq_key, direction_key = jax.random.split(_random.canonicalize_key(key), 3)
 
