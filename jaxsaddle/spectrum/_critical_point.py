@@ -194,7 +194,7 @@ def classify_critical_point(
   dtype = _compute_dtype(params)
   # The loss's rounding, and at least the compute dtype's: a float32 loss cast to float64 still
   # carries float32's. The params' rounding of a probe point is in the distance moved.
-  rounding = max(float(jnp.finfo(d).eps) for d in (value.dtype, _compute_dtype(params)))
+  rounding = max(float(jnp.finfo(d).eps) for d in (value.dtype, dtype))
   value = value.astype(dtype)
   lanczos_key, slq_key, direction_key = jax.random.split(_random.canonicalize_key(key), 3)
 
