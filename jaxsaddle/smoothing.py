@@ -132,6 +132,12 @@ def _poles(sigma: float, order: int) -> tuple[np.ndarray, np.ndarray]:
   return rho, weights
 
 
+def _negligible(sigma: float, order: int, dtype) -> bool:
+  r"""Whether :math:`A_\sigma^{-1}` is the identity to working precision (as for sigma = 0):
+  :math:`\|\sigma L^p\| \le 4^p \sigma`. Below about 1e-154 the poles' formulas fail."""
+  return sigma == 0 or math.log(sigma) + order * math.log(4) <= math.log(_tolerance(dtype))
+
+
 def _order_one_rho(sigma: float) -> float:
   # a^2 - 4 with a = 2 + 1/sigma, as (4 + 1/sigma) / sigma: no cancellation at large sigma.
   a = 2 + 1 / sigma
@@ -186,6 +192,11 @@ def choose_method(n: int, sigma: float, order: int, dtype) -> Method:
   20 per octave of ``n`` for ``"fft"``.
   """
   tolerance = _tolerance(dtype)
+  if order == 1 and 2.0**-52 * math.sqrt(sigma) > tolerance:
+    # The first-order pole's 1 - rho^2 and 1 - rho^n cancel in float64 as rho nears 1: the
+    # kernel's mass drifts from 1 by about 2^-52 sqrt(sigma) (0.19 at sigma = 1e30), which the
+    # FFT's closed form does not.
+    return "fft"
   radius = _kernel_radius(sigma, order, tolerance)
   costs = {
     "direct": float(len(_direct_offsets(n, radius))),
@@ -317,7 +328,7 @@ def smooth_last_axis(
   concrete_sigma = _checks.concrete_float(sigma, "laplacian_smoothing", "sigma")
   if concrete_sigma is None:
     method = "fft"
-  elif concrete_sigma == 0:
+  elif _negligible(concrete_sigma, order, x.dtype):
     return x.astype(dtype)
   elif method is None:
     method = choose_method(n, concrete_sigma, order, x.dtype)
@@ -343,7 +354,7 @@ def _smooth_global(leaves: Sequence[jax.Array], sigma, order: int) -> list[jax.A
   dtype = _checks.compute_dtype(jnp.result_type(*leaves))
   flat = [v.astype(dtype) for v in flat]
   concrete_sigma = _checks.concrete_float(sigma, "laplacian_smoothing", "sigma")
-  if concrete_sigma == 0:
+  if concrete_sigma is not None and _negligible(concrete_sigma, order, dtype):
     return list(leaves)
   method = "fft" if concrete_sigma is None else choose_method(total, concrete_sigma, order, dtype)
   width = 0 if method == "fft" else _halo_width(method, total, concrete_sigma, order, dtype)
@@ -504,6 +515,8 @@ def _laplacian_smoothing(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args  # accepted as by every jaxsaddle transform, and unused
+    # An integer gradient would be smoothed and truncated back to integers.
+    _checks.check_float_leaves(updates, owner, "smoothing", leaves="update")
     if mode == "global":
       leaves, treedef = jax.tree.flatten(updates)
       smoothed = _smooth_global([_sharding.replicated(leaf) for leaf in leaves], sigma, order)

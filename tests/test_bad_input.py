@@ -232,7 +232,26 @@ ANALYSIS_ERRORS = [
     lambda: analysis.iteration_matrices(optax.sgd(float("nan")), jnp.eye(2), 1),
     "at step 0 the update at the saddle is NaN",
   ),
+  # bfloat16's 100 ulps let an asymmetry of 0.7 pass.
+  (
+    lambda: analysis.iteration_matrices(
+      optax.sgd(0.5), jnp.array([[1.0, 0.7], [0.0, -1.0]], jnp.bfloat16), 1
+    ),
+    r"hessian must be symmetric; \|H - H\^T\| reaches 0.69",
+  ),
+  (lambda: analysis.iteration_matrices(optax.sgd(0.1), jnp.eye(2), True), "num_steps must be"),
+  (
+    lambda: analysis.attraction_dimension(jnp.eye(2)[None], kind="periodic", period=True),
+    "period must be an integer",
+  ),
 ]
+
+
+def test_analysis_takes_nested_lists_as_matrices():
+  # jnp.result_type cannot read a nested list: both raised "Cannot determine dtype".
+  assert int(analysis.attraction_dimension([[0.5, 0.0], [0.0, 2.0]]).dimension) == 1
+  matrices = analysis.iteration_matrices(optax.sgd(0.1), [[1.0, 0.0], [0.0, -1.0]], 1)
+  np.testing.assert_allclose(matrices[0], np.diag([0.9, 1.1]), rtol=1e-6)
 
 
 @pytest.mark.parametrize(("call", "message"), ANALYSIS_ERRORS)

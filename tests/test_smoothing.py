@@ -483,3 +483,34 @@ def test_lsgd_on_the_reference_quadratic():
   sgd_values = run(optax.sgd(1.5))
   assert not np.isfinite(sgd_values[-1]) or sgd_values[-1] > 1e6 * initial
   assert float(np.mean(run(jaxsaddle.lsgd(1.5, sigma=sigma))[-5000:])) < 1e-3 * initial
+
+
+def test_extreme_sigmas_keep_the_mean_and_tiny_ones_are_the_identity():
+  # Order 1's poles cancel as rho nears 1: sigma = 1e30 gave 0.811 for the mean 1 of [0, 1, 2],
+  # and float64 lost digits from sigma ~ 1e6. Below ~1e-154 the poles' formulas raised.
+  for sigma in (1e10, 1e30, 1e32):
+    for n in (3, 10):
+      g = jnp.arange(float(n))
+      smoothed = jaxsaddle.laplacian_smoothing(sigma).update(g, None)[0]
+      np.testing.assert_allclose(smoothed, np.full(n, (n - 1) / 2), rtol=1e-6)
+  with jax.enable_x64(True):
+    g = jnp.asarray([0.0, 1.0, 5.0])
+    smoothed = jaxsaddle.laplacian_smoothing(1e10).update(g, None)[0]
+    # For n = 3 the periodic Laplacian's nonzero eigenvalues are both -3: A^-1 g is the mean
+    # plus the rest over 1 + 3 sigma, in closed form (a dense solve loses cond * eps).
+    mean = np.mean(np.asarray(g))
+    exact = mean + (np.asarray(g) - mean) / (1 + 3e10)
+    np.testing.assert_allclose(smoothed, exact, rtol=1e-14)
+  for sigma in (1e-200, 5e-324):
+    g = jnp.arange(5.0)
+    for mode in ("leaf", "global", "axis"):
+      smoothed = jaxsaddle.laplacian_smoothing(sigma, mode=mode).update(g, None)[0]
+      np.testing.assert_array_equal(smoothed, g)
+
+
+def test_integer_gradients_are_refused_not_truncated():
+  with pytest.raises(TypeError, match=r"the update at <root> has dtype int32.*truncated"):
+    jaxsaddle.laplacian_smoothing(1.0).update(jnp.array([0, 4, 0, 0]), None)
+  with pytest.raises(TypeError, match="^lsgd: the update"):
+    tx = jaxsaddle.lsgd(0.1)
+    tx.update(jnp.array([0, 4, 0, 0]), tx.init(jnp.zeros(4)))
