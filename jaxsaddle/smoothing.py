@@ -192,10 +192,11 @@ def choose_method(n: int, sigma: float, order: int, dtype) -> Method:
   20 per octave of ``n`` for ``"fft"``.
   """
   tolerance = _tolerance(dtype)
-  if order == 1 and 2.0**-52 * math.sqrt(sigma) > tolerance:
+  if order == 1 and 2.0**-52 * math.sqrt(sigma) > 256 * tolerance:
     # The first-order pole's 1 - rho^2 and 1 - rho^n cancel in float64 as rho nears 1: the
-    # kernel's mass drifts from 1 by about 2^-52 sqrt(sigma) (0.19 at sigma = 1e30), which the
-    # FFT's closed form does not.
+    # kernel's mass drifts from 1 by about 2^-52 sqrt(sigma) (0.19 at sigma = 1e30). Past 64
+    # ulps of the compute dtype (sigma above about 4e3 in float64, 1e21 in float32) the FFT's
+    # closed form, which has no such cancellation, solves instead.
     return "fft"
   radius = _kernel_radius(sigma, order, tolerance)
   costs = {
