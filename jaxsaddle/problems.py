@@ -173,7 +173,15 @@ def quadratic_saddle(
   Returns:
     A :class:`Problem` on params of shape ``(len(eigenvalues),)``.
   """
-  lam = np.asarray(eigenvalues, dtype=np.float64)
+  given = np.asarray(eigenvalues)
+  # Strings and booleans convert to float64 silently ("1" to 1.0, True to 1.0); complex ones
+  # fail with numpy's bare message.
+  if given.dtype.kind not in "iuf":
+    raise TypeError(
+      f"quadratic_saddle: eigenvalues must be real numbers, got {eigenvalues!r} "
+      f"(dtype {given.dtype})."
+    )
+  lam = given.astype(np.float64)
   if lam.ndim != 1 or lam.size == 0:
     raise ValueError(f"eigenvalues must be a non-empty 1-D sequence, got shape {lam.shape}.")
   if not np.all(np.isfinite(lam)):
@@ -348,10 +356,19 @@ def octopus(
     A :class:`Problem` on params of shape ``(dim,)``.
   """
   _checks.check_loop_length("octopus", "dim", dim)
-  if not all(
-    math.isfinite(value) and value > 0
-    for value in (positive_curvature, negative_curvature, length_scale)
-  ):
+  constants = {
+    "positive_curvature": positive_curvature,
+    "negative_curvature": negative_curvature,
+    "length_scale": length_scale,
+  }
+  for name, value in constants.items():
+    if _checks.concrete_float(value, "octopus", name) is None:
+      # Its pieces and their constants are built on the host, as the problem is.
+      raise TypeError(
+        f"octopus: {name} must be concrete, got a traced value; build one problem per value "
+        "in a Python loop."
+      )
+  if not all(math.isfinite(value) and value > 0 for value in constants.values()):
     raise ValueError(
       "positive_curvature, negative_curvature and length_scale must be positive and finite, got "
       f"{positive_curvature}, {negative_curvature} and {length_scale}."

@@ -391,6 +391,21 @@ def test_bad_arguments_raise(make):
     make()
 
 
+def test_octopus_refuses_traced_constants_with_the_loop_route():
+  # JAX's ConcretizationTypeError was all a vmap over length scales gave.
+  with pytest.raises(TypeError, match="octopus: length_scale must be concrete.*Python loop"):
+    jax.vmap(lambda tau: problems.octopus(2, length_scale=tau).value_fn(jnp.ones(2)))(
+      jnp.array([1.0, 2.0])
+    )
+
+
+@pytest.mark.parametrize("eigenvalues", [["1", "-1"], [True, False], [1 + 1j, 2.0]])
+def test_quadratic_saddle_refuses_eigenvalues_that_are_not_real_numbers(eigenvalues):
+  # Strings and booleans were silently converted to floats.
+  with pytest.raises(TypeError, match="quadratic_saddle: eigenvalues must be real numbers"):
+    problems.quadratic_saddle(eigenvalues)
+
+
 def test_value_fns_reject_integer_or_misshapen_params():
   # The fixed data is cast to the params' dtype: integer params truncated it (a value of 0).
   cases = [
