@@ -117,8 +117,10 @@ from typing import NamedTuple
 
 import jax
 import jax.extend.core
+import jax.flatten_util
 import jax.numpy as jnp
 
+from jaxsaddle import _backend
 from jaxsaddle import _checks
 from jaxsaddle import _sharding
 from jaxsaddle._random import canonicalize_key
@@ -356,22 +358,13 @@ def unroll_by_default(fn: Callable, *example_args) -> bool:
 _BYTES_READ_IN_A_ROUND_TRIP = 128 * 2**20
 
 
-def branches_wait_on_host() -> bool:
-  """Whether a ``lax.cond`` or a loop iteration stops the device until the host has its predicate.
-
-  On GPUs XLA copies each predicate to the host and waits for it before launching the branch or
-  the next iteration.
-  """
-  return jax.default_backend() == "gpu"
-
-
 def reading_beats_branching(num_bytes: int) -> bool:
   """Whether reading ``num_bytes`` more costs less than a ``lax.cond`` that would skip them.
 
   On a GPU, up to 128 MiB: the device reads that in less time than the cond's host round trip.
   On other backends a cond costs next to nothing.
   """
-  return branches_wait_on_host() and num_bytes <= _BYTES_READ_IN_A_ROUND_TRIP
+  return _backend.branches_wait_on_host() and num_bytes <= _BYTES_READ_IN_A_ROUND_TRIP
 
 
 def fori_loop(num_steps: int, body: Callable[[Any, Any], Any], carry, *, unroll: bool):
@@ -447,6 +440,49 @@ def _next_orthogonality(omega, omega_prev, alphas, betas, beta, beta_prev, j, sc
   inv_beta = _reciprocal_where(beta > 0, beta)
   estimate = (propagated + jnp.where(propagated >= 0, rounding, -rounding)) * inv_beta
   return jnp.where(index < j, estimate, jnp.where(index == j, rounding * inv_beta, 0))
+
+
+def _checked_image(image: PyTree, vector: PyTree) -> PyTree:
+  """``matvec``'s output ``image`` of ``vector``, or a ValueError saying how it is malformed."""
+  _checks.check_tree_like("lanczos", image, vector, what="matvec's output", like="its input vector")
+  _checks.check_float_leaves(
+    image,
+    "lanczos",
+    "Lanczos",
+    leaves="matvec output",
+    remedy="Return the product in a real floating dtype, as its input vector has.",
+  )
+  return image
+
+
+def _ravels_basis(init_vector: PyTree) -> bool:
+  """Whether :func:`lanczos` runs on ``init_vector`` ravelled into one vector: on a GPU, with
+  one device, when its several leaves share a dtype.
+
+  On a GPU each leaf costs every step's passes a few kernel launches of their own; one leaf
+  has no sharding to lose where there is only one device, and a shared dtype keeps the
+  operator's inputs what they would be.
+  """
+  leaves = jax.tree.leaves(init_vector)
+  return (
+    _backend.branches_wait_on_host()
+    and jax.device_count() == 1
+    and len(leaves) > 1
+    and len({leaf.dtype for leaf in leaves}) == 1
+  )
+
+
+def _ravelled(run: Callable, matvec: Callable[[PyTree], PyTree], init_vector: PyTree):
+  """``run(flat_matvec, flat_start)`` on ``init_vector`` ravelled, its basis unravelled."""
+  flat_start, unravel = jax.flatten_util.ravel_pytree(init_vector)
+
+  def flat_matvec(flat_vector):
+    vector = unravel(flat_vector)
+    return jax.flatten_util.ravel_pytree(_checked_image(matvec(vector), vector))[0]
+
+  result = run(flat_matvec, flat_start)
+  basis = None if result.basis is None else jax.vmap(unravel)(result.basis)
+  return result._replace(basis=basis)
 
 
 def lanczos(
@@ -600,22 +636,26 @@ def lanczos(
     mode = "full"
   if breakdown_tol is None:
     breakdown_tol = 100 * eps
+  if _ravels_basis(init_vector):
+    return _ravelled(
+      lambda flat_matvec, flat_start: lanczos(
+        flat_matvec,
+        flat_start,
+        num_steps,
+        reorthogonalize=reorthogonalize,
+        return_basis=return_basis,
+        breakdown_tol=breakdown_tol,
+        converged=converged,
+        unroll=unroll,
+      ),
+      matvec,
+      init_vector,
+    )
   leaf_dtypes = jax.tree.map(lambda leaf: leaf.dtype, init_vector)
 
   def apply(vector):
     as_input = jax.tree.map(lambda leaf, d: leaf.astype(d), vector, leaf_dtypes)
-    image = matvec(as_input)
-    _checks.check_tree_like(
-      "lanczos", image, vector, what="matvec's output", like="its input vector"
-    )
-    _checks.check_float_leaves(
-      image,
-      "lanczos",
-      "Lanczos",
-      leaves="matvec output",
-      remedy="Return the product in a real floating dtype, as its input vector has.",
-    )
-    return _cast(image, dtype)
+    return _cast(_checked_image(matvec(as_input), vector), dtype)
 
   def norm(vector):
     # sqrt with a finite derivative at 0: once the Krylov space is exhausted w is zero, and
@@ -638,7 +678,7 @@ def lanczos(
   group = math.ceil(num_steps / math.ceil(math.sqrt(num_steps)))
   num_groups = math.ceil(num_steps / group)
 
-  host_branches = branches_wait_on_host()
+  host_branches = _backend.branches_wait_on_host()
   basis_bytes = num_steps * sum(leaf.size for leaf in jax.tree.leaves(start)) * dtype.itemsize
 
   def project_out(basis, w, j):

@@ -10,6 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jaxsaddle
+from jaxsaddle import _backend
 from jaxsaddle import curvature
 from jaxsaddle import spectrum as spectrum_module
 from jaxsaddle._random import tree_standard_normal
@@ -809,7 +810,7 @@ def test_extreme_eigenpairs_give_zero_vectors_for_missing_pairs_of_a_nan_operato
 def test_converged_stops_the_recursion_and_keeps_the_final_residual(monkeypatch, gpu_form):
   # The stop runs the steps in a while_loop; the GPU form (see
   # test_gpu_form_of_lanczos_gives_the_cpu_forms_run_with_fewer_branches) must stop the same way.
-  monkeypatch.setattr(curvature, "branches_wait_on_host", lambda: gpu_form)
+  monkeypatch.setattr(_backend, "branches_wait_on_host", lambda: gpu_form)
   matrix = _rotated(jnp.concatenate([jnp.linspace(-1.0, 1.0, 58), jnp.array([3.0, 5.0])]), 24)
   start = jnp.cos(jnp.arange(60.0))
   full = curvature.lanczos(lambda x: matrix @ x, start, 30)
@@ -1015,7 +1016,7 @@ def test_gpu_form_of_lanczos_gives_the_cpu_forms_run_with_fewer_branches(
     return jax.jit(fn)(start), str(jax.make_jaxpr(fn)(start)).count("cond[")
 
   cpu_form, cpu_conds = run()
-  monkeypatch.setattr(curvature, "branches_wait_on_host", lambda: True)
+  monkeypatch.setattr(_backend, "branches_wait_on_host", lambda: True)
   # The basis is 8 rows of 20 float32s, 640 bytes.
   monkeypatch.setattr(curvature, "_BYTES_READ_IN_A_ROUND_TRIP", 640 if small_basis else 639)
   gpu_form, gpu_conds = run()
@@ -1035,6 +1036,59 @@ def test_gpu_form_of_lanczos_gives_the_cpu_forms_run_with_fewer_branches(
   np.testing.assert_allclose(gpu_form.betas, cpu_form.betas, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(gpu_form.basis, cpu_form.basis, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(gpu_form.basis[5:], 0)
+
+
+@pytest.mark.parametrize("return_basis", [True, False])
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+def test_ravelled_form_of_lanczos_gives_the_pytree_forms_run(
+  monkeypatch, reorthogonalize, return_basis
+):
+  # On a GPU with one device, vectors of several leaves of one dtype run ravelled; the basis
+  # comes back as the pytree it would be. The last eigenvalue of "b" repeats one of "a"'s, so
+  # reorthogonalised runs exhaust the Krylov space at 16 of the 20 steps; without
+  # reorthogonalisation round-off grows from step 7 on and the breakdown goes unnoticed.
+  spectrum_a = jnp.linspace(-1.0, 5.0, 12) ** 3
+  spectrum_b = jnp.array([-7.0, -0.3, 0.2, 9.0, spectrum_a[3]])
+  matvec = _block_operator(_rotated(spectrum_a, 5), _rotated(spectrum_b, 50))
+  start = {"a": jnp.ones((3, 4)), "b": jnp.arange(1.0, 6.0)}
+  num_valid, compared = (16, 15) if reorthogonalize else (20, 6)
+
+  def run():
+    fn = lambda v: curvature.lanczos(  # noqa: E731
+      matvec, v, 20, reorthogonalize=reorthogonalize, return_basis=return_basis
+    )
+    jaxpr = str(jax.make_jaxpr(fn)(start))
+    return jax.jit(fn)(start), jaxpr
+
+  pytree_form, pytree_jaxpr = run()
+  monkeypatch.setattr(_backend, "branches_wait_on_host", lambda: True)
+  ravelled_form, ravelled_jaxpr = run()
+  # The vectors are one array of 17 elements, not one per leaf.
+  assert "f32[17]" in ravelled_jaxpr and "f32[17]" not in pytree_jaxpr
+  assert int(ravelled_form.num_valid) == int(pytree_form.num_valid) == num_valid
+  # To round-off in float32 of ||A|| = 125 (the breakdown's beta is such round-off).
+  for name in ("alphas", "betas"):
+    np.testing.assert_allclose(
+      getattr(ravelled_form, name)[:compared],
+      getattr(pytree_form, name)[:compared],
+      rtol=1e-5,
+      atol=2e-3,
+    )
+  if return_basis:
+    for leaf in "ab":
+      assert ravelled_form.basis[leaf].shape == pytree_form.basis[leaf].shape
+      # Row 15 comes from the small beta before the breakdown, which amplifies round-off.
+      np.testing.assert_allclose(
+        ravelled_form.basis[leaf][:compared],
+        pytree_form.basis[leaf][:compared],
+        rtol=1e-4,
+        atol=1e-4,
+      )
+      np.testing.assert_array_equal(ravelled_form.basis[leaf][num_valid:], 0)
+  else:
+    assert ravelled_form.basis is None
+  with pytest.raises(ValueError, match="matvec's output"):
+    curvature.lanczos(lambda v: {"a": v["a"]}, start, 3, reorthogonalize=reorthogonalize)
 
 
 def test_cubic_regularization_subsolver_unrolled_on_a_conv_loss_equals_the_loop(monkeypatch):
