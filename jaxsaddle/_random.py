@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsaddle import _backend
 from jaxsaddle import _checks
 
 Distribution = Literal["gaussian", "sphere", "ball"]
@@ -182,14 +181,13 @@ def norm_at_most(tree, threshold) -> jax.Array:
   the rest are read, under ``lax.cond``, only when those alone do not already exceed the
   threshold. Away from saddle points the gradient norm is far above a saddle-escape threshold
   and the first read settles it, so the test costs a fraction of a pass over the gradient.
-  Under ``vmap`` the cond is a select and every leaf is read, as with :func:`global_norm`; on a
-  GPU, where the cond would wait for its predicate on the host, every leaf is read at once.
+  Under ``vmap`` the cond is a select and every leaf is read, as with :func:`global_norm`.
   A NaN or Inf anywhere gives False.
   """
   leaves = sorted(jax.tree.leaves(tree), key=lambda leaf: leaf.size)
   cumulative_sizes = list(itertools.accumulate(leaf.size for leaf in leaves))
   num_first = sum(size <= _FIRST_READ_FRACTION * cumulative_sizes[-1] for size in cumulative_sizes)
-  if num_first == 0 or _backend.branches_wait_on_host():
+  if num_first == 0:
     return jnp.sqrt(_sum_of_squares(leaves)) <= threshold
   first = _sum_of_squares(leaves[:num_first])
   # A NaN first sum does not exceed the threshold, so the cond reads on and the total is NaN.

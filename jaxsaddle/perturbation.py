@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsaddle import _backend
 from jaxsaddle import _checks
 from jaxsaddle import _random
 
@@ -279,16 +278,9 @@ def _perturb_near_saddle(
       displacement = _random.sample_isotropic(sample_key, gradient, perturbation_radius, "ball")
       return rng_key, optax.tree.cast_like(displacement, gradient)
 
-    if _backend.branches_wait_on_host():
-      # What the cond becomes under vmap: a draw at every step, kept where it perturbs. On a
-      # GPU the draw costs less than the cond's wait for its predicate on the host.
-      rng_key, gradient_or_displacement = optax.tree.where(
-        near_saddle, draw((state.rng_key, updates)), (state.rng_key, updates)
-      )
-    else:
-      rng_key, gradient_or_displacement = jax.lax.cond(
-        near_saddle, draw, lambda operand: operand, (state.rng_key, updates)
-      )
+    rng_key, gradient_or_displacement = jax.lax.cond(
+      near_saddle, draw, lambda operand: operand, (state.rng_key, updates)
+    )
 
     if value is not None:
       extra_args["value"] = value

@@ -13,7 +13,6 @@ import optax
 import pytest
 
 import jaxsaddle
-from jaxsaddle import _backend
 from jaxsaddle import problems
 
 FULL = os.environ.get("JAXSADDLE_FULL") == "1"
@@ -315,32 +314,6 @@ def test_perturbations_follow_the_papers_schedule_and_land_exactly():
   assert perturbed_at == [0, 5, 10]
   assert int(state.num_perturbations) == 3
   assert int(state.count) == 12
-
-
-def test_gpu_form_of_pgd_runs_as_the_cpu_form_without_branches(monkeypatch):
-  # On a GPU a lax.cond waits for its predicate on the host, so PGD reads the whole gradient
-  # for its test and draws at every step, keeping the draw where it perturbs: the run must be
-  # the one the two conds give. "b" is small enough for the norm test to read it first.
-  params = {"w": jnp.linspace(-0.1, 0.1, 16), "b": jnp.zeros(1)}
-  # A flat saddle: the gradient stays below the threshold, so PGD perturbs every sixth step.
-  value_fn = lambda p: 0.01 * (jnp.sum(p["w"][:8] ** 2) - jnp.sum(p["w"][8:] ** 2) + p["b"][0] ** 2)  # noqa: E731
-
-  def run():
-    # A new transform each time: its eager update caches its trace.
-    tx = jaxsaddle.pgd(0.1, perturbation_radius=0.5, gradient_threshold=1.0, escape_steps=4, key=3)
-    grads = jax.grad(value_fn)(params)
-    num_conds = str(jax.make_jaxpr(tx.update)(grads, tx.init(params), params)).count("cond[")
-    return jax.jit(lambda p: _run(tx, value_fn, p, 30))(params), num_conds
-
-  (cpu_params, cpu_state, cpu_values), cpu_conds = run()
-  monkeypatch.setattr(_backend, "branches_wait_on_host", lambda: True)
-  (gpu_params, gpu_state, gpu_values), gpu_conds = run()
-  assert (cpu_conds, gpu_conds) == (2, 0)
-  assert int(gpu_state.num_perturbations) == int(cpu_state.num_perturbations) == 5
-  assert int(gpu_state.last_perturbation_step) == int(cpu_state.last_perturbation_step)
-  np.testing.assert_allclose(gpu_values, cpu_values, rtol=1e-6, atol=1e-7)
-  for leaf in ("w", "b"):
-    np.testing.assert_allclose(gpu_params[leaf], cpu_params[leaf], rtol=1e-6, atol=1e-7)
 
 
 def test_inner_state_does_not_advance_on_a_perturbing_call():
