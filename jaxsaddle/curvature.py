@@ -45,14 +45,15 @@ and finds a repeated eigenvalue again: the extra Ritz values repeat converged on
 eigenpairs of an eigenvalue of multiplicity more than one, with small residuals) or carry
 large residuals.
 
-**Layout and precision.** Vectors are pytrees. The basis is a stacked pytree whose
-leaves have shape ``(num_steps, *leaf.shape)``, so a sharded leaf stays sharded the same
-way and nothing is ravelled into one vector (except on a GPU with one device: see below). Inner products are sums over leaves; the
-reorthogonalisation coefficients are one contraction of the stacked basis per leaf, and their
-subtraction reads only the rows filled so far (in a loop, a ``lax.cond`` per group of rows).
-The basis and the tridiagonal are kept in float32, or float64 when a leaf is float64; bfloat16
-and float16 leaves are upcast (the operator still receives vectors in the leaves' own dtypes).
-The loop has a fixed trip count under ``lax.fori_loop``, so everything jits and vmaps.
+**Layout and precision.** Vectors are pytrees. The basis is a stacked pytree whose leaves have
+shape ``(num_steps, *leaf.shape)``, so a sharded leaf stays sharded the same way and nothing is
+ravelled into one vector (except on a GPU with one device: see below). Inner products are sums
+over leaves; the reorthogonalisation coefficients are one contraction of the stacked basis per
+leaf, and their subtraction reads only the rows filled so far (in a loop, a ``lax.cond`` per
+group of rows). The basis and the tridiagonal are kept in float32, or float64 when a leaf is
+float64; bfloat16 and float16 leaves are upcast (the operator still receives vectors in the
+leaves' own dtypes). The loop has a fixed trip count under ``lax.fori_loop``, so everything jits
+and vmaps.
 
 **Branches on a GPU.** XLA on a GPU reads each ``lax.cond`` predicate and loop condition on
 the host, a round trip of 50-90 µs on an H100. There a stopped product is discarded with a
@@ -352,7 +353,7 @@ def unroll_by_default(fn: Callable, *example_args) -> bool:
 
   ``fn`` is traced once, abstractly, on ``example_args``; see the module docstring.
   """
-  if jax.default_backend() != "cpu":
+  if not _backend.loops_slow_down_convolutions():
     return False
   return _contains_convolution(jax.make_jaxpr(fn)(*example_args).jaxpr)
 
