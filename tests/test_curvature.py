@@ -876,9 +876,11 @@ def test_extreme_eigenpairs_with_tol_stop_at_the_first_step_that_meets_it():
     assert int(stopped.num_steps) == first
     np.testing.assert_array_equal(batched.num_steps[i], stopped.num_steps)
     np.testing.assert_allclose(stopped.eigenvalues, values[::-1][:2], rtol=1e-5)
-    # The residuals are those of that block, far above what 40 steps would leave.
+    # The residuals are those of that block, far above what 40 steps would leave. A converged
+    # pair's is round-off, which on an H100 (float32 eigh of the block there, float64 here)
+    # differed by 2e-5, far below the 5e-3 that decides the stop.
     np.testing.assert_allclose(
-      stopped.residual_norms, (relative * np.abs(values[-2:]))[::-1], rtol=1e-2, atol=1e-6
+      stopped.residual_norms, (relative * np.abs(values[-2:]))[::-1], rtol=1e-2, atol=1e-4
     )
     np.testing.assert_allclose(batched.eigenvalues[i], stopped.eigenvalues, rtol=1e-6)
     assert bool(jnp.all(stopped.residual_norms <= 1.01 * tol * jnp.abs(stopped.eigenvalues)))
@@ -1118,11 +1120,13 @@ def test_cubic_regularization_subsolver_unrolled_on_a_conv_loss_equals_the_loop(
     np.testing.assert_allclose(unrolled[name], looped[name], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e-18, 1.0])
+@pytest.mark.parametrize("scale", [1e-37, 1e-30, 1e-18, 1.0])
 def test_residuals_bound_the_error_even_when_the_squared_norms_underflow(scale):
-  # In float32, ||A|| = 1e-30 makes the recursion's squared norms underflow into a false
-  # breakdown after one step: the Ritz values are wrong, and the residuals, exact and
-  # estimated, came out 0, certifying them. An eigenvalue lies within the residual of each.
+  # In float32, ||A|| = 1e-30 made the recursion's squared norms underflow into a false
+  # breakdown after one step: the Ritz values were wrong, and the residuals, exact and
+  # estimated, came out 0, certifying them. Scaled norms resolve it now; at 1e-37 the
+  # reorthogonalisation's coefficients are subnormal. An eigenvalue lies within the residual
+  # of each Ritz value.
   eigenvalues = np.linspace(-5.0, 3.0, 18) * scale
   matrix = jnp.diag(jnp.asarray(eigenvalues, jnp.float32))
   for exact in (True, False):
@@ -1139,6 +1143,30 @@ def test_residuals_bound_the_error_even_when_the_squared_norms_underflow(scale):
     values = np.asarray(pairs.eigenvalues, np.float64)
     distance = np.min(np.abs(values[:, None] - eigenvalues[None, :]), axis=1)
     assert np.all(distance <= np.asarray(pairs.residual_norms) * 1.001), (exact, distance)
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+@pytest.mark.parametrize("scale", [1e-32, 1e-19, 1e20])
+def test_tiny_and_huge_operators_keep_their_extreme_ritz_values_in_float32(scale, reorthogonalize):
+  # Unscaled squares of the products underflowed at ||A|| = 1e-18: a beta read orders of
+  # magnitude too small gave this positive definite operator Ritz values of -2e-11 with
+  # residuals of 1e-12. Above 1e19 the squares overflowed.
+  eigenvalues = np.linspace(1e-3, 10.0, 30)
+  for seed in range(6):
+    matrix = jnp.asarray(_rotated(eigenvalues, seed) * scale, jnp.float32)
+    pairs = jax.jit(
+      lambda key, matrix=matrix: curvature.extreme_eigenpairs(
+        lambda v: matrix @ v,
+        jnp.zeros(30),
+        num_steps=30,
+        key=key,
+        which="both",
+        reorthogonalize=reorthogonalize,
+      )
+    )(jax.random.key(seed))
+    np.testing.assert_allclose(
+      np.asarray(pairs.eigenvalues, np.float64) / scale, eigenvalues[[0, -1]], atol=1e-5
+    )
 
 
 def test_lanczos_names_a_converged_test_that_is_not_a_boolean_scalar_and_takes_python_floats():

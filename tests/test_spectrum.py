@@ -1112,15 +1112,16 @@ def test_non_finite_loss_raises_eagerly_and_gives_nan_under_jit():
   assert float(report.index) == 0.0 and float(report.degeneracy) == 0.0
   assert report.kind_name == "not critical"
 
-  # A finite loss whose Hessian, 1e20 diag(1, 2, 3), overflows the float32 squared norms of
-  # SLQ: the weights stay finite, the nodes do not.
+  # A finite loss, and finite products, whose Hessian, 1e37 diag(1, ..., 100), has a norm
+  # beyond float32's range: the quadratic forms overflow. (1e20 diag(1, 2, 3) overflowed the
+  # squared norms of SLQ before they were scaled; it is resolved now.)
   def huge(x):
-    return 1e20 * jnp.sum(jnp.arange(1.0, 4.0) * x**2) / 2
+    return 1e37 * jnp.sum(jnp.arange(1.0, 101.0) * x**2) / 2
 
   with pytest.raises(ValueError, match="overflowed"):
-    spectrum.hessian_density(huge, jnp.ones(3), key=0, num_probes=2, num_steps=3)
+    spectrum.hessian_density(huge, jnp.zeros(100), key=0, num_probes=2, num_steps=3)
   density = jax.jit(lambda x: spectrum.hessian_density(huge, x, key=0, num_probes=2, num_steps=3))(
-    jnp.ones(3)
+    jnp.zeros(100)
   )
   assert bool(jnp.all(jnp.isnan(density.nodes))) and bool(jnp.all(jnp.isnan(density.density)))
 
@@ -1338,23 +1339,35 @@ def test_estimated_residuals_cover_the_rounding_of_bfloat16_products(reorthogona
 
 
 def test_a_hessian_too_small_for_float32_lanczos_is_reported_not_turned_into_a_density():
-  # A [-1, 10] spectrum scaled by 1e-20: the recursion's squared norms come near the smallest
-  # normal number and the nodes collapsed to one per probe, with no negative mass.
-  matrix = jnp.asarray(_rotated(np.linspace(-1.0, 10.0, 30), 2) * 1e-20, jnp.float32)
+  # A [-1, 10] spectrum scaled by 1e-33, below tiny n / eps = 3e-30: the recursion's
+  # rounding-level coefficients are subnormal. (At 1e-20, where unscaled squared norms
+  # underflowed, the nodes collapsed to one per probe with no negative mass; now the density
+  # and the classification below are right there.)
+  matrix = jnp.asarray(_rotated(np.linspace(-1.0, 10.0, 30), 2) * 1e-33, jnp.float32)
   density = functools.partial(
     spectrum.hessian_density, _quadratic(matrix), jnp.zeros(30), key=0, num_probes=2, num_steps=10
   )
   with pytest.raises(ValueError, match="too small for Lanczos in float32"):
     density()
   assert np.all(np.isnan(jax.jit(density)().density))
-  # The classification cannot resolve the sign of the smallest eigenvalue either.
+  # The classification cannot resolve the sign of the smallest eigenvalue either, whether its
+  # Ritz value lies above -eigenvalue_tol or below: the tridiagonal is no longer the projection.
+  for low, high in ((-1.0, 10.0), (-10.0, 1.0)):
+    matrix = jnp.asarray(_rotated(np.linspace(low, high, 30), 2) * 1e-33, jnp.float32)
+    report = spectrum.classify_critical_point(
+      _quadratic(matrix), jnp.zeros(30), gradient_tol=0.0, eigenvalue_tol=1e-36, num_steps=10, key=0
+    )
+    assert report.kind_name == "undetermined"
+    assert np.isnan(report.index) and np.isnan(report.degeneracy)
+  # At 1e-20: three of the thirty eigenvalues are negative.
+  matrix = jnp.asarray(_rotated(np.linspace(-1.0, 10.0, 30), 2) * 1e-20, jnp.float32)
   report = spectrum.classify_critical_point(
     _quadratic(matrix), jnp.zeros(30), gradient_tol=0.0, eigenvalue_tol=1e-23, num_steps=10, key=0
   )
-  assert report.kind_name == "undetermined"
-  assert np.isnan(report.index) and np.isnan(report.degeneracy)
+  assert report.kind_name == "strict saddle"
+  np.testing.assert_allclose(float(report.index), 0.1, atol=0.02)
   # One probe in a tiny eigenspace is no underflow when another sees the Hessian's norm, 4.
-  rank_one = lambda x: 0.5 * jnp.sum(x) ** 2 + 0.5e-20 * jnp.sum(x**2)
+  rank_one = lambda x: 0.5 * jnp.sum(x) ** 2 + 0.5e-35 * jnp.sum(x**2)
   for key in range(4):
     spectrum.hessian_density(rank_one, jnp.zeros(4), key=key, num_probes=4, num_steps=3)
   # A zero Hessian is resolved exactly: all its mass at 0.

@@ -58,8 +58,8 @@ def _checked(owner: str, finite: jax.Array, result):
       f"{owner}: the loss, its gradient or its curvature (a Hessian-vector product or "
       "quadratic form) at params is NaN or infinite; no spectrum is computed from it. (With "
       "a finite loss, the curvature may have overflowed: Hessian-vector products in the params' "
-      "dtype (float16 beyond 65504), or their squared norms in float32, Hessian norms beyond "
-      "about 1e19; scale the loss or use a wider dtype.)"
+      "dtype (float16 beyond 65504), or the Hessian's norm beyond the compute dtype's range "
+      "(float32: 3e38); scale the loss or use a wider dtype.)"
     )
   return jax.tree.map(
     lambda leaf: (

@@ -136,8 +136,10 @@ def classify_critical_point(
     with :math:`r = 0.43`, which used to read "minimum". More steps, or the dense path,
     decide, except where :math:`r` cannot shrink: with bfloat16 or float16 leaves it carries
     their rounding of the products and, for a Hessian too small for the compute dtype, it is
-    floored at the underflow scale of :func:`jaxsaddle.curvature.lanczos`; there widen the
-    dtype, raise :math:`\tau` or take the dense path. A probe that saw
+    floored at the underflow scale of :func:`jaxsaddle.curvature.lanczos`, and there a strict
+    saddle needs :math:`\theta + r < -\tau`, since the tridiagonal is then no longer the
+    Hessian's projection and :math:`\theta` no longer an upper bound; there widen the dtype,
+    raise :math:`\tau` or take the dense path. A probe that saw
     descent does not decide it either (a saddle, strict or degenerate: ``probe_decrease``
     shows it). (:math:`r` is a convergence test, not a bound on :math:`\lambda_{\min}`:
     there is an eigenvalue within :math:`r` of :math:`\theta`, and Lanczos from a random
@@ -216,6 +218,12 @@ def classify_critical_point(
     measure, underflowed = _slq(
       hvp_fn, params, slq_key, num_probes, num_steps, "rademacher", True, None
     )
+    underflowed = underflowed | curvature._underflows(
+      jnp.maximum(jnp.abs(smallest), jnp.abs(largest)), params
+    )
+  # Below the underflow scale the tridiagonal is not the operator's projection, so even a Ritz
+  # value under -eigenvalue_tol proves nothing finer than the scale the residual is floored at.
+  smallest_upper_bound = smallest + jnp.where(underflowed, smallest_residual, 0)
   mass = degeneracy(measure, tol=0.0, atol=eigenvalue_tol)
 
   flattest = jax.tree.map(lambda stacked: stacked[:1], eigenvectors)
@@ -245,7 +253,7 @@ def classify_critical_point(
     gradient_norm > gradient_tol,
     _NOT_CRITICAL,
     jnp.where(
-      smallest < -eigenvalue_tol,
+      smallest_upper_bound < -eigenvalue_tol,
       _STRICT_SADDLE,
       jnp.where(
         smallest - smallest_residual < -eigenvalue_tol,

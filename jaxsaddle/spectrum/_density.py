@@ -176,10 +176,10 @@ def hessian_density(
 
   Returns:
     A :class:`SpectralDensity`. A NaN or infinite loss, gradient or product, or a nonzero
-    Hessian too small for Lanczos in the compute dtype (in float32, norms near
-    :math:`10 \sqrt{\text{tiny} \cdot n}`, about 6e-17 for 3,000 parameters; see
+    Hessian too small for Lanczos in the compute dtype (in float32, norms below
+    :math:`\text{tiny}\, n / \epsilon`, about 3e-28 for 3,000 parameters; see
     :func:`jaxsaddle.curvature.lanczos`), raises ``ValueError`` called eagerly and gives NaN
-    under ``jit``: nodes collapsed by underflow are never returned as a spectrum.
+    under ``jit``: nodes spoiled by underflow are never returned as a spectrum.
   """
   owner = "hessian_density"
   _checks.check_loop_length(owner, "num_probes", num_probes)
@@ -203,10 +203,9 @@ def hessian_density(
   )
   if not isinstance(underflowed, jax.core.Tracer) and bool(underflowed):
     raise ValueError(
-      f"{owner}: the Hessian is too small for Lanczos in {_compute_dtype(params)}: its "
-      "products' squared norms come near the smallest normal number, where its nodes collapse "
-      "(a [-1, 10] spectrum scaled by 1e-20 read no negative mass); scale the loss up or use "
-      "float64."
+      f"{owner}: the Hessian is too small for Lanczos in {_compute_dtype(params)}: below "
+      "tiny * n / eps the recursion's rounding-level coefficients are subnormal numbers and "
+      "its nodes lose their accuracy; scale the loss up by a power of two or use float64."
     )
   # Empty slots hold NaN nodes by design; a NaN or infinite node with weight is an overflow.
   finite = finite & ~underflowed
