@@ -19,6 +19,7 @@ from jaxsaddle.curvature import ritz_pairs
 from jaxsaddle.negative_curvature import NegativeCurvatureDescentState
 from jaxsaddle.negative_curvature import PAGDState
 from jaxsaddle.negative_curvature import negative_curvature_descent
+from jaxsaddle.negative_curvature import neon
 from jaxsaddle.negative_curvature import pagd
 from jaxsaddle.perturbation import AddIsotropicNoiseState
 from jaxsaddle.perturbation import PerturbNearSaddleState
@@ -56,6 +57,7 @@ __all__ = (
   "monitor_curvature",
   "lsgd",
   "negative_curvature_descent",
+  "neon",
   "noisy_gd",
   "pagd",
   "perturb_near_saddle",

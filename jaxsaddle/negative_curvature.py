@@ -1,15 +1,17 @@
 r"""Saddle escape that exploits negative curvature.
 
-Two optimizers, both complete (they apply the learning rate themselves):
+Three optimizers, all complete (they apply the learning rate themselves):
 
 - :func:`negative_curvature_descent` takes gradient steps and, where the gradient is small,
   runs Lanczos on Hessian-vector products and steps along a direction of negative curvature
   when it finds one (the negative-curvature step of Carmon et al. 2018).
+- :func:`neon` takes the same steps with the direction found from gradient differences
+  alone, started from noise (the idea of Xu, Jin and Yang's Neon, 2018).
 - :func:`pagd` is Nesterov's accelerated gradient descent with the perturbations and the
   negative curvature exploitation of Jin, Netrapalli and Jordan (2018); it needs loss values
   but no Hessian-vector products.
 
-Both read the loss as ``value_fn``, a function of the parameters returning the scalar loss,
+All read the loss as ``value_fn``, a function of the parameters returning the scalar loss,
 passed to ``update`` as an extra argument (``tx.update(grads, state, params,
 value_fn=loss_fn)``; with flax, ``optimizer.update(model, grads, value_fn=...)``). Put them
 *last* in a chain: on a curvature or perturbation step their output is a displacement of the
@@ -65,6 +67,104 @@ def _lower_side(loss_minus: jax.Array, loss_plus: jax.Array) -> jax.Array:
 def _scale(scalar, tree: PyTree) -> PyTree:
   """``scalar * tree`` in each leaf's dtype, as ``optax.scale_by_learning_rate`` computes it."""
   return jax.tree.map(lambda leaf: jnp.asarray(scalar, leaf.dtype) * leaf, tree)
+
+
+def _curvature_descent(
+  owner: str,
+  uses: str,
+  state_type: type,
+  search: Callable,
+  key,
+  learning_rate: optax.ScalarOrSchedule,
+  hessian_lipschitz,
+  epsilon,
+  gradient_threshold,
+  *,
+  positive=(),
+) -> optax.GradientTransformationExtraArgs:
+  """A negative-curvature descent whose direction ``search`` finds.
+
+  ``search(value_fn, params, key, dtype)`` returns the gradient at ``params``, an upper bound
+  on the curvature along a unit direction, and that direction. ``uses`` says how it reads the
+  loss, for the error of a missing ``value_fn``. ``state_type`` has the fields of
+  :class:`NegativeCurvatureDescentState`, in its order, the fourth counting the searches under
+  a name of its own; ``positive`` lists hyperparameters of the search to guard.
+  """
+  _checks.check_learning_rate(owner, learning_rate)
+  _checks.check_positive(owner, "hessian_lipschitz", hessian_lipschitz)
+  _checks.check_positive(owner, "epsilon", epsilon)
+  if gradient_threshold is None:
+    gradient_threshold = epsilon
+  else:
+    _checks.check_positive(owner, "gradient_threshold", gradient_threshold)
+
+  def init_fn(params):
+    _checks.check_float_leaves(params, owner, "a curvature step")
+    zero = jnp.zeros([], jnp.int32)
+    nan = jnp.full([], jnp.nan, curvature._compute_dtype(params))
+    return state_type(zero, _random.canonicalize_key(key), nan, zero, zero)
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del extra_args
+    new_updates, rng_key, eigenvalue, searched, took_curvature_step = step(
+      updates, state, params, value_fn
+    )
+    num_searches = state[3]
+    new_state = state_type(
+      optax.safe_increment(state.count),
+      rng_key,
+      eigenvalue,
+      num_searches + searched.astype(jnp.int32),
+      state.num_curvature_steps + took_curvature_step.astype(jnp.int32),
+    )
+    return new_updates, new_state
+
+  def step(updates, state, params, value_fn):
+    _checks.require_value_fn(owner, value_fn, params, uses=uses)
+    _checks.check_updates(owner, updates, params, "a curvature step")
+    if not _checks.has_elements(params):
+      # No Hessian to search: the (empty) updates pass, as through any optax transform.
+      no = jnp.zeros([], jnp.bool_)
+      return updates, state.rng_key, state.last_smallest_eigenvalue, no, no
+    gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
+    small_gradient = _random.norm_at_most(updates, gradient_threshold)
+    rng_key, search_key = jax.random.split(state.rng_key)
+    dtype = state.last_smallest_eigenvalue.dtype
+
+    def curvature_step(gradient_step):
+      grad, eigenvalue, direction = search(value_fn, params, search_key, dtype)
+      # Products that overflowed (float16 Hessians beyond 65504) gave +inf: recorded as NaN,
+      # which takes no curvature step, rather than as a positive-definite Hessian.
+      eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue, jnp.nan).astype(dtype)
+      threshold = jnp.sqrt(jnp.asarray(hessian_lipschitz * epsilon, dtype))
+      negative = eigenvalue < -threshold
+      step = _scale(-eigenvalue / hessian_lipschitz, direction)
+      slope = curvature._tree_vdot(grad, direction, dtype)
+
+      def lower_candidate():
+        plus = jax.tree.map(lambda p, s: p + s.astype(p.dtype), params, step)
+        minus = jax.tree.map(lambda p, s: p - s.astype(p.dtype), params, step)
+        return _lower_side(value_fn(minus), value_fn(plus)).astype(dtype)
+
+      sign = jax.lax.cond(negative & (slope == 0), lower_candidate, lambda: -jnp.sign(slope))
+      new_updates = jax.tree.map(
+        lambda s, g: jnp.where(negative, (sign * s).astype(g.dtype), g), step, gradient_step
+      )
+      return new_updates, eigenvalue, negative
+
+    def gradient_only(gradient_step):
+      return gradient_step, state.last_smallest_eigenvalue, jnp.zeros([], jnp.bool_)
+
+    new_updates, eigenvalue, took_curvature_step = jax.lax.cond(
+      small_gradient, curvature_step, gradient_only, gradient_step
+    )
+    return new_updates, rng_key, eigenvalue, small_gradient, took_curvature_step
+
+  return _checks.public_transform(
+    optax.GradientTransformationExtraArgs(init_fn, update_fn),
+    positive=[hessian_lipschitz, epsilon, gradient_threshold, *positive],
+    nonnegative=[learning_rate],
+  )
 
 
 class NegativeCurvatureDescentState(NamedTuple):
@@ -132,9 +232,8 @@ def negative_curvature_descent(
   The curvature step is the negative-curvature step of Carmon, Duchi, Hinder and Sidford,
   *Accelerated Methods for Nonconvex Optimization*, SIAM J. Optim. 2018 (arXiv:1611.00756);
   here it alternates with plain gradient descent rather than their accelerated solver of
-  almost-convex subproblems. Neon (Xu, Jin and Yang, NeurIPS 2018, arXiv:1711.01944) and
-  Neon2 (Allen-Zhu and Li, NeurIPS 2018, arXiv:1711.06673) find such directions from
-  gradient differences alone; this transform uses exact Hessian-vector products.
+  almost-convex subproblems. :func:`neon` finds such directions from gradient differences
+  alone; this transform uses exact Hessian-vector products.
 
   **Cost.** A Lanczos call linearises :math:`\nabla f` at :math:`x_t` once (about one
   gradient) and takes ``num_lanczos_steps`` Hessian-vector products; the tie-break adds two
@@ -177,86 +276,195 @@ def negative_curvature_descent(
     ``value_fn``; without them it raises a ``ValueError`` that shows the call to make.
     Integer, boolean or complex parameters are rejected by ``init`` with a ``TypeError``.
   """
-  owner = "negative_curvature_descent"
-  _checks.check_learning_rate(owner, learning_rate)
-  _checks.check_positive(owner, "hessian_lipschitz", hessian_lipschitz)
-  _checks.check_positive(owner, "epsilon", epsilon)
-  _checks.check_loop_length(owner, "num_lanczos_steps", num_lanczos_steps)
-  if gradient_threshold is None:
-    gradient_threshold = epsilon
-  else:
-    _checks.check_positive(owner, "gradient_threshold", gradient_threshold)
+  _checks.check_loop_length("negative_curvature_descent", "num_lanczos_steps", num_lanczos_steps)
 
-  def init_fn(params):
-    _checks.check_float_leaves(params, owner, "a curvature step")
-    return NegativeCurvatureDescentState(
-      count=jnp.zeros([], jnp.int32),
-      rng_key=_random.canonicalize_key(key),
-      last_smallest_eigenvalue=jnp.full([], jnp.nan, curvature._compute_dtype(params)),
-      num_lanczos_calls=jnp.zeros([], jnp.int32),
-      num_curvature_steps=jnp.zeros([], jnp.int32),
+  def lanczos_search(value_fn, params, key, dtype):
+    grad, hvp_fn = curvature.linearize_hvp(value_fn, params)
+    pairs = curvature.extreme_eigenpairs(
+      hvp_fn, params, num_steps=num_lanczos_steps, key=key, which="smallest", exact_residuals=False
+    )
+    return grad, pairs.eigenvalues[0], jax.tree.map(lambda stacked: stacked[0], pairs.eigenvectors)
+
+  return _curvature_descent(
+    "negative_curvature_descent",
+    "takes Hessian-vector products of the loss",
+    NegativeCurvatureDescentState,
+    lanczos_search,
+    key,
+    learning_rate,
+    hessian_lipschitz,
+    epsilon,
+    gradient_threshold,
+  )
+
+
+class NeonState(NamedTuple):
+  """State of :func:`neon`; the counters are escape diagnostics."""
+
+  count: jax.Array  # int32, number of updates
+  rng_key: jax.Array  # typed key, split at every update
+  # The last upper bound on the curvature along the search's direction, NaN before any and
+  # where the gradients were NaN or overflowed (that step is a gradient step).
+  last_smallest_eigenvalue: jax.Array
+  num_searches: jax.Array  # int32, updates whose gradient was small enough to search
+  num_curvature_steps: jax.Array  # int32, updates that stepped along negative curvature
+
+
+def _gradient_difference_search(
+  value_fn: ValueFn, params: PyTree, key: jax.Array, dtype, *, num_steps, smoothness, radius, rho
+):
+  """Power iteration on ``I - H / smoothness`` with ``H u ~ grad f(x + u) - grad f(x)`` at
+  radius ``radius``; returns the gradient, an upper bound on the curvature along the final
+  direction, and that unit direction."""
+  gradient_fn = jax.grad(value_fn)
+  grad = curvature._cast(gradient_fn(params), dtype)
+
+  def displaced(u):
+    """The displacement the params' dtype actually makes of ``u``, and the gradient change."""
+    moved = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, u)
+    actual = jax.tree.map(lambda m, p: m.astype(dtype) - p.astype(dtype), moved, params)
+    change = jax.tree.map(lambda g, g0: g.astype(dtype) - g0, gradient_fn(moved), grad)
+    return actual, change
+
+  def at_radius(u):
+    norm = _random.global_norm(u)
+    return _scale(curvature._reciprocal_where(norm > 0, norm) * radius, u)
+
+  def power_step(_, u):
+    _, change = displaced(u)
+    return at_radius(jax.tree.map(lambda a, c: a - c / smoothness, u, change))
+
+  start = _random.sample_isotropic(key, curvature._cast(params, dtype), radius, "sphere")
+  unroll = curvature.unroll_by_default(gradient_fn, params)
+  u = curvature.fori_loop(num_steps, power_step, start, unroll=unroll)
+  actual, change = displaced(u)
+  length = _random.global_norm(actual)
+  inverse = curvature._reciprocal_where(length > 0, length)
+  # With a rho-Lipschitz Hessian, grad f(x + d) - grad f(x) = H d + e with |e| <= rho |d|^2 / 2.
+  quotient = curvature._tree_vdot(actual, change, dtype) * inverse**2 + rho * length / 2
+  return grad, quotient, _scale(inverse, actual)
+
+
+def neon(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  hessian_lipschitz: float | jax.Array,
+  epsilon: float | jax.Array,
+  smoothness: float | jax.Array,
+  num_search_steps: int,
+  difference_radius: float | jax.Array | None = None,
+  gradient_threshold: float | jax.Array | None = None,
+  key: jax.Array | int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Negative-curvature descent whose direction comes from gradients alone, started from noise.
+
+  The update is that of :func:`negative_curvature_descent`, with the pair
+  :math:`(\lambda_t, v_t)` found without Hessian-vector products. From :math:`u_0` uniform on
+  the sphere of radius :math:`r` = ``difference_radius``, ``num_search_steps`` steps of
+
+  .. math::
+
+    u_{k+1} = r\, \frac{w_k}{\|w_k\|}, \qquad
+    w_k = u_k - \frac{1}{\ell} \bigl(\nabla f(x_t + u_k) - \nabla f(x_t)\bigr),
+
+  with :math:`\ell` = ``smoothness``, are the power method on :math:`I - \nabla^2 f(x_t) /
+  \ell` with each Hessian-vector product replaced by a gradient difference; its dominant
+  eigenvalue, :math:`1 + |\lambda_{\min}| / \ell` when :math:`\lambda_{\min} < 0` and the
+  spectrum lies in :math:`[\lambda_{\min}, \ell]`, belongs to the most negative curvature.
+  Then :math:`v_t = d / \|d\|` for the displacement :math:`d` the params' dtype actually makes
+  of :math:`u_K`, and
+
+  .. math::
+
+    \lambda_t = \frac{d^\top (\nabla f(x_t + d) - \nabla f(x_t))}{\|d\|^2}
+      + \frac{\rho \|d\|}{2} \;\ge\; v_t^\top \nabla^2 f(x_t)\, v_t,
+
+  since a :math:`\rho`-Lipschitz Hessian puts the gradient difference within :math:`\rho
+  \|d\|^2 / 2` of :math:`\nabla^2 f(x_t)\, d`. Being an upper bound, :math:`\lambda_t` keeps
+  the guarantee of :func:`negative_curvature_descent`: a curvature step lowers the loss by at
+  least :math:`|\lambda_t|^3 / (3\rho^2)`. The default :math:`r = 0.1
+  \sqrt{\varepsilon / \rho}` makes the bound's slack :math:`0.05 \sqrt{\rho\varepsilon}`, a
+  twentieth of the curvature threshold; a smaller :math:`r` tightens it until rounding in the
+  gradient differences, about the machine epsilon times the gradient's terms, takes over.
+
+  This is the idea of Neon, "NEgative-curvature-Originated-from-Noise" (Xu, Jin and Yang,
+  *First-order Stochastic Algorithms for Escaping From Saddle Points in Almost Linear Time*,
+  NeurIPS 2018, arXiv:1711.01944): a sequence of first-order updates started from noise that
+  extracts negative curvature, the power method in essence; Neon2 (Allen-Zhu and Li, NeurIPS
+  2018, arXiv:1711.06673) accelerates it with Chebyshev polynomials. The papers' stopping
+  rules and stochastic variants are not reproduced: the search runs a fixed number of steps
+  on full gradients of ``value_fn``, renormalised to radius :math:`r` at every step (as in
+  Zhang and Li's robust Hessian power method, NeurIPS 2021, arXiv:2111.14069), and its
+  direction is judged by the bound above.
+
+  **Cost.** A search takes ``num_search_steps`` + 2 gradients of ``value_fn`` and no
+  Hessian-vector product, so it suits losses that forward mode cannot differentiate twice.
+  The power method needs about :math:`(\ell / \gamma) \log(n / \delta)` steps to find
+  curvature :math:`-\gamma / 2` with probability :math:`1 - \delta` in :math:`n` parameters,
+  against about :math:`\sqrt{\ell / \gamma}` for Lanczos: where Hessian-vector products are
+  available, :func:`negative_curvature_descent` needs far fewer. As there, the search sits in
+  a ``lax.cond`` and runs only where the gradient is small (at every update under ``vmap``).
+
+  Example::
+
+    import jax, jax.numpy as jnp, jaxsaddle
+
+    loss_fn = lambda p: p[0] ** 2 - p[1] ** 2 + p[1] ** 4  # strict saddle at 0
+    params = jnp.zeros(2)
+    tx = jaxsaddle.neon(
+        0.1, hessian_lipschitz=6.0, epsilon=1e-3, smoothness=2.0, num_search_steps=30)
+    state = tx.init(params)
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params, value_fn=loss_fn)
+    print(updates, state.num_curvature_steps)  # about 1/3 along +-y, 1
+
+  Args:
+    learning_rate: :math:`\eta`, a float or an optax schedule of the update count.
+    hessian_lipschitz: :math:`\rho > 0`, a Lipschitz constant of :math:`\nabla^2 f`.
+    epsilon: :math:`\varepsilon > 0`: curvature steps are taken while the bound
+      :math:`\lambda_t < -\sqrt{\rho\varepsilon}`.
+    smoothness: :math:`\ell > 0`, at least the Hessian's largest eigenvalue (a Lipschitz
+      constant of :math:`\nabla f`). Smaller, the search can lock onto the largest
+      eigenvalue instead, which only makes it find no negative curvature.
+    num_search_steps: the number of power steps per search, a Python int >= 1 (under
+      ``optax.inject_hyperparams``, list it in ``static_args``).
+    difference_radius: :math:`r > 0`, or None for :math:`0.1 \sqrt{\varepsilon / \rho}`.
+    gradient_threshold: :math:`g_{\rm thres} > 0`, or None for :math:`\varepsilon`.
+    key: a typed key, a raw uint32 key or an int seed (may be traced, e.g. under ``vmap``).
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and ``value_fn``.
+  """
+  _checks.check_positive("neon", "smoothness", smoothness)
+  _checks.check_loop_length("neon", "num_search_steps", num_search_steps)
+  if difference_radius is not None:
+    _checks.check_positive("neon", "difference_radius", difference_radius)
+
+  def search(value_fn, params, key, dtype):
+    radius = difference_radius
+    if radius is None:
+      radius = 0.1 * jnp.sqrt(jnp.asarray(epsilon / hessian_lipschitz, dtype))
+    return _gradient_difference_search(
+      value_fn,
+      params,
+      key,
+      dtype,
+      num_steps=num_search_steps,
+      smoothness=jnp.asarray(smoothness, dtype),
+      radius=jnp.asarray(radius, dtype),
+      rho=jnp.asarray(hessian_lipschitz, dtype),
     )
 
-  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    del extra_args
-    _checks.require_value_fn(owner, value_fn, params)
-    _checks.check_updates(owner, updates, params, "a curvature step")
-    if not _checks.has_elements(params):
-      return _checks.pass_empty(updates, state)
-    gradient_step = _scale(-_checks.learning_rate_at(learning_rate, state.count), updates)
-    small_gradient = _random.norm_at_most(updates, gradient_threshold)
-    rng_key, lanczos_key = jax.random.split(state.rng_key)
-    dtype = state.last_smallest_eigenvalue.dtype
-
-    def curvature_step(gradient_step):
-      grad, hvp_fn = curvature.linearize_hvp(value_fn, params)
-      pairs = curvature.extreme_eigenpairs(
-        hvp_fn,
-        params,
-        num_steps=num_lanczos_steps,
-        key=lanczos_key,
-        which="smallest",
-        exact_residuals=False,
-      )
-      # Products that overflowed (float16 Hessians beyond 65504) gave +inf: recorded as NaN,
-      # which takes no curvature step, rather than as a positive-definite Hessian.
-      eigenvalue = jnp.where(jnp.isfinite(pairs.eigenvalues[0]), pairs.eigenvalues[0], jnp.nan)
-      direction = jax.tree.map(lambda stacked: stacked[0], pairs.eigenvectors)
-      threshold = jnp.sqrt(jnp.asarray(hessian_lipschitz * epsilon, dtype))
-      negative = eigenvalue < -threshold
-      step = _scale(-eigenvalue / hessian_lipschitz, direction)
-      slope = curvature._tree_vdot(grad, direction, dtype)
-
-      def lower_candidate():
-        plus = jax.tree.map(lambda p, s: p + s.astype(p.dtype), params, step)
-        minus = jax.tree.map(lambda p, s: p - s.astype(p.dtype), params, step)
-        return _lower_side(value_fn(minus), value_fn(plus)).astype(dtype)
-
-      sign = jax.lax.cond(negative & (slope == 0), lower_candidate, lambda: -jnp.sign(slope))
-      new_updates = jax.tree.map(
-        lambda s, g: jnp.where(negative, (sign * s).astype(g.dtype), g), step, gradient_step
-      )
-      return new_updates, eigenvalue, negative
-
-    def gradient_only(gradient_step):
-      return gradient_step, state.last_smallest_eigenvalue, jnp.zeros([], jnp.bool_)
-
-    new_updates, eigenvalue, took_curvature_step = jax.lax.cond(
-      small_gradient, curvature_step, gradient_only, gradient_step
-    )
-    new_state = NegativeCurvatureDescentState(
-      count=optax.safe_increment(state.count),
-      rng_key=rng_key,
-      last_smallest_eigenvalue=eigenvalue,
-      num_lanczos_calls=state.num_lanczos_calls + small_gradient.astype(jnp.int32),
-      num_curvature_steps=state.num_curvature_steps + took_curvature_step.astype(jnp.int32),
-    )
-    return new_updates, new_state
-
-  return _checks.public_transform(
-    optax.GradientTransformationExtraArgs(init_fn, update_fn),
-    positive=[hessian_lipschitz, epsilon, gradient_threshold],
-    nonnegative=[learning_rate],
+  return _curvature_descent(
+    "neon",
+    "takes gradients of the loss away from the current parameters",
+    NeonState,
+    search,
+    key,
+    learning_rate,
+    hessian_lipschitz,
+    epsilon,
+    gradient_threshold,
+    positive=[smoothness, difference_radius],
   )
 
 

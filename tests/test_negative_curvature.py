@@ -8,8 +8,11 @@ import numpy as np
 import optax
 import pytest
 
+from jaxsaddle import _random
 from jaxsaddle import problems
+from jaxsaddle.negative_curvature import _gradient_difference_search
 from jaxsaddle.negative_curvature import negative_curvature_descent
+from jaxsaddle.negative_curvature import neon
 from jaxsaddle.negative_curvature import pagd
 
 # --- a cubic saddle with a known Hessian-Lipschitz constant ----------------------------------
@@ -263,13 +266,21 @@ def test_ncd_counters_over_an_escape_to_the_minimum():
   np.testing.assert_allclose(float(state.last_smallest_eigenvalue), 0.5, rtol=1e-4)
 
 
-def test_ncd_vmap_over_8_keys_equals_a_python_loop():
+@pytest.mark.parametrize(
+  "make",
+  [
+    # Two Lanczos steps, or five power steps, in five dimensions: the direction depends on the
+    # random start.
+    lambda key: _ncd(num_lanczos_steps=2, key=key),
+    lambda key: _neon(num_search_steps=5, key=key),
+  ],
+  ids=["negative_curvature_descent", "neon"],
+)
+def test_vmap_over_8_keys_equals_a_python_loop(make):
   value_fn = _cubic_saddle(_rotation())
 
   def run(key):
-    # Two Lanczos steps in five dimensions: the Ritz pair depends on the random start.
-    tx = _ncd(num_lanczos_steps=2, key=key)
-    params, state, _ = _run(tx, value_fn, jnp.zeros(5), 6)
+    params, state, _ = _run(make(key), value_fn, jnp.zeros(5), 6)
     return params, state.last_smallest_eigenvalue, state.num_curvature_steps
 
   keys = jax.random.split(jax.random.key(1), 8)
@@ -301,6 +312,126 @@ def test_ncd_under_inject_hyperparams_matches_the_plain_transform():
   traced_steps = optax.inject_hyperparams(negative_curvature_descent)(**kwargs)
   with pytest.raises(TypeError, match="static_args"):
     traced_steps.init(params)
+
+
+# --- neon ----------------------------------------------------------------------------------------
+
+# The cubic saddle's largest curvature is 3, plus rho |z_0| near the origin.
+SMOOTHNESS = 4.0
+
+
+def _neon(**overrides):
+  kwargs = dict(
+    learning_rate=0.2,
+    hessian_lipschitz=RHO,
+    epsilon=EPSILON,
+    smoothness=SMOOTHNESS,
+    num_search_steps=60,
+    key=0,
+  )
+  return neon(**(kwargs | overrides))
+
+
+def test_neon_search_on_a_quadratic_is_the_power_method_on_i_minus_h_over_ell():
+  # Gradient differences of a quadratic are exactly H u: the search is the normalised power
+  # method from its noise, and its curvature is the Rayleigh quotient plus rho r / 2.
+  with jax.enable_x64(True):
+    eigenvalues = np.linspace(-2.0, 6.0, 20)
+    rotation = np.linalg.qr(np.random.default_rng(3).standard_normal((20, 20)))[0]
+    matrix = (rotation * eigenvalues) @ rotation.T
+    value_fn = lambda x: 0.5 * x @ jnp.asarray(matrix) @ x  # noqa: E731
+    params = jnp.zeros(20)
+    key, radius, smoothness, rho = jax.random.key(4), 1e-3, 8.0, 0.5
+    for num_steps in (1, 5, 40):
+      grad, curvature, direction = _gradient_difference_search(
+        value_fn,
+        params,
+        key,
+        jnp.float64,
+        num_steps=num_steps,
+        smoothness=smoothness,
+        radius=radius,
+        rho=rho,
+      )
+      vector = np.asarray(_random.sample_isotropic(key, params, radius, "sphere"))
+      for _ in range(num_steps):
+        vector = vector - matrix @ vector / smoothness
+        vector = vector / np.linalg.norm(vector)
+      np.testing.assert_allclose(direction, vector, atol=1e-9)
+      np.testing.assert_allclose(grad, 0.0)
+      expected = vector @ matrix @ vector + rho * radius / 2
+      np.testing.assert_allclose(curvature, expected, rtol=1e-9)
+    # Forty steps of ratio (1 + 2/8) / (1 + 1.58/8) ~ 1.04 bring it near lambda_min = -2.
+    assert float(curvature) < -1.8
+
+
+def test_neon_leaves_an_exact_saddle_with_the_guaranteed_decrease():
+  with jax.enable_x64(True):
+    rotation = _rotation()
+    value_fn = _cubic_saddle(rotation)
+    params = jnp.zeros(5)
+    tx = _neon()
+    new_params, state = _step(tx, value_fn)(params, tx.init(params))
+    bound = float(state.last_smallest_eigenvalue)
+    assert int(state.num_searches) == int(state.num_curvature_steps) == 1
+    # The bound is the curvature along the direction plus rho r / 2, r = 0.1 sqrt(eps / rho):
+    # here within 3% of lambda_min = -1 after 60 steps of ratio (1 + 1/4) / (1 + 1/8).
+    radius = 0.1 * np.sqrt(EPSILON / RHO)
+    assert CURVATURES[0] <= bound - RHO * radius / 2 * (1 - 1e-9) < 0.97 * CURVATURES[0]
+    z = rotation.T @ np.asarray(new_params)
+    np.testing.assert_allclose(np.linalg.norm(z), abs(bound) / RHO, rtol=1e-9)
+    decrease = float(value_fn(params) - value_fn(new_params))
+    assert decrease >= abs(bound) ** 3 / (3 * RHO**2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_neon_escapes_a_rotated_strict_saddle_like_lanczos(seed):
+  # diag(-gamma, 0.1 .. 1) rotated, n = 50, at x = 0 of f = 1/2 x'Hx + z_0^4 / 24 (Hessian
+  # 1-Lipschitz for |z_0| <= 1/2): a curvature step takes it along the negative direction by
+  # at least the guaranteed decrease. With ell = 1 the power method's ratio is 1.5 / 0.9.
+  gamma = 0.5
+  eigenvalues = np.concatenate([[-gamma], np.linspace(0.1, 1.0, 49)])
+  rotation = np.linalg.qr(np.random.default_rng(seed).standard_normal((50, 50)))[0]
+  matrix = jnp.asarray((rotation * eigenvalues) @ rotation.T, jnp.float32)
+  negative = jnp.asarray(rotation[:, 0], jnp.float32)
+  value_fn = lambda x: 0.5 * x @ matrix @ x + (negative @ x) ** 4 / 24  # noqa: E731
+  tx = _neon(hessian_lipschitz=1.0, epsilon=1e-3, smoothness=1.0, num_search_steps=120, key=seed)
+  params = jnp.zeros(50)
+  new_params, state = _step(tx, value_fn)(params, tx.init(params))
+  assert int(state.num_curvature_steps) == 1
+  step = np.asarray(new_params)
+  assert abs(float(negative @ step)) / np.linalg.norm(step) > 0.999
+  bound = float(state.last_smallest_eigenvalue)
+  assert bound < -0.45
+  assert float(value_fn(params) - value_fn(new_params)) >= abs(bound) ** 3 / 3
+
+
+def test_neon_with_a_large_gradient_is_gradient_descent_and_never_searches():
+  value_fn = _cubic_saddle(_rotation())
+  tx = _neon()
+  params = jnp.asarray(_rotation() @ np.array([0.0, 1.0, 0.5, 0.0, 0.0]), jnp.float32)
+  grads = jax.grad(value_fn)(params)
+  updates, state = tx.update(grads, tx.init(params), params, value_fn=value_fn)
+  np.testing.assert_allclose(updates, -0.2 * grads, rtol=1e-6)
+  assert int(state.num_searches) == 0 and np.isnan(float(state.last_smallest_eigenvalue))
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "name", "error"),
+  [
+    ({"smoothness": 0.0}, "smoothness", ValueError),
+    ({"smoothness": float("nan")}, "smoothness", ValueError),
+    ({"difference_radius": -1e-3}, "difference_radius", ValueError),
+    ({"num_search_steps": 0}, "num_search_steps", ValueError),
+    ({"num_search_steps": 2.5}, "num_search_steps", TypeError),
+    ({"hessian_lipschitz": 0.0}, "hessian_lipschitz", ValueError),
+    ({"epsilon": -1.0}, "epsilon", ValueError),
+    ({"learning_rate": -0.1}, "learning_rate", ValueError),
+  ],
+)
+def test_neon_rejects_bad_hyperparameters_naming_them(kwargs, name, error):
+  with pytest.raises(error, match=f"neon: {name}|neon.*{name}"):
+    _neon(**kwargs)
 
 
 # --- pagd ----------------------------------------------------------------------------------------
@@ -565,10 +696,11 @@ def test_pagd_vmap_over_8_keys_equals_a_python_loop():
   ("tx", "use"),
   [
     (_ncd(), "takes Hessian-vector products of the loss"),
+    (_neon(), "takes gradients of the loss away from the current parameters"),
     # PAGD takes no products: its message must not send the user sizing memory for them.
     (pagd(0.1, **_PAGD), "evaluates the loss away from the current parameters"),
   ],
-  ids=["negative_curvature_descent", "pagd"],
+  ids=["negative_curvature_descent", "neon", "pagd"],
 )
 def test_a_missing_value_fn_or_params_raises_saying_how_to_pass_it(tx, use):
   params = jnp.zeros(5)

@@ -90,6 +90,19 @@ ALIASES = [
     ("num_lanczos_steps",),
   ),
   Alias(
+    "neon",
+    jaxsaddle.neon,
+    dict(
+      learning_rate=1.5e-3,
+      hessian_lipschitz=1.0,
+      epsilon=1e-3,
+      smoothness=1002.0,
+      num_search_steps=3,
+    ),
+    ("value_fn",),
+    ("num_search_steps",),
+  ),
+  Alias(
     "pagd",
     jaxsaddle.pagd,
     dict(
@@ -296,6 +309,7 @@ OUT_OF_RANGE = [
   ("perturb_near_saddle_adam", "escape_steps", 0),
   ("lsgd", "sigma", -1.0),
   ("negative_curvature_descent", "hessian_lipschitz", float("nan")),
+  ("neon", "smoothness", -1.0),
   ("pagd", "momentum", 1.5),
   ("saddle_free_newton", "damping", -1.0),
   ("cubic_regularization", "learning_rate", -1.0),
