@@ -303,8 +303,9 @@ class NeonState(NamedTuple):
 
   count: jax.Array  # int32, number of updates
   rng_key: jax.Array  # typed key, split at every update
-  # The last upper bound on the curvature along the search's direction, NaN before any and
-  # where the gradients were NaN or overflowed (that step is a gradient step).
+  # The last upper bound on the curvature along the search's direction, NaN before any, where
+  # the gradients were NaN or overflowed, and where the params' rounding took the displacement
+  # (each such step is a gradient step).
   last_smallest_eigenvalue: jax.Array
   num_searches: jax.Array  # int32, updates whose gradient was small enough to search
   num_curvature_steps: jax.Array  # int32, updates that stepped along negative curvature
@@ -315,13 +316,19 @@ def _gradient_difference_search(
 ):
   """Power iteration on ``I - H / smoothness`` with ``H u ~ grad f(x + u) - grad f(x)`` at
   radius ``radius``; returns the gradient, an upper bound on the curvature along the final
-  direction, and that unit direction."""
+  direction (NaN where rounding took more than half the displacement), and that unit
+  direction."""
   gradient_fn = jax.grad(value_fn)
   grad = curvature._cast(gradient_fn(params), dtype)
 
   def displaced(u):
     """The displacement the params' dtype actually makes of ``u``, and the gradient change."""
-    moved = jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, u)
+    # The barrier rounds the moved point to the params' dtype, as value_fn sees it: inside one
+    # XLA program bfloat16 sums are otherwise kept wider, and the displacement read back was
+    # not the one the gradient was taken at (a bound of -0.3 where the curvature was +1.6).
+    moved = jax.lax.optimization_barrier(
+      jax.tree.map(lambda p, d: p + d.astype(p.dtype), params, u)
+    )
     actual = jax.tree.map(lambda m, p: m.astype(dtype) - p.astype(dtype), moved, params)
     change = jax.tree.map(lambda g, g0: g.astype(dtype) - g0, gradient_fn(moved), grad)
     return actual, change
@@ -331,18 +338,27 @@ def _gradient_difference_search(
     return _scale(curvature._reciprocal_where(norm > 0, norm) * radius, u)
 
   def power_step(_, u):
-    _, change = displaced(u)
-    return at_radius(jax.tree.map(lambda a, c: a - c / smoothness, u, change))
+    actual, change = displaced(u)
+    return at_radius(jax.tree.map(lambda a, c: a - c / smoothness, actual, change))
 
   start = _random.sample_isotropic(key, curvature._cast(params, dtype), radius, "sphere")
   unroll = curvature.unroll_by_default(gradient_fn, params)
   u = curvature.fori_loop(num_steps, power_step, start, unroll=unroll)
   actual, change = displaced(u)
+  _, change_back = displaced(_scale(-1, actual))
   length = _random.global_norm(actual)
   inverse = curvature._reciprocal_where(length > 0, length)
-  # With a rho-Lipschitz Hessian, grad f(x + d) - grad f(x) = H d + e with |e| <= rho |d|^2 / 2.
-  quotient = curvature._tree_vdot(actual, change, dtype) * inverse**2 + rho * length / 2
-  return grad, quotient, _scale(inverse, actual)
+  # With a rho-Lipschitz Hessian, grad f(x + d) - grad f(x) = H d + e with |e| <= rho |d|^2 / 2,
+  # and so is grad f(x) - grad f(x - d): in exact arithmetic the two differ by at most
+  # rho |d|^2, and beyond that by the rounding of the gradients, which the mismatch measures
+  # and the bound takes in (a float32 mean of large cancelling terms read a convex quadratic's
+  # curvature 1e-3 as -6e-3 without it).
+  mismatch = _random.global_norm(jax.tree.map(jnp.add, change, change_back))
+  bound = (
+    curvature._tree_vdot(actual, change, dtype) * inverse**2 + rho * length / 2 + mismatch * inverse
+  )
+  # A displacement mostly rounded away (a radius below the params' spacing) measures nothing.
+  return grad, jnp.where(length >= radius / 2, bound, jnp.nan), _scale(inverse, actual)
 
 
 def neon(
@@ -372,20 +388,27 @@ def neon(
   eigenvalue, :math:`1 + |\lambda_{\min}| / \ell` when :math:`\lambda_{\min} < 0` and the
   spectrum lies in :math:`[\lambda_{\min}, \ell]`, belongs to the most negative curvature.
   Then :math:`v_t = d / \|d\|` for the displacement :math:`d` the params' dtype actually makes
-  of :math:`u_K`, and
+  of :math:`u_K`; with :math:`\Delta_\pm = \pm(\nabla f(x_t \pm d) - \nabla f(x_t))`,
 
   .. math::
 
-    \lambda_t = \frac{d^\top (\nabla f(x_t + d) - \nabla f(x_t))}{\|d\|^2}
-      + \frac{\rho \|d\|}{2} \;\ge\; v_t^\top \nabla^2 f(x_t)\, v_t,
+    \lambda_t = \frac{d^\top \Delta_+}{\|d\|^2} + \frac{\rho \|d\|}{2}
+      + \frac{\|\Delta_+ - \Delta_-\|}{\|d\|} \;\ge\; v_t^\top \nabla^2 f(x_t)\, v_t,
 
-  since a :math:`\rho`-Lipschitz Hessian puts the gradient difference within :math:`\rho
-  \|d\|^2 / 2` of :math:`\nabla^2 f(x_t)\, d`. Being an upper bound, :math:`\lambda_t` keeps
-  the guarantee of :func:`negative_curvature_descent`: a curvature step lowers the loss by at
-  least :math:`|\lambda_t|^3 / (3\rho^2)`. The default :math:`r = 0.1
-  \sqrt{\varepsilon / \rho}` makes the bound's slack :math:`0.05 \sqrt{\rho\varepsilon}`, a
-  twentieth of the curvature threshold; a smaller :math:`r` tightens it until rounding in the
-  gradient differences, about the machine epsilon times the gradient's terms, takes over.
+  since a :math:`\rho`-Lipschitz Hessian puts each difference within :math:`\rho \|d\|^2 / 2`
+  of :math:`\nabla^2 f(x_t)\, d`. The last term is at most :math:`\rho \|d\|` in exact
+  arithmetic; in floating point it measures the rounding of the gradients, which divided by
+  :math:`\|d\|` would otherwise fake curvature (a float32 mean of large cancelling terms
+  read a convex quadratic's 1e-3 as -6e-3 without it), so the bound holds up to rounding not
+  seen by both differences alike. Being an upper bound, :math:`\lambda_t` keeps the
+  guarantee of :func:`negative_curvature_descent`: a curvature step lowers the loss by at
+  least :math:`|\lambda_t|^3 / (3\rho^2)`. The default :math:`r = 0.1 \sqrt{\varepsilon /
+  \rho}` keeps the slack within :math:`0.15 \sqrt{\rho\varepsilon}` in exact arithmetic,
+  against the curvature threshold :math:`\sqrt{\rho\varepsilon}`. Where the params' dtype
+  rounds away more than half of the displacement (a radius below their spacing: bfloat16 or
+  float16 params, or float32 ones of magnitude :math:`10^4` at the default radius), the
+  search measures nothing and :math:`\lambda_t` is NaN, which takes a gradient step and shows
+  in the state; set ``difference_radius`` to a few units of the params' last place then.
 
   This is the idea of Neon, "NEgative-curvature-Originated-from-Noise" (Xu, Jin and Yang,
   *First-order Stochastic Algorithms for Escaping From Saddle Points in Almost Linear Time*,
@@ -397,7 +420,7 @@ def neon(
   Zhang and Li's robust Hessian power method, NeurIPS 2021, arXiv:2111.14069), and its
   direction is judged by the bound above.
 
-  **Cost.** A search takes ``num_search_steps`` + 2 gradients of ``value_fn`` and no
+  **Cost.** A search takes ``num_search_steps`` + 3 gradients of ``value_fn`` and no
   Hessian-vector product, so it suits losses that forward mode cannot differentiate twice.
   The power method needs about :math:`(\ell / \gamma) \log(n / \delta)` steps to find
   curvature :math:`-\gamma / 2` with probability :math:`1 - \delta` in :math:`n` parameters,
@@ -428,7 +451,8 @@ def neon(
       eigenvalue instead, which only makes it find no negative curvature.
     num_search_steps: the number of power steps per search, a Python int >= 1 (under
       ``optax.inject_hyperparams``, list it in ``static_args``).
-    difference_radius: :math:`r > 0`, or None for :math:`0.1 \sqrt{\varepsilon / \rho}`.
+    difference_radius: :math:`r > 0`, or None for :math:`0.1 \sqrt{\varepsilon / \rho}`; at
+      least a few units of the params' last place.
     gradient_threshold: :math:`g_{\rm thres} > 0`, or None for :math:`\varepsilon`.
     key: a typed key, a raw uint32 key or an int seed (may be traced, e.g. under ``vmap``).
 

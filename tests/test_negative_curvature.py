@@ -416,6 +416,67 @@ def test_neon_with_a_large_gradient_is_gradient_descent_and_never_searches():
   assert int(state.num_searches) == 0 and np.isnan(float(state.last_smallest_eigenvalue))
 
 
+def test_neon_bound_holds_for_bfloat16_params_under_jit():
+  # Inside one XLA program bfloat16 sums are kept wider: the displacement read back was not the
+  # one the gradient saw, and the bound read -0.3 where the curvature was +1.6.
+  def value_fn(p):  # Hessian diag(2, -1) at (1, 0); the x term in bfloat16, as a model's
+    y = p[1].astype(jnp.float32)
+    return ((p[0] - 1) ** 2).astype(jnp.float32) - 0.5 * y**2 + 0.25 * y**4
+
+  params = jnp.array([1.0, 0.0], jnp.bfloat16)
+  hessian = np.diag([2.0, -1.0])
+  search = jax.jit(
+    lambda key: _gradient_difference_search(
+      value_fn, params, key, jnp.float32, num_steps=1, smoothness=4.0, radius=1e-3, rho=6.0
+    )
+  )
+  for key in range(8):
+    _, bound, direction = search(jax.random.key(key))
+    direction = np.asarray(direction, np.float64)
+    assert float(bound) >= direction @ hessian @ direction - 1e-3
+
+
+def test_neon_reports_a_radius_the_params_round_away_as_nan_and_takes_gradient_steps():
+  # At |params| = 1e5 float32's spacing is 8e-3: the default radius, 3e-3 over 20 coordinates,
+  # rounds to nothing, which used to read as curvature 0 at a strict saddle.
+  rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((20, 20)))[0]
+  matrix = jnp.asarray((rotation * np.linspace(-1.0, 1.0, 20)) @ rotation.T, jnp.float32)
+  center = jnp.full(20, 1e5)
+  value_fn = lambda x: 0.5 * (x - center) @ matrix @ (x - center)  # noqa: E731
+  tx = _neon(hessian_lipschitz=1.0, epsilon=1e-3, smoothness=1.0)
+  grads = jax.grad(value_fn)(center)
+  updates, state = tx.update(grads, tx.init(center), center, value_fn=value_fn)
+  assert int(state.num_searches) == 1 and int(state.num_curvature_steps) == 0
+  assert np.isnan(float(state.last_smallest_eigenvalue))
+  np.testing.assert_array_equal(updates, 0.0)
+  # A radius of a few units of the last place finds the curvature.
+  tx = _neon(hessian_lipschitz=1.0, epsilon=1e-3, smoothness=1.0, difference_radius=0.1)
+  _, state = tx.update(grads, tx.init(center), center, value_fn=value_fn)
+  assert int(state.num_curvature_steps) == 1 and float(state.last_smallest_eigenvalue) < -0.5
+
+
+def test_neon_rounding_of_cancelling_gradients_fakes_no_negative_curvature():
+  # A float32 mean of 512 large terms of alternating sign: a convex quadratic of curvature
+  # 1e-3, whose gradient differences at small radii are mostly rounding. Without the mismatch
+  # of the two differences in the bound, 3 of 20 keys read -6e-3 and stepped uphill.
+  centers = jax.random.normal(jax.random.key(1), (512, 4)) * 100.0
+  weights = jnp.where(jnp.arange(512) % 2 == 0, 1.0, -1.0).at[0].add(0.512)
+  value_fn = lambda p: 0.5 * jnp.mean(weights * jnp.sum((p - centers) ** 2, axis=1))  # noqa: E731
+  minimum = jnp.sum(weights[:, None] * centers, axis=0) / jnp.sum(weights)
+  grads = jax.grad(value_fn)(minimum)
+  tx = _neon(
+    hessian_lipschitz=1.0,
+    epsilon=1e-6,
+    smoothness=1.0,
+    num_search_steps=10,
+    gradient_threshold=1.0,  # the gradient at the minimum is rounding too, 6e-6
+  )
+  update = jax.jit(lambda state: tx.update(grads, state, minimum, value_fn=value_fn))
+  for key in range(20):
+    _, state = update(tx.init(minimum)._replace(rng_key=jax.random.key(key)))
+    assert int(state.num_searches) == 1 and int(state.num_curvature_steps) == 0
+
+
 @pytest.mark.parametrize(
   ("kwargs", "name", "error"),
   [
