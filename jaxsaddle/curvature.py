@@ -640,9 +640,15 @@ def lanczos(
   residuals honest there: exact ones are computed scaled, and where :math:`\|T\|` is below
   :math:`\text{tiny}\, n / \epsilon` (3e-30 for 30 elements in float32) every residual,
   estimated or exact, is floored at that scale, so a wrong Ritz value, or a Rayleigh quotient
-  after a false breakdown, never comes with a small residual. On a GPU, which flushes
-  subnormal numbers to zero, the fading is abrupt. Scale such an operator by a power of two,
-  which is exact, or compute in float64.
+  after a false breakdown, never comes with a small residual. XLA flushes subnormal numbers
+  to zero, on the CPU as on a GPU, so the fading is abrupt. Scale such an operator by a power
+  of two, which is exact, or compute in float64. Three limits remain: the squares' scale starts
+  from :math:`|\alpha_0|`, so a start vector with :math:`q_0^\top A q_0 = 0` exactly takes
+  its first norm unscaled (in float32, wrong below :math:`\|A\| \approx 10^{-19}` and above
+  :math:`10^{19}`); the start vector is scaled before it is normalised but must hold normal
+  numbers (a subnormal one reads as zero); and leaves narrower than float32 have their own
+  range, which the underflow scale, set in the compute dtype, does not see (float16 products
+  lose accuracy as their entries approach its smallest normal number, 6e-5).
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
   init_vector = _checks.as_arrays(init_vector)
@@ -705,7 +711,9 @@ def lanczos(
     return _scaled(root, exponent)
 
   start = _cast(init_vector, dtype)
-  start_norm = norm(start, _exponent(_largest_magnitude(start)))
+  # Scaled first, so that neither the norm nor its reciprocal leaves the range.
+  start = _scaled(start, -_exponent(_largest_magnitude(start)))
+  start_norm = norm(start, jnp.zeros((), jnp.int32))
   # Not `> 0`: a NaN start must give NaN coefficients, not the empty result of a zero start.
   has_start = start_norm != 0
   inv_norm = _reciprocal_where(has_start, start_norm)
@@ -858,8 +866,10 @@ def lanczos(
     if converged is not None:
       continues = continues & ~_stop(converged(alphas, betas, num_valid))
     # After a breakdown or a stop the next vector, and so the basis row, is zero.
-    inv_beta = _reciprocal_where(continues, beta)
-    q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), w)
+    # Divided at the scale of the squares, so that the reciprocal's derivative, -1 / beta^2,
+    # stays in range for operators far from norm 1 (NaN gradients at 1e-19 otherwise).
+    inv_beta = _reciprocal_where(continues, _scaled(beta, -exponent))
+    q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), _scaled(w, -exponent))
     return (
       remember(vectors, j, q_next),
       alphas,
@@ -970,10 +980,14 @@ def _padded_eigh(result: LanczosResult) -> tuple[jax.Array, jax.Array, jax.Array
   num_steps = result.alphas.shape[0]
   index = jnp.arange(num_steps)
   valid = index < result.num_valid
+  # Solved scaled by a power of two near its largest entry, exactly: the padding below would
+  # overflow for a huge operator (NaN Ritz values from 1e37 in float32).
+  exponent = _exponent(_largest_entry(result))
+  scaled = _scaled(tridiagonal(result), -exponent)
   # Gershgorin: the valid block's eigenvalues lie within 3 * max |entry| of zero.
-  pad = (1 + 4 * _largest_entry(result)) * (1 + index)
-  values, vectors = jnp.linalg.eigh(tridiagonal(result) + jnp.diag(jnp.where(valid, 0, pad)))
-  return values, vectors, valid
+  pad = (1 + 4 * jnp.max(jnp.abs(scaled))) * (1 + index)
+  values, vectors = jnp.linalg.eigh(scaled + jnp.diag(jnp.where(valid, 0, pad)))
+  return _scaled(values, exponent), vectors, valid
 
 
 def _tridiagonal_eigenpairs(result: LanczosResult) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -1165,9 +1179,11 @@ def extreme_eigenpairs(
   dtype = _compute_dtype(like)
   estimated_residuals = all_residuals[slots]
   mode = _reorthogonalization_mode(reorthogonalize)
-  if eigenvectors and mode != "full":
-    # A Ritz vector Q s has unit norm only while the basis Q is orthonormal; the Lanczos
-    # relation gives the residual of Q s, so the unit vector's is that over its norm.
+  if eigenvectors:
+    # A Ritz vector Q s has unit norm only while the basis Q is orthonormal, which even full
+    # reorthogonalisation loses below the underflow scale (norms of 0.05 gave exact residuals
+    # 20 times too small); the Lanczos relation gives the residual of Q s, so the unit
+    # vector's is that over its norm.
     norms = jax.vmap(lambda vector: jnp.sqrt(_tree_vdot(vector, vector, dtype)))(vectors)
     inverse = _reciprocal_where(norms > 0, norms)
     estimated_residuals = estimated_residuals * inverse

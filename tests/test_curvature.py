@@ -1171,6 +1171,60 @@ def test_tiny_and_huge_operators_keep_their_extreme_ritz_values_in_float32(scale
     )
 
 
+@pytest.mark.parametrize("scale", [1e-21, 1e20])
+def test_gradients_of_ritz_values_hold_for_tiny_and_huge_operators_in_float32(scale):
+  # The reciprocal of beta was taken unscaled: its derivative, -1 / beta^2, overflowed below
+  # 1e-19 (NaN gradients) and flushed to zero above 1e19 (an error of 0.78 at 1e20).
+  eigenvalues = np.linspace(-1.0, 2.0, 12)
+  rotation = np.linalg.qr(np.random.default_rng(1).standard_normal((12, 12)))[0]
+  matrix = jnp.asarray((rotation * eigenvalues) @ rotation.T * scale, jnp.float32)
+
+  def smallest(matrix):
+    matrix = (matrix + matrix.T) / 2
+    pairs = curvature.extreme_eigenpairs(
+      lambda v: matrix @ v,
+      jnp.zeros(12),
+      num_steps=12,
+      key=3,
+      which="smallest",
+      eigenvectors=False,
+      exact_residuals=False,
+    )
+    return pairs.eigenvalues[0] / scale
+
+  gradient = np.asarray(jax.jit(jax.grad(smallest))(matrix), np.float64) * scale
+  # d lambda_min / dA = v v^T for its unit eigenvector v.
+  np.testing.assert_allclose(gradient, np.outer(rotation[:, 0], rotation[:, 0]), atol=1e-5)
+
+
+def test_huge_operators_keep_finite_ritz_values_after_a_breakdown():
+  # The padding that sorts the unused slots last overflowed float32 from 4 ||T|| num_steps
+  # > 3e38: three distinct eigenvalues at 1e37 broke down after three steps into NaN values.
+  rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((40, 40)))[0]
+  eigenvalues = np.repeat([-2.0, 1.0, 5.0], [10, 20, 10]) / 5
+  matrix = jnp.asarray((rotation * eigenvalues) @ rotation.T * 1e37, jnp.float32)
+  pairs = _dense_extreme_eigenpairs(
+    matrix, jnp.zeros(40), jax.random.key(1), num_steps=10, which="both"
+  )
+  assert int(pairs.num_steps) == 3
+  np.testing.assert_allclose(np.asarray(pairs.eigenvalues) / 1e37, [-0.4, 1.0], rtol=1e-5)
+
+
+def test_exact_residuals_below_the_underflow_scale_cover_the_error_with_full_reorthogonalization():
+  # At 1e-34 (scale 4e-30 for 40 elements) the basis loses orthogonality even with full
+  # reorthogonalisation: Ritz vectors of norm 0.05 gave exact residuals 20 times too small for
+  # Ritz values 6e17 times the spectrum's. Each is now the unit vector's.
+  rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((40, 40)))[0]
+  eigenvalues = np.repeat([-2.0, 1.0, 5.0], [10, 20, 10]) / 5
+  matrix = jnp.asarray((rotation * eigenvalues) @ rotation.T * 1e-34, jnp.float32)
+  pairs = _dense_extreme_eigenpairs(
+    matrix, jnp.zeros(40), jax.random.key(1), num_steps=30, which="both"
+  )
+  values = np.asarray(pairs.eigenvalues, np.float64)
+  distance = np.min(np.abs(values[:, None] - eigenvalues[None, :] * 1e-34), axis=1)
+  assert np.all(distance <= np.asarray(pairs.residual_norms, np.float64) * 1.001)
+
+
 def test_lanczos_names_a_converged_test_that_is_not_a_boolean_scalar_and_takes_python_floats():
   matrix = jnp.diag(jnp.arange(1.0, 6.0))
   matvec = lambda v: matrix @ v  # noqa: E731
