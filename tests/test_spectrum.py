@@ -1356,18 +1356,20 @@ def test_a_hessian_too_small_for_float32_lanczos_is_reported_not_turned_into_a_d
   assert np.all(np.isnan(jax.jit(density)().density))
   # The classification cannot resolve the sign of the smallest eigenvalue either, whether its
   # Ritz value lies above -eigenvalue_tol or below: the tridiagonal is no longer the projection.
+  # One compilation for the three matrices and tolerances below.
+  classify = jax.jit(
+    lambda matrix, tol: spectrum.classify_critical_point(
+      _quadratic(matrix), jnp.zeros(30), gradient_tol=0.0, eigenvalue_tol=tol, num_steps=10, key=0
+    )
+  )
   for low, high in ((-1.0, 10.0), (-10.0, 1.0)):
     matrix = jnp.asarray(_rotated(np.linspace(low, high, 30), 2) * 1e-33, jnp.float32)
-    report = spectrum.classify_critical_point(
-      _quadratic(matrix), jnp.zeros(30), gradient_tol=0.0, eigenvalue_tol=1e-36, num_steps=10, key=0
-    )
+    report = classify(matrix, 1e-36)
     assert report.kind_name == "undetermined"
     assert np.isnan(report.index) and np.isnan(report.degeneracy)
   # At 1e-20: three of the thirty eigenvalues are negative.
   matrix = jnp.asarray(_rotated(np.linspace(-1.0, 10.0, 30), 2) * 1e-20, jnp.float32)
-  report = spectrum.classify_critical_point(
-    _quadratic(matrix), jnp.zeros(30), gradient_tol=0.0, eigenvalue_tol=1e-23, num_steps=10, key=0
-  )
+  report = classify(matrix, 1e-23)
   assert report.kind_name == "strict saddle"
   np.testing.assert_allclose(float(report.index), 0.1, atol=0.02)
   # One probe in a tiny eigenspace is no underflow when another sees the Hessian's norm, 4.
