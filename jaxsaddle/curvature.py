@@ -698,10 +698,7 @@ def lanczos(
 
   def norm(vector, exponent):
     """The norm of ``vector``, whose entries are squared after scaling by ``2**-exponent``."""
-    # The scaling is exact and fuses into the reduction. Unscaled, the squares of a small
-    # operator's products underflowed: at ||A|| = 1e-18 a beta read orders of magnitude too
-    # small made the next basis vector far longer than 1 and gave Ritz values of -2e-11 with
-    # residuals of 1e-12 for a positive definite A.
+    # Exact and fused into the reduction; unscaled squares under- or overflow (see above).
     squared = _tree_vdot(*(_scaled(vector, -exponent),) * 2, dtype)
     positive = squared > 0
     # sqrt with a finite derivative at 0: once the Krylov space is exhausted w is zero, and
@@ -1214,9 +1211,7 @@ def extreme_eigenpairs(
       residual = _tree_axpy(-value, vector, image)
       # Scaled by its largest entry, so that a tiny residual's squares cannot underflow into
       # a zero residual, a certificate of convergence.
-      peak = jnp.max(
-        jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(residual) if leaf.size])
-      )
+      peak = _largest_magnitude(residual)
       inverse = _reciprocal_where(peak > 0, peak)
       scaled = jax.tree.map(lambda leaf: leaf * inverse.astype(leaf.dtype), residual)
       norm = peak * jnp.sqrt(_tree_vdot(scaled, scaled, dtype))

@@ -385,7 +385,7 @@ def test_neon_leaves_an_exact_saddle_with_the_guaranteed_decrease():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_neon_escapes_a_rotated_strict_saddle_like_lanczos(seed):
+def test_neon_escapes_a_rotated_strict_saddle(seed):
   # diag(-gamma, 0.1 .. 1) rotated, n = 50, at x = 0 of f = 1/2 x'Hx + z_0^4 / 24 (Hessian
   # 1-Lipschitz for |z_0| <= 1/2): a curvature step takes it along the negative direction by
   # at least the guaranteed decrease. With ell = 1 the power method's ratio is 1.5 / 0.9.

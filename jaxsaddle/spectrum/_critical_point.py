@@ -45,7 +45,7 @@ class CriticalPointReport(NamedTuple):
     smallest_eigenvalue: :math:`\\lambda_{\\min}` (exact for small problems, else Lanczos).
     largest_eigenvalue: :math:`\\lambda_{\\max}` (likewise).
     index: the fraction of eigenvalues below ``-eigenvalue_tol`` (NaN for a Hessian too
-      small for Lanczos in the compute dtype, whose SLQ nodes collapse).
+      small for Lanczos in the compute dtype, whose SLQ nodes are unreliable).
     degeneracy: the fraction of eigenvalues within ``eigenvalue_tol`` of zero (likewise).
     probe_decrease: the largest decrease :math:`f(x) - f(x + r d)` seen by the higher-order
       probe (negative when every probe went up).
@@ -213,7 +213,7 @@ def classify_critical_point(
     (smallest, largest), eigenvectors = pairs.eigenvalues, pairs.eigenvectors
     smallest_residual = pairs.residual_norms[0]
     # Too small an operator floors the extremes' residuals at the underflow scale, so the
-    # kind is undetermined unless eigenvalue_tol exceeds it; SLQ's nodes have collapsed too,
+    # kind is undetermined unless eigenvalue_tol exceeds it; SLQ's nodes are unreliable too,
     # so index and degeneracy are NaN.
     measure, underflowed = _slq(
       hvp_fn, params, slq_key, num_probes, num_steps, "rademacher", True, None
