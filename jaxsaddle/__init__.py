@@ -20,6 +20,7 @@ from jaxsaddle.negative_curvature import NegativeCurvatureDescentState
 from jaxsaddle.negative_curvature import PAGDState
 from jaxsaddle.negative_curvature import negative_curvature_descent
 from jaxsaddle.negative_curvature import neon
+from jaxsaddle.negative_curvature import neon2
 from jaxsaddle.negative_curvature import pagd
 from jaxsaddle.perturbation import AddIsotropicNoiseState
 from jaxsaddle.perturbation import PerturbNearSaddleState
@@ -58,6 +59,7 @@ __all__ = (
   "lsgd",
   "negative_curvature_descent",
   "neon",
+  "neon2",
   "noisy_gd",
   "pagd",
   "perturb_near_saddle",

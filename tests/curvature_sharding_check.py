@@ -223,15 +223,18 @@ CURVATURE_TRANSFORMS = {
   ),
   # Gradient differences carry the gradients' rounding divided by the radius, which the
   # sharded sums' order changes: a radius of 1, not the default 0.01, keeps it below RTOL.
-  "neon": lambda: jaxsaddle.neon(
-    0.1,
-    hessian_lipschitz=1.0,
-    epsilon=1e-2,
-    smoothness=10.0,
-    num_search_steps=6,
-    difference_radius=1.0,
-    gradient_threshold=1e3,
-  ),
+  **{
+    transform.__name__: lambda transform=transform: transform(
+      0.1,
+      hessian_lipschitz=1.0,
+      epsilon=1e-2,
+      smoothness=10.0,
+      num_search_steps=6,
+      difference_radius=1.0,
+      gradient_threshold=1e3,
+    )
+    for transform in (jaxsaddle.neon, jaxsaddle.neon2)
+  },
   "saddle_free_newton": lambda: jaxsaddle.saddle_free_newton(
     0.1, num_lanczos_steps=6, damping=1e-3
   ),

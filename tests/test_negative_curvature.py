@@ -1,4 +1,4 @@
-"""Negative-curvature descent and PAGD: closed-form steps, escapes, counters, vmap, errors."""
+"""Negative-curvature descent, Neon, Neon2 and PAGD: closed-form steps, escapes, vmap, errors."""
 
 import functools
 
@@ -13,6 +13,7 @@ from jaxsaddle import problems
 from jaxsaddle.negative_curvature import _gradient_difference_search
 from jaxsaddle.negative_curvature import negative_curvature_descent
 from jaxsaddle.negative_curvature import neon
+from jaxsaddle.negative_curvature import neon2
 from jaxsaddle.negative_curvature import pagd
 
 # --- a cubic saddle with a known Hessian-Lipschitz constant ----------------------------------
@@ -141,19 +142,21 @@ def test_ncd_decrease_bound_holds_for_a_rough_ritz_value():
   with jax.enable_x64(True):
     value_fn = _cubic_saddle(_rotation())
     params = jnp.zeros(5)
-    rough = 0
-    for key in range(8):
+
+    def run(key):
       tx = _ncd(num_lanczos_steps=2, key=key)
       new_params, state = _step(tx, value_fn)(params, tx.init(params))
-      theta = float(state.last_smallest_eigenvalue)
-      # Some starts see no curvature below the threshold in two steps: no curvature step.
-      if int(state.num_curvature_steps) == 0:
-        assert theta >= -np.sqrt(RHO * EPSILON)
-        continue
-      rough += theta > CURVATURES[0] + 1e-3
-      decrease = float(value_fn(params) - value_fn(new_params))
-      assert decrease >= abs(theta) ** 3 / (3 * RHO**2) * (1 - 1e-10), key
-    assert rough >= 3
+      decrease = value_fn(params) - value_fn(new_params)
+      return state.last_smallest_eigenvalue, state.num_curvature_steps, decrease
+
+    theta, num_curvature_steps, decrease = map(np.asarray, jax.jit(jax.vmap(run))(jnp.arange(8)))
+    stepped = num_curvature_steps == 1
+    # Some starts see no curvature below the threshold in two steps: no curvature step.
+    assert np.all(theta[~stepped] >= -np.sqrt(RHO * EPSILON))
+    assert np.sum(theta[stepped] > CURVATURES[0] + 1e-3) >= 3
+    np.testing.assert_array_less(
+      abs(theta[stepped]) ** 3 / (3 * RHO**2) * (1 - 1e-10), decrease[stepped]
+    )
 
 
 @pytest.mark.parametrize("z0", [1e-3, -1e-3])
@@ -273,8 +276,9 @@ def test_ncd_counters_over_an_escape_to_the_minimum():
     # random start.
     lambda key: _ncd(num_lanczos_steps=2, key=key),
     lambda key: _neon(num_search_steps=5, key=key),
+    lambda key: _neon(neon2, num_search_steps=5, key=key),
   ],
-  ids=["negative_curvature_descent", "neon"],
+  ids=["negative_curvature_descent", "neon", "neon2"],
 )
 def test_vmap_over_8_keys_equals_a_python_loop(make):
   value_fn = _cubic_saddle(_rotation())
@@ -320,7 +324,7 @@ def test_ncd_under_inject_hyperparams_matches_the_plain_transform():
 SMOOTHNESS = 4.0
 
 
-def _neon(**overrides):
+def _neon(transform=neon, **overrides):
   kwargs = dict(
     learning_rate=0.2,
     hessian_lipschitz=RHO,
@@ -329,12 +333,29 @@ def _neon(**overrides):
     num_search_steps=60,
     key=0,
   )
-  return neon(**(kwargs | overrides))
+  return transform(**(kwargs | overrides))
 
 
-def test_neon_search_on_a_quadratic_is_the_power_method_on_i_minus_h_over_ell():
-  # Gradient differences of a quadratic are exactly H u: the search is the normalised power
-  # method from its noise, and its curvature is the Rayleigh quotient plus rho r / 2.
+def _power(curvatures, smoothness, num_steps):
+  return (1 - curvatures / smoothness) ** num_steps
+
+
+def _chebyshev(curvatures, smoothness, num_steps):
+  return np.polynomial.chebyshev.chebval(1 - 2 * curvatures / smoothness, [0] * num_steps + [1])
+
+
+@pytest.mark.parametrize(
+  ("accelerated", "polynomial", "reached"),
+  # On this spectrum's two lowest curvatures, -2 and -1.58: forty power steps of ratio
+  # (1 + 2/8) / (1 + 1.58/8) = 1.04, and T_40(1.5) / T_40(1.39) = 56.
+  [(False, _power, -1.8), (True, _chebyshev, -1.99)],
+  ids=["neon", "neon2"],
+)
+def test_search_on_a_quadratic_is_its_polynomial_of_the_hessian(accelerated, polynomial, reached):
+  # Gradient differences of a quadratic are exactly H u: the direction is the polynomial of H
+  # applied to the start, (I - H / ell)^K u_0 for the power method and T_K(I - 2H / ell) u_0 for
+  # Chebyshev's recurrence, normalised, whatever the rescaling along the way; the curvature is
+  # its Rayleigh quotient plus rho r / 2.
   with jax.enable_x64(True):
     eigenvalues = np.linspace(-2.0, 6.0, 20)
     rotation = np.linalg.qr(np.random.default_rng(3).standard_normal((20, 20)))[0]
@@ -342,7 +363,8 @@ def test_neon_search_on_a_quadratic_is_the_power_method_on_i_minus_h_over_ell():
     value_fn = lambda x: 0.5 * x @ jnp.asarray(matrix) @ x  # noqa: E731
     params = jnp.zeros(20)
     key, radius, smoothness, rho = jax.random.key(4), 1e-3, 8.0, 0.5
-    for num_steps in (1, 5, 40):
+    start = np.asarray(_random.sample_isotropic(key, params, radius, "sphere"))
+    for num_steps in (1, 2, 5, 40):
       grad, curvature, direction = _gradient_difference_search(
         value_fn,
         params,
@@ -352,30 +374,73 @@ def test_neon_search_on_a_quadratic_is_the_power_method_on_i_minus_h_over_ell():
         smoothness=smoothness,
         radius=radius,
         rho=rho,
+        accelerated=accelerated,
       )
-      vector = np.asarray(_random.sample_isotropic(key, params, radius, "sphere"))
-      for _ in range(num_steps):
-        vector = vector - matrix @ vector / smoothness
-        vector = vector / np.linalg.norm(vector)
+      vector = rotation @ (polynomial(eigenvalues, smoothness, num_steps) * (rotation.T @ start))
+      vector = vector / np.linalg.norm(vector)
       np.testing.assert_allclose(direction, vector, atol=1e-9)
       np.testing.assert_allclose(grad, 0.0)
-      expected = vector @ matrix @ vector + rho * radius / 2
-      np.testing.assert_allclose(curvature, expected, rtol=1e-9)
-    # Forty steps of ratio (1 + 2/8) / (1 + 1.58/8) ~ 1.04 bring it near lambda_min = -2.
-    assert float(curvature) < -1.8
+      np.testing.assert_allclose(curvature, vector @ matrix @ vector + rho * radius / 2, rtol=1e-9)
+    assert float(curvature) < reached
 
 
-def test_neon_leaves_an_exact_saddle_with_the_guaranteed_decrease():
+def test_neon2_finds_curvature_the_power_method_misses_with_as_many_gradients():
+  # diag(-gamma, 0 .. 1) rotated, n = 50, gamma = 0.02, ell = 1: twenty power steps raise the
+  # negative direction by (1 + gamma)^20 = 1.5 against the curvature near 0, twenty Chebyshev
+  # steps by T_20(1 + 2 gamma) = 140. The threshold sqrt(rho eps) is 0.8 gamma.
+  gamma = 0.02
+  eigenvalues = np.concatenate([[-gamma], np.linspace(0.0, 1.0, 49)])
+  rotations = np.stack(
+    [np.linalg.qr(np.random.default_rng(seed).standard_normal((50, 50)))[0] for seed in range(4)]
+  )
+  matrices = jnp.asarray(
+    np.einsum("sij,j,skj->sik", rotations, eigenvalues, rotations), jnp.float32
+  )
+  negatives = jnp.asarray(rotations[:, :, 0], jnp.float32)
+  kwargs = dict(hessian_lipschitz=1.0, epsilon=(0.8 * gamma) ** 2, smoothness=1.0)
+
+  def search(transform):
+    def one(matrix, negative, seed):
+      # f = 1/2 x'Hx + z_0^4 / 24: a Hessian 1-Lipschitz for |z_0| <= 1/2.
+      value_fn = lambda x: 0.5 * x @ matrix @ x + (negative @ x) ** 4 / 24  # noqa: E731
+      tx = _neon(transform, num_search_steps=20, key=seed, **kwargs)
+      params = jnp.zeros(50)
+      new_params, state = _step(tx, value_fn)(params, tx.init(params))
+      return new_params, state, value_fn(params) - value_fn(new_params)
+
+    return jax.jit(jax.vmap(one))(matrices, negatives, jnp.arange(4))
+
+  steps, state, decrease = search(neon2)
+  np.testing.assert_array_equal(state.num_curvature_steps, 1)
+  bounds = np.asarray(state.last_smallest_eigenvalue)
+  assert np.all(bounds < -0.85 * gamma)
+  alignment = np.abs(np.sum(np.asarray(negatives) * steps, axis=1)) / np.linalg.norm(steps, axis=1)
+  assert np.all(alignment > 0.99)
+  assert np.all(np.asarray(decrease) >= np.abs(bounds) ** 3 / 3)
+
+  _, state, _ = search(neon)
+  np.testing.assert_array_equal(state.num_curvature_steps, 0)
+  assert np.all(np.asarray(state.last_smallest_eigenvalue) > -0.8 * gamma)
+
+
+@pytest.mark.parametrize(
+  ("transform", "num_steps"),
+  # Sixty power steps of ratio (1 + 1/4) / (1 + 1/8) on I - H / 4, or ten Chebyshev steps:
+  # T_10(1.5) = 8e3 against at most 1 for the rest of the spectrum.
+  [(neon, 60), (neon2, 10)],
+  ids=["neon", "neon2"],
+)
+def test_neon_leaves_an_exact_saddle_with_the_guaranteed_decrease(transform, num_steps):
   with jax.enable_x64(True):
     rotation = _rotation()
     value_fn = _cubic_saddle(rotation)
     params = jnp.zeros(5)
-    tx = _neon()
+    tx = _neon(transform, num_search_steps=num_steps)
     new_params, state = _step(tx, value_fn)(params, tx.init(params))
     bound = float(state.last_smallest_eigenvalue)
     assert int(state.num_searches) == int(state.num_curvature_steps) == 1
     # The bound is the curvature along the direction plus rho r / 2, r = 0.1 sqrt(eps / rho):
-    # here within 3% of lambda_min = -1 after 60 steps of ratio (1 + 1/4) / (1 + 1/8).
+    # here within 3% of lambda_min = -1.
     radius = 0.1 * np.sqrt(EPSILON / RHO)
     assert CURVATURES[0] <= bound - RHO * radius / 2 * (1 - 1e-9) < 0.97 * CURVATURES[0]
     z = rotation.T @ np.asarray(new_params)
@@ -416,7 +481,8 @@ def test_neon_with_a_large_gradient_is_gradient_descent_and_never_searches():
   assert int(state.num_searches) == 0 and np.isnan(float(state.last_smallest_eigenvalue))
 
 
-def test_neon_bound_holds_for_bfloat16_params_under_jit():
+@pytest.mark.parametrize("accelerated", [False, True], ids=["neon", "neon2"])
+def test_neon_bound_holds_for_bfloat16_params_under_jit(accelerated):
   # Inside one XLA program bfloat16 sums are kept wider: the displacement read back was not the
   # one the gradient saw, and the bound read -0.3 where the curvature was +1.6.
   def value_fn(p):  # Hessian diag(2, -1) at (1, 0); the x term in bfloat16, as a model's
@@ -427,7 +493,15 @@ def test_neon_bound_holds_for_bfloat16_params_under_jit():
   hessian = np.diag([2.0, -1.0])
   search = jax.jit(
     lambda key: _gradient_difference_search(
-      value_fn, params, key, jnp.float32, num_steps=1, smoothness=4.0, radius=1e-3, rho=6.0
+      value_fn,
+      params,
+      key,
+      jnp.float32,
+      num_steps=1 + accelerated,
+      smoothness=4.0,
+      radius=1e-3,
+      rho=6.0,
+      accelerated=accelerated,
     )
   )
   for key in range(8):
@@ -455,7 +529,8 @@ def test_neon_reports_a_radius_the_params_round_away_as_nan_and_takes_gradient_s
   assert int(state.num_curvature_steps) == 1 and float(state.last_smallest_eigenvalue) < -0.5
 
 
-def test_neon_rounding_of_cancelling_gradients_fakes_no_negative_curvature():
+@pytest.mark.parametrize("transform", [neon, neon2], ids=["neon", "neon2"])
+def test_neon_rounding_of_cancelling_gradients_fakes_no_negative_curvature(transform):
   # A float32 mean of 512 large terms of alternating sign: a convex quadratic of curvature
   # 1e-3, whose gradient differences at small radii are mostly rounding. Without the mismatch
   # of the two differences in the bound, 3 of 20 keys read -6e-3 and stepped uphill.
@@ -465,6 +540,7 @@ def test_neon_rounding_of_cancelling_gradients_fakes_no_negative_curvature():
   minimum = jnp.sum(weights[:, None] * centers, axis=0) / jnp.sum(weights)
   grads = jax.grad(value_fn)(minimum)
   tx = _neon(
+    transform,
     hessian_lipschitz=1.0,
     epsilon=1e-6,
     smoothness=1.0,
@@ -490,9 +566,11 @@ def test_neon_rounding_of_cancelling_gradients_fakes_no_negative_curvature():
     ({"learning_rate": -0.1}, "learning_rate", ValueError),
   ],
 )
-def test_neon_rejects_bad_hyperparameters_naming_them(kwargs, name, error):
-  with pytest.raises(error, match=f"neon: {name}|neon.*{name}"):
-    _neon(**kwargs)
+@pytest.mark.parametrize("transform", [neon, neon2], ids=["neon", "neon2"])
+def test_neon_rejects_bad_hyperparameters_naming_them(kwargs, name, error, transform):
+  owner = transform.__name__
+  with pytest.raises(error, match=f"{owner}: {name}|{owner}.*{name}"):
+    _neon(transform, **kwargs)
 
 
 # --- pagd ----------------------------------------------------------------------------------------
@@ -758,10 +836,11 @@ def test_pagd_vmap_over_8_keys_equals_a_python_loop():
   [
     (_ncd(), "takes Hessian-vector products of the loss"),
     (_neon(), "takes gradients of the loss away from the current parameters"),
+    (_neon(neon2), "takes gradients of the loss away from the current parameters"),
     # PAGD takes no products: its message must not send the user sizing memory for them.
     (pagd(0.1, **_PAGD), "evaluates the loss away from the current parameters"),
   ],
-  ids=["negative_curvature_descent", "neon", "pagd"],
+  ids=["negative_curvature_descent", "neon", "neon2", "pagd"],
 )
 def test_a_missing_value_fn_or_params_raises_saying_how_to_pass_it(tx, use):
   params = jnp.zeros(5)

@@ -89,18 +89,21 @@ ALIASES = [
     ("value_fn",),
     ("num_lanczos_steps",),
   ),
-  Alias(
-    "neon",
-    jaxsaddle.neon,
-    dict(
-      learning_rate=1.5e-3,
-      hessian_lipschitz=1.0,
-      epsilon=1e-3,
-      smoothness=1002.0,
-      num_search_steps=3,
-    ),
-    ("value_fn",),
-    ("num_search_steps",),
+  *(
+    Alias(
+      transform.__name__,
+      transform,
+      dict(
+        learning_rate=1.5e-3,
+        hessian_lipschitz=1.0,
+        epsilon=1e-3,
+        smoothness=1002.0,
+        num_search_steps=3,
+      ),
+      ("value_fn",),
+      ("num_search_steps",),
+    )
+    for transform in (jaxsaddle.neon, jaxsaddle.neon2)
   ),
   Alias(
     "pagd",
@@ -310,6 +313,7 @@ OUT_OF_RANGE = [
   ("lsgd", "sigma", -1.0),
   ("negative_curvature_descent", "hessian_lipschitz", float("nan")),
   ("neon", "smoothness", -1.0),
+  ("neon2", "epsilon", -1.0),
   ("pagd", "momentum", 1.5),
   ("saddle_free_newton", "damping", -1.0),
   ("cubic_regularization", "learning_rate", -1.0),
