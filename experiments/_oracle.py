@@ -56,6 +56,13 @@ def lanczos_call_cost(num_lanczos_steps: int) -> float:
   return HVP_COST * (num_lanczos_steps + 1)
 
 
+def gradient_difference_search_cost(num_search_steps: int) -> float:
+  """The gradients a :func:`jaxsaddle.neon` or :func:`jaxsaddle.neon2` search of
+  ``num_search_steps`` steps costs: one a step, the gradient at the point, and the forward and
+  backward differences of its bound."""
+  return num_search_steps + 3.0
+
+
 # A few float32 roundings of the products of costs and counts: 8 eps.
 BUDGET_ROUNDING = 8 * float(jnp.finfo(jnp.float32).eps)
 

@@ -19,15 +19,20 @@ seeds vmapped inside one ``jit``; the loop stops when every seed has escaped or
 after ``max_steps`` steps, and a seed that has not escaped by then is *censored*
 (reported as "> max_steps"). ``oracle_calls`` in the closing records holds each
 seed's oracle calls up to its escape (or the censoring): one gradient per step,
-and :func:`experiments._oracle.lanczos_call_cost` of ``d`` steps per Lanczos call
-(``sfn`` makes one every step, ``ncd`` where the gradient is small).
+plus :func:`curvature_call_cost` per curvature call: a Lanczos call of ``d``
+steps (``sfn`` makes one every step, ``ncd`` where the gradient is small) or a
+gradient-difference search of ``d`` steps (``neon`` and ``neon2``, where the
+gradient is small).
 
 Methods: ``gd`` (``optax.sgd``), ``pgd``, ``noisy_gd``, ``perturbed_sgd``,
 ``lsgd`` (Laplacian smoothing, deterministic), ``ncd``
-(:func:`jaxsaddle.negative_curvature_descent`) and ``sfn``
-(:func:`jaxsaddle.saddle_free_newton`), all with the same learning rate per
-problem except ``sfn``, whose step :math:`|H|^{-1} g` is already scaled by the
-curvature and takes ``sfn_learning_rate``.
+(:func:`jaxsaddle.negative_curvature_descent`), ``neon`` and ``neon2`` (the same
+curvature steps, their directions from gradient differences: the power method
+and Chebyshev's recurrence) and ``sfn`` (:func:`jaxsaddle.saddle_free_newton`),
+all with the same learning rate per problem except ``sfn``, whose step
+:math:`|H|^{-1} g` is already scaled by the curvature and takes
+``sfn_learning_rate``. ``neon`` and ``neon2`` take the largest Hessian
+eigenvalue at the saddle as their ``smoothness``.
 """
 
 import dataclasses
@@ -49,7 +54,10 @@ from jaxsaddle import problems
 from jaxsaddle import smoothing
 
 NAME = "escape-toy"
-METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd", "lsgd", "ncd", "sfn")
+METHODS = ("gd", "pgd", "noisy_gd", "perturbed_sgd", "lsgd", "ncd", "neon", "neon2", "sfn")
+# The state field counting the curvature calls of the methods that make them only where the
+# gradient is small.
+CALL_COUNTERS = {"ncd": "num_lanczos_calls", "neon": "num_searches", "neon2": "num_searches"}
 PROBLEMS = ("quadratic", "octopus")
 
 
@@ -101,19 +109,19 @@ class ToyProblem:
       quadratic = problems.quadratic_saddle(eigenvalues)
       quartic = config.quadratic_quartic
       self.value_fn = lambda x: quadratic.value_fn(x) + quartic * jnp.sum(x**4)
-      self.spread, self.scale, smoothness = config.quadratic_start_spread, 1.0, 1.0
+      self.spread, self.scale, self.smoothness = config.quadratic_start_spread, 1.0, 1.0
       self.saddle_value = 0.0
       self.minimum = None
     elif name == "octopus":
       octopus = problems.octopus(dim)
       self.value_fn = octopus.value_fn
       self.spread, self.scale = config.octopus_start_spread, math.e
-      smoothness = float(np.max(octopus.critical_points[0].hessian_eigenvalues))
+      self.smoothness = float(np.max(octopus.critical_points[0].hessian_eigenvalues))
       self.saddle_value = float(octopus.critical_points[0].value)
       self.minimum = np.abs(octopus.critical_points[-1].point)
     else:
       raise ValueError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}.")
-    self.learning_rate = 1 / (4 * smoothness)
+    self.learning_rate = 1 / (4 * self.smoothness)
     self.escape_drop = config.escape_drop
 
   def escaped(self, x: jax.Array) -> jax.Array:
@@ -123,7 +131,8 @@ class ToyProblem:
 
 
 def make_optimizer(method: str, problem: ToyProblem, key, config: Config):
-  """The optimizer of ``method`` and its Lanczos calls per step (None: read from its state)."""
+  """The optimizer of ``method`` and its curvature calls per step (None: read from its state,
+  under ``CALL_COUNTERS[method]``)."""
   rate, dim = problem.learning_rate, problem.dim
   if method == "gd":
     return optax.with_extra_args_support(optax.sgd(rate)), 0
@@ -151,6 +160,16 @@ def make_optimizer(method: str, problem: ToyProblem, key, config: Config):
       key=key,
     )
     return tx, None  # Lanczos runs only where the gradient is small: its state counts the calls
+  if method in ("neon", "neon2"):
+    tx = getattr(jaxsaddle, method)(
+      rate,
+      hessian_lipschitz=config.hessian_lipschitz,
+      epsilon=config.ncd_epsilon,
+      smoothness=problem.smoothness,
+      num_search_steps=dim,
+      key=key,
+    )
+    return tx, None
   if method == "sfn":
     # Deterministic: it needs no key, and from an exact saddle (zero gradient) it does not move.
     tx = jaxsaddle.saddle_free_newton(
@@ -158,6 +177,13 @@ def make_optimizer(method: str, problem: ToyProblem, key, config: Config):
     )
     return tx, 1
   raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
+
+
+def curvature_call_cost(method: str, dim: int) -> float:
+  """The gradients one curvature call of ``method`` costs in ``dim`` dimensions (``d`` steps)."""
+  if method in ("neon", "neon2"):
+    return _oracle.gradient_difference_search_cost(dim)
+  return _oracle.lanczos_call_cost(dim)
 
 
 def escape_steps(problem: ToyProblem, method: str, config: Config) -> dict[str, np.ndarray]:
@@ -179,8 +205,11 @@ def escape_steps(problem: ToyProblem, method: str, config: Config) -> dict[str, 
     updates, state = tx.update(grads, state, params, value=value, value_fn=problem.value_fn)
     return optax.apply_updates(params, updates), state
 
-  def lanczos_calls(state):
-    return optax.tree.get(state, "num_lanczos_calls", default=jnp.zeros(config.seeds, jnp.int32))
+  def curvature_calls(state):
+    no_calls = jnp.zeros(config.seeds, jnp.int32)
+    if method not in CALL_COUNTERS:
+      return no_calls
+    return optax.tree.get(state, CALL_COUNTERS[method], default=no_calls)
 
   def run_all(seeds):
     params, state = jax.vmap(run_seed)(seeds)
@@ -196,12 +225,13 @@ def escape_steps(problem: ToyProblem, method: str, config: Config) -> dict[str, 
       params, state = jax.vmap(step)(params, state)
       count = count + 1
       running = steps < 0
-      # A seed's Lanczos calls up to its escape; those made while others run on are not its cost.
-      calls = jnp.where(running, lanczos_calls(state), calls)
+      # A seed's curvature calls up to its escape; those made while others run on are not its
+      # cost.
+      calls = jnp.where(running, curvature_calls(state), calls)
       steps = jnp.where(running & jax.vmap(problem.escaped)(params), count, steps)
       return params, state, steps, calls, count
 
-    carry = (params, state, steps, lanczos_calls(state), 0)
+    carry = (params, state, steps, curvature_calls(state), 0)
     params, state, steps, calls, _ = jax.lax.while_loop(unfinished, body, carry)
     return steps, jax.vmap(problem.value_fn)(params), calls
 
@@ -212,7 +242,7 @@ def escape_steps(problem: ToyProblem, method: str, config: Config) -> dict[str, 
   taken = np.where(steps < 0, config.steps, steps)
   if calls_per_step is not None:
     calls = taken * calls_per_step
-  oracle = taken + _oracle.lanczos_call_cost(problem.dim) * calls
+  oracle = taken + curvature_call_cost(method, problem.dim) * calls
   return {"steps": steps, "final_value": final_values, "oracle_calls": oracle}
 
 
@@ -392,7 +422,8 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
     "Steps favour the methods that take Hessian-vector products at some steps; their cost is "
     "in oracle calls, the median over seeds up to the escape (a censored seed counts as "
     f"infinitely many; a Hessian-vector product counts as {_oracle.HVP_COST:g} gradient, a "
-    "Lanczos call of d steps as d + 1 products; each seed's count is in the closing record):",
+    "Lanczos call of d steps as d + 1 products, a neon or neon2 search of d steps as d + 3 "
+    "gradients; each seed's count is in the closing record):",
     "",
     oracle_table(run, config),
     "",
