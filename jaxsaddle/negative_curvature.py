@@ -343,14 +343,13 @@ def _gradient_difference_search(
     change = jax.tree.map(lambda g, g0: g.astype(dtype) - g0, gradient_fn(moved), grad)
     return actual, change
 
-  def radius_over_norm(u):
-    norm = _random.global_norm(u)
-    return curvature._reciprocal_where(norm > 0, norm) * radius
+  def radius_over(size):
+    return curvature._reciprocal_where(size > 0, size) * radius
 
   def power_step(_, u):
     actual, change = displaced(u)
     image = jax.tree.map(lambda a, c: a - c / smoothness, actual, change)
-    return _scale(radius_over_norm(image), image)
+    return _scale(radius_over(_random.global_norm(image)), image)
 
   def chebyshev_step(step, vectors):
     # T_{k+1}(z) = 2 z T_k(z) - T_{k-1}(z), T_1(z) = z, for z = I - 2H / ell: [0, ell] maps
@@ -363,15 +362,22 @@ def _gradient_difference_search(
     following = jax.tree.map(
       lambda a, c, p: weight * (a - 2 * c / smoothness) - p, actual, change, previous
     )
-    rescale = radius_over_norm(following)
-    return _scale(rescale, actual), _scale(rescale, following)
+    # At a root of the polynomial (H = ell I / 2 and T_1, say) the newest vector is zero and
+    # the pair is rescaled by the current one's norm: the next step then takes the zero
+    # vector's exactly zero difference and continues with -y_{k-1}.
+    size = _random.global_norm(following)
+    size = jnp.where(size > 0, size, _random.global_norm(actual))
+    return _scale(radius_over(size), actual), _scale(radius_over(size), following)
 
   start = _random.sample_isotropic(key, curvature._cast(params, dtype), radius, "sphere")
   unroll = curvature.unroll_by_default(gradient_fn, params)
   if accelerated:
-    _, u = curvature.fori_loop(
+    last, u = curvature.fori_loop(
       num_steps, chebyshev_step, (optax.tree.zeros_like(start), start), unroll=unroll
     )
+    # Zero where every curvature sits at a root of T_K: y_{K-1} is the direction then.
+    nonzero = _random.global_norm(u) > 0
+    u = jax.tree.map(lambda newest, previous: jnp.where(nonzero, newest, previous), u, last)
   else:
     u = curvature.fori_loop(num_steps, power_step, start, unroll=unroll)
   actual, change = displaced(u)
@@ -563,8 +569,8 @@ def neon2(
   gradient_threshold: float | jax.Array | None = None,
   key: jax.Array | int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  r""":func:`neon` with its power method replaced by Chebyshev's recurrence: as few gradients
-  as Lanczos needs Hessian-vector products.
+  r""":func:`neon` with its power method replaced by Chebyshev's recurrence: gradients in the
+  number, in order, that Lanczos needs Hessian-vector products.
 
   The update, the curvature bound and its guaranteed decrease are those of :func:`neon`; only
   the search differs. With :math:`\ell` = ``smoothness``, :math:`r` = ``difference_radius``,
@@ -579,6 +585,9 @@ def neon2(
   each followed by rescaling :math:`y_k` and :math:`y_{k+1}` by one factor that puts
   :math:`y_{k+1}` at radius :math:`r`, give :math:`y_K \propto T_K(I - 2\nabla^2 f(x_t) /
   \ell)\, y_0` on a quadratic, with :math:`T_K` the Chebyshev polynomial of the first kind.
+  (Where :math:`y_{k+1}` is exactly zero, every curvature at a root of the polynomial, the
+  factor puts :math:`y_k` at radius :math:`r` instead, and :math:`y_{K-1}` is the direction
+  where :math:`y_K` is zero.)
   The map :math:`\lambda \mapsto 1 - 2\lambda/\ell` takes curvature in :math:`[0, \ell]` onto
   :math:`[-1, 1]`, where :math:`|T_K| \le 1`, and curvature :math:`-\gamma` to :math:`1 +
   2\gamma/\ell`, where :math:`T_K = \cosh(K \operatorname{arccosh}(1 + 2\gamma/\ell)) \approx
@@ -586,7 +595,10 @@ def neon2(
   \delta)` steps find curvature near :math:`-\gamma` with probability :math:`1 - \delta` in
   :math:`n` parameters, where the power method of :func:`neon` needs about :math:`(\ell /
   \gamma) \log(n / \delta)`: at :math:`\gamma / \ell = 10^{-2}`, tens of gradients instead of
-  hundreds, the order of Lanczos's Hessian-vector products.
+  hundreds. That is the order of Lanczos's Hessian-vector products, though Lanczos, optimal
+  over all polynomials of its degree and needing no :math:`\ell`, does at least as well. As in
+  :func:`neon`, each gradient is taken at the displacement the params' dtype actually makes of
+  :math:`y_k`.
 
   The acceleration is that of Allen-Zhu and Li's deterministic Neon2 (*NEON2: Finding Local
   Minima via First-Order Oracles*, NeurIPS 2018, arXiv:1711.06673), which turns Lanczos into
@@ -595,15 +607,20 @@ def neon2(
   :math:`K` steps of the plain three-term recurrence, on full gradients of ``value_fn``, and
   its direction is judged by :func:`neon`'s upper bound. The interval mapped onto
   :math:`[-1, 1]` is :math:`[0, \ell]`, so the search needs no hyperparameter beyond
-  :func:`neon`'s. The recurrence amplifies a
-  difference's error no more than the polynomial amplifies the wanted direction, so the
-  rescaled iterates stay accurate to about the differences' relative error, :math:`\rho r /
-  2` over the curvature.
+  :func:`neon`'s. An error made at step :math:`j` reaches :math:`y_K` multiplied by
+  :math:`U_{K-j-1}(z)`, the Chebyshev polynomial of the second kind, up to :math:`K - j` on
+  :math:`[-1, 1]`: the errors of the differences (:math:`\rho r / 2` relative to the
+  curvature, plus rounding) accumulate about as over the power method's steps, tens of times
+  one difference's at :math:`\gamma / \ell = 10^{-2}`. Whatever they are, the bound is
+  computed afresh along the final direction, so it stays an upper bound.
 
   **smoothness matters more than for neon.** Curvature :math:`\lambda > \ell` maps below
-  :math:`-1`, where :math:`|T_K|` grows as well: above :math:`\ell + |\lambda_{\min}|` it
-  outgrows the negative curvature and the search finds none (the bound is positive and the
-  update a gradient step). :func:`neon`'s power method tolerates curvature up to :math:`2\ell`.
+  :math:`-1`, where :math:`|T_K|` grows as well: from about :math:`\ell + |\lambda_{\min}|`
+  (a little below it at finite :math:`K`, where the large curvature also weighs more in the
+  Rayleigh quotient) it outgrows the negative curvature and the search finds none (the bound
+  is positive and the update a gradient step): 10% above :math:`\ell` is enough to switch it
+  off at :math:`\lambda_{\min} = -0.05\ell`. :func:`neon`'s power method tolerates curvature
+  up to about :math:`2\ell + |\lambda_{\min}|`.
   Use a Lipschitz constant of :math:`\nabla f`, or an estimate of the largest eigenvalue
   (:func:`jaxsaddle.hessian_extreme_eigenvalues`) with a margin.
 
