@@ -460,8 +460,10 @@ def neon(
   Hessian-vector product, so it suits losses that forward mode cannot differentiate twice.
   The power method needs about :math:`(\ell / \gamma) \log(n / \delta)` steps to find
   curvature :math:`-\gamma / 2` with probability :math:`1 - \delta` in :math:`n` parameters,
-  against about :math:`\sqrt{\ell / \gamma} \log(n / \delta)` for Lanczos: where
-  Hessian-vector products are available, :func:`negative_curvature_descent` needs far fewer.
+  against about :math:`\sqrt{\ell / \gamma} \log(n / \delta)` for Lanczos and for
+  :func:`neon2`'s Chebyshev recurrence: where Hessian-vector products are available,
+  :func:`negative_curvature_descent` needs far fewer, and without them :func:`neon2` does,
+  where its stricter need of an :math:`\ell` above the whole spectrum is met.
   As there, the search sits in a ``lax.cond`` and runs only where the gradient is small (at
   every update under ``vmap``).
 
