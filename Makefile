@@ -1,5 +1,5 @@
 # Two entry points, each working on a fresh machine with only Python 3.11-3.13:
-#   make demo   runs the quick version of the four experiments (writes runs/<name>/<timestamp>/)
+#   make demo   runs the quick version of five experiments (writes runs/<name>/<timestamp>/)
 #   make test   runs ruff and the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -26,7 +26,8 @@ demo: $(INSTALLED)
 	$(BIN)/python -m experiments pgd-networks --quick
 	$(BIN)/python -m experiments saddles-good-enough --quick
 	$(BIN)/python -m experiments attraction-region --quick
-	@echo "summaries (newest first):" && ls -1t runs/*/*/summary.md | head -n 4
+	$(BIN)/python -m experiments curvature-search --quick
+	@echo "summaries (newest first):" && ls -1t runs/*/*/summary.md | head -n 5
 
 test: $(INSTALLED)
 	$(BIN)/python -m ruff check .

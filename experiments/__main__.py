@@ -39,6 +39,10 @@ EXPERIMENTS = {
     "experiments.saddles_good_enough",
     "the Hessian spectrum where GD, SGD, PGD and NC descent end: degenerate saddles?",
   ),
+  "curvature-search": (
+    "experiments.curvature_search",
+    "gradients and products a negative-curvature search needs on an MLP: Lanczos, Neon, Neon2",
+  ),
   "attraction-region": (
     "experiments.attraction",
     "attraction-region dimension vs n: GD, LSGD and mLSGD candidates",

@@ -149,6 +149,7 @@ def plot_panels(
   x: XCoordinates = None,
   band: Band = "minmax",
   yscale: Literal["linear", "log", "symlog"] = "linear",
+  xscale: Literal["linear", "log"] = "linear",
   columns: int = 3,
 ) -> Path:
   """One panel per entry of ``panels``, each with a median line and a band over seeds per curve.
@@ -162,6 +163,7 @@ def plot_panels(
     x: the x coordinates of the points, shared or per curve label (default ``0, 1, ...``).
     band: ``"minmax"`` for the range over seeds, ``"quantile"`` for 10–90%.
     yscale: a matplotlib y scale.
+    xscale: a matplotlib x scale; ``"log"`` needs positive x.
     columns: panels per row.
 
   Returns:
@@ -171,6 +173,7 @@ def plot_panels(
   for axes, (panel_title, curves) in zip(grid.flat, panels.items(), strict=False):
     _draw_curves(axes, curves, x, band)
     _set_yscale(axes, yscale)
+    axes.set_xscale(xscale)
     axes.set_title(panel_title, fontsize="medium")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
