@@ -64,7 +64,8 @@ class SaddleFreeNewtonState(NamedTuple):
   """State of :func:`saddle_free_newton`."""
 
   count: jax.Array  # int32, number of updates
-  min_eigenvalue: jax.Array  # smallest Ritz value of the last step; NaN before one or at g = 0
+  # The smallest Ritz value of the last step; NaN before one or at g = 0.
+  last_smallest_eigenvalue: jax.Array
   krylov_dimension: jax.Array  # int32, Lanczos vectors of the last step (< steps: breakdown)
 
 
@@ -155,7 +156,8 @@ def saddle_free_newton(
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and the extra
-    argument ``value_fn``. The state's ``min_eigenvalue`` is the smallest Ritz value of the
+    argument ``value_fn``. The state's ``last_smallest_eigenvalue`` (named as in
+    :func:`jaxsaddle.negative_curvature_descent`'s state) is the smallest Ritz value of the
     last step, an estimate of the most negative curvature seen from the gradient.
   """
   owner = "saddle_free_newton"
@@ -167,7 +169,7 @@ def saddle_free_newton(
     _checks.check_float_leaves(params, owner, "a Newton step")
     return SaddleFreeNewtonState(
       count=jnp.zeros([], jnp.int32),
-      min_eigenvalue=jnp.full([], jnp.nan, curvature._compute_dtype(params)),
+      last_smallest_eigenvalue=jnp.full([], jnp.nan, curvature._compute_dtype(params)),
       krylov_dimension=jnp.zeros([], jnp.int32),
     )
 
@@ -192,7 +194,7 @@ def saddle_free_newton(
     )
     new_state = SaddleFreeNewtonState(
       count=optax.safe_increment(state.count),
-      min_eigenvalue=smallest.astype(state.min_eigenvalue.dtype),
+      last_smallest_eigenvalue=smallest.astype(state.last_smallest_eigenvalue.dtype),
       krylov_dimension=result.num_valid,
     )
     return optax.tree.cast_like(step, updates), new_state

@@ -67,7 +67,7 @@ def test_sfn_leaves_the_classical_saddle_where_newton_lands_on_it():
     values.append(float(_classical_saddle(params)))
   assert np.all(np.diff(values) < 0)
   np.testing.assert_allclose(values[-1], -(0.5**2), rtol=1e-5)
-  assert float(state.min_eigenvalue) == pytest.approx(-2.0, rel=1e-6)
+  assert float(state.last_smallest_eigenvalue) == pytest.approx(-2.0, rel=1e-6)
 
 
 def test_sfn_does_not_converge_to_the_monkey_saddle():
@@ -108,7 +108,7 @@ def test_sfn_with_a_full_krylov_space_is_newton_on_a_convex_quadratic():
   updates, state = _update(tx)(grads, tx.init(params), params, value_fn=problem.value_fn)
   np.testing.assert_allclose(updates, newton_step, rtol=1e-4, atol=1e-5)
   assert int(state.krylov_dimension) == 6
-  assert float(state.min_eigenvalue) == pytest.approx(0.5, rel=1e-4)
+  assert float(state.last_smallest_eigenvalue) == pytest.approx(0.5, rel=1e-4)
 
 
 def test_sfn_with_a_full_krylov_space_is_the_damped_absolute_inverse():
@@ -121,7 +121,7 @@ def test_sfn_with_a_full_krylov_space_is_the_damped_absolute_inverse():
   tx = saddle_free_newton(0.5, num_lanczos_steps=6, damping=0.3)
   updates, state = _update(tx)(grads, tx.init(params), params, value_fn=problem.value_fn)
   np.testing.assert_allclose(updates, expected, rtol=1e-4, atol=1e-5)
-  assert float(state.min_eigenvalue) == pytest.approx(-3.0, rel=1e-4)
+  assert float(state.last_smallest_eigenvalue) == pytest.approx(-3.0, rel=1e-4)
   # Newton's step would climb along the three negative directions; this one descends.
   assert float(jnp.vdot(updates, grads)) < 0
 
@@ -167,7 +167,7 @@ def test_sfn_zero_gradient_gives_a_zero_update_and_nan_stays_nan():
   value_fn = lambda p: jnp.sum(p**2) - p[0] ** 2 * 3
   updates, state = _update(tx)(jnp.zeros(3), tx.init(params), params, value_fn=value_fn)
   np.testing.assert_array_equal(updates, 0.0)
-  assert np.isnan(state.min_eigenvalue) and int(state.krylov_dimension) == 0
+  assert np.isnan(state.last_smallest_eigenvalue) and int(state.krylov_dimension) == 0
   nan_grads = jnp.array([0.0, jnp.nan, 1.0])
   updates, _ = _update(tx)(nan_grads, tx.init(params), params, value_fn=value_fn)
   assert np.all(np.isnan(updates))
@@ -187,8 +187,8 @@ def test_sfn_on_a_pytree_matches_the_flat_vector_and_its_state_is_readable_in_a_
   )
   np.testing.assert_allclose(tree_updates["a"], flat_updates[:2], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(tree_updates["b"].ravel(), flat_updates[2:], rtol=1e-5, atol=1e-6)
-  assert float(optax.tree.get(tree_state, "min_eigenvalue")) == pytest.approx(
-    float(optax.tree.get(flat_state, "min_eigenvalue")), rel=1e-5
+  assert float(optax.tree.get(tree_state, "last_smallest_eigenvalue")) == pytest.approx(
+    float(optax.tree.get(flat_state, "last_smallest_eigenvalue")), rel=1e-5
   )
 
 
