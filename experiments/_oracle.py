@@ -56,11 +56,15 @@ def lanczos_call_cost(num_lanczos_steps: int) -> float:
   return HVP_COST * (num_lanczos_steps + 1)
 
 
-def gradient_difference_search_cost(num_search_steps: int) -> float:
-  """The gradients a :func:`jaxsaddle.neon` or :func:`jaxsaddle.neon2` search of
-  ``num_search_steps`` steps costs: one a step, the gradient at the point, and the forward and
-  backward differences of its bound."""
-  return num_search_steps + 3.0
+def curvature_call_cost(transform: str, num_steps: int) -> float:
+  """The gradients one curvature call of ``num_steps`` steps costs: a gradient-difference
+  search of :func:`jaxsaddle.neon` or :func:`jaxsaddle.neon2` (``transform`` ``"neon"`` or
+  ``"neon2"``) takes one gradient a step, the gradient at the point and the forward and
+  backward differences of its bound; any other ``transform`` makes a Lanczos call
+  (:func:`lanczos_call_cost`)."""
+  if transform in ("neon", "neon2"):
+    return num_steps + 3.0
+  return lanczos_call_cost(num_steps)
 
 
 # A few float32 roundings of the products of costs and counts: 8 eps.

@@ -27,11 +27,16 @@ exact curvature :math:`v^\top H v` taken with the dense Hessian (``jax.hessian``
 Per seed (the transform's key, which draws its start) and number of steps ``K``, a record
 holds the *found fraction* :math:`v^\top H v / \lambda_{\min}` (1: the most negative
 curvature; 0 where the search reported none) and the curvature the method reported (the Ritz
-value, or neon's upper bound). ``neon`` and ``neon2`` get the exact largest eigenvalue as
-``smoothness`` (a user would estimate it, e.g. with
-:func:`jaxsaddle.hessian_extreme_eigenvalues`); ``hessian_lipschitz`` only sets the step length
-and the slack :math:`\rho r / 2` of the gradient-difference bound, nominal here since the
-comparison is of directions.
+value, or neon's upper bound). ``neon`` and ``neon2`` run once per entry of
+``smoothness_scales``, with ``smoothness`` that multiple of the exact largest eigenvalue: a
+user estimates it (with :func:`jaxsaddle.hessian_extreme_eigenvalues`, whose Lanczos estimate
+lies below it, or a Lipschitz bound above it), and ``neon2`` needs it at least the largest
+curvature. ``hessian_lipschitz`` only sets the step length and the slack :math:`\rho r / 2` of
+the gradient-difference bound, nominal here since the comparison is of directions.
+
+``K`` Lanczos steps build a polynomial of degree :math:`K - 1` in :math:`H` (the Krylov space
+of dimension :math:`K`), ``K`` power or Chebyshev steps one of degree :math:`K`: at the
+smallest ``K`` the gradient-difference searches can come out ahead.
 """
 
 import dataclasses
@@ -58,6 +63,8 @@ POINTS = ("near-origin", "trained")
 SPECTRUM = "spectrum"
 # The found fraction that counts as having found the negative curvature.
 FOUND = 0.5
+# The searches that need the Hessian's largest eigenvalue, run once per smoothness scale.
+NEEDS_SMOOTHNESS = ("neon", "neon2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +80,17 @@ class Config:
   model_seed: int = 0
   near_origin_scale: float = 0.1
   learning_rate: float = 0.5
+  smoothness_scales: tuple[float, ...] = (0.97, 1.0, 2.0)
   hessian_lipschitz: float = 1.0
   difference_radius: float = 1e-4
   fast_compile: bool = False  # XLA without optimisations (see experiments._runner)
 
 
 def default_config(quick: bool = False) -> Config:
-  """Every point and method at 2 and 64 steps with 3 seeds when ``quick``."""
+  """Every point and method at 2 and 64 steps with 3 seeds, and the exact and a 3% low
+  smoothness, when ``quick``."""
   if quick:
-    return Config(seeds=3, search_steps=(2, 64), fast_compile=True)
+    return Config(seeds=3, search_steps=(2, 64), smoothness_scales=(0.97, 1.0), fast_compile=True)
   return Config()
 
 
@@ -107,7 +116,10 @@ def _point(config: Config, point: str) -> tuple[jax.Array, Any, np.ndarray, np.n
     return models.cross_entropy_loss(nnx.merge(graphdef, unravel(flat_params)), inputs, labels)
 
   if point == "trained":
-    descend = lambda _, p: p - config.learning_rate * jax.grad(value_fn)(p)  # noqa: E731
+
+    def descend(_, p):
+      return p - config.learning_rate * jax.grad(value_fn)(p)
+
     flat = jax.jit(lambda p: jax.lax.fori_loop(0, config.steps, descend, p))(flat)
   hessian = np.asarray(jax.jit(jax.hessian(value_fn))(flat))
   return flat, value_fn, hessian, np.linalg.eigvalsh(hessian)
@@ -130,52 +142,68 @@ def make_search(method: str, num_steps: int, smoothness: float, key, config: Con
   )
 
 
-def search_cost(method: str, num_steps: int) -> float:
-  """Gradients one search of ``num_steps`` steps costs."""
-  if method == "ncd":
-    return _oracle.lanczos_call_cost(num_steps)
-  return _oracle.gradient_difference_search_cost(num_steps)
+def search_labels(config: Config) -> list[str]:
+  """``ncd``, and ``<method>@<scale>`` for each search that needs a smoothness."""
+  return [
+    label
+    for method in config.methods
+    for label in (
+      [f"{method}@{scale:g}" for scale in config.smoothness_scales]
+      if method in NEEDS_SMOOTHNESS
+      else [method]
+    )
+  ]
 
 
 def unit_names(config: Config) -> list[str]:
   return [
     name
     for point in config.points
-    for name in (f"{point}/{SPECTRUM}", *(f"{point}/{m}" for m in config.methods))
+    for name in (f"{point}/{SPECTRUM}", *(f"{point}/{label}" for label in search_labels(config)))
   ]
 
 
+def _spectrum_facts(point, flat, value_fn, eigenvalues) -> dict[str, Any]:
+  return {
+    "point": point,
+    "num_params": int(flat.size),
+    "loss": float(value_fn(flat)),
+    "gradient_norm": float(jnp.linalg.norm(jax.grad(value_fn)(flat))),
+    "smallest_eigenvalue": float(eigenvalues[0]),
+    "largest_eigenvalue": float(eigenvalues[-1]),
+    "num_negative": int(np.sum(eigenvalues < 0)),
+  }
+
+
+def _search(config: Config, method: str, num_steps: int, smoothness: float, flat, value_fn):
+  """Every seed's update, reported curvature and whether it stepped, for one search setting."""
+  grads = jax.grad(value_fn)(flat)
+
+  def one(seed):
+    tx = make_search(method, num_steps, smoothness, seed, config)
+    updates, state = tx.update(grads, tx.init(flat), flat, value_fn=value_fn)
+    return updates, state.last_smallest_eigenvalue, state.num_curvature_steps
+
+  return map(np.asarray, jax.jit(jax.vmap(one))(jnp.arange(config.seeds)))
+
+
 def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]:
-  point, what = unit.split("/")
+  point, label = unit.split("/")
   start = time.perf_counter()
   with jax.enable_x64(True):
     flat, value_fn, hessian, eigenvalues = _point(config, point)
-    if what == SPECTRUM:
-      closing = {
-        "point": point,
-        "num_params": int(flat.size),
-        "loss": float(value_fn(flat)),
-        "gradient_norm": float(jnp.linalg.norm(jax.grad(value_fn)(flat))),
-        "smallest_eigenvalue": float(eigenvalues[0]),
-        "largest_eigenvalue": float(eigenvalues[-1]),
-        "num_negative": int(np.sum(eigenvalues < 0)),
-      }
-      return [], closing
-    smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
-    grads = jax.grad(value_fn)(flat)
-    records, found = [], []
+    if label == SPECTRUM:
+      return [], _spectrum_facts(point, flat, value_fn, eigenvalues)
+    method, _, scale = label.partition("@")
+    smallest = float(eigenvalues[0])
+    smoothness = float(scale or 1) * float(eigenvalues[-1])
+    records, fractions_per_steps = [], []
     for num_steps in config.search_steps:
-
-      def one(seed, num_steps=num_steps):
-        tx = make_search(what, num_steps, largest, seed, config)
-        updates, state = tx.update(grads, tx.init(flat), flat, value_fn=value_fn)
-        return updates, state.last_smallest_eigenvalue, state.num_curvature_steps
-
-      updates, reported, stepped = map(np.asarray, jax.jit(jax.vmap(one))(jnp.arange(config.seeds)))
+      updates, reported, stepped = _search(config, method, num_steps, smoothness, flat, value_fn)
       directions = updates / np.linalg.norm(updates, axis=1, keepdims=True)
       curvatures = np.einsum("si,ij,sj->s", directions, hessian, directions)
       fractions = np.where(stepped == 1, curvatures / smallest, 0.0)
-      found.append(fractions)
+      fractions_per_steps.append(fractions)
       records += [
         {
           "seed": seed,
@@ -186,22 +214,22 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
         }
         for seed in range(config.seeds)
       ]
-  found = np.stack(found, axis=1)
   closing = {
     "point": point,
-    "method": what,
+    "method": method,
+    "smoothness": smoothness if method in NEEDS_SMOOTHNESS else None,
     "search_steps": list(config.search_steps),
-    "oracle_calls": [search_cost(what, k) for k in config.search_steps],
-    "median_found_fraction": _runner.to_json_floats(np.median(found, axis=0)),
+    "oracle_calls": [_oracle.curvature_call_cost(method, k) for k in config.search_steps],
+    "median_found_fraction": _runner.to_json_floats(np.median(fractions_per_steps, axis=1)),
     "seconds": round(time.perf_counter() - start, 3),
   }
   return records, closing
 
 
-def found_fractions(run: _runner.RunDirectory, point: str, method: str) -> np.ndarray:
+def found_fractions(run: _runner.RunDirectory, point: str, label: str) -> np.ndarray:
   """``(seeds, len(search_steps))`` found fractions of one unit, from its records."""
   config: Config = run.config
-  unit = f"{point}/{method}"
+  unit = f"{point}/{label}"
   rows = {
     (r["seed"], r["search_steps"]): r["found_fraction"]
     for r in run.records()
@@ -212,26 +240,27 @@ def found_fractions(run: _runner.RunDirectory, point: str, method: str) -> np.nd
   )
 
 
-def fewest_steps_to_find(run: _runner.RunDirectory, point: str, method: str) -> int | None:
+def fewest_steps_to_find(run: _runner.RunDirectory, point: str, label: str) -> int | None:
   """The fewest steps whose median found fraction reaches :data:`FOUND`; None if none does."""
-  closing = run.finished_units()[f"{point}/{method}"]
+  closing = run.finished_units()[f"{point}/{label}"]
   for num_steps, fraction in zip(
     closing["search_steps"], closing["median_found_fraction"], strict=True
   ):
-    if fraction is not None and fraction >= FOUND:
+    if fraction >= FOUND:
       return num_steps
   return None
 
 
 def make_figures(run: _runner.RunDirectory, config: Config) -> list[str]:
   panels = {
-    point: {method: found_fractions(run, point, method) for method in config.methods}
+    point: {label: found_fractions(run, point, label) for label in search_labels(config)}
     for point in config.points
   }
   path = _plots.plot_panels(
     panels,
     run.figures / "found_fraction.png",
-    title="curvature found along the search's direction, v'Hv / lambda_min",
+    title="curvature found along the search's direction, v'Hv / lambda_min (method@smoothness "
+    "/ lambda_max)",
     ylabel="found fraction",
     xlabel="steps per search K",
     x=np.asarray(config.search_steps),
@@ -243,30 +272,30 @@ def make_figures(run: _runner.RunDirectory, config: Config) -> list[str]:
 
 def summary_table(run: _runner.RunDirectory, config: Config) -> str:
   units = run.finished_units()
-  header = ["point", "method", *[f"K={k}" for k in config.search_steps]]
+  header = ["point", "search", *[f"K={k}" for k in config.search_steps]]
   rows = [
-    [
-      point,
-      method,
-      *[f"{f:.2f}" for f in units[f"{point}/{method}"]["median_found_fraction"]],
-    ]
+    [point, label, *[f"{f:.2f}" for f in units[f"{point}/{label}"]["median_found_fraction"]]]
     for point in config.points
-    for method in config.methods
+    for label in search_labels(config)
   ]
   return _runner.markdown_table(header, rows)
 
 
 def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> str:
   units = run.finished_units()
+  lanczos_extra = _oracle.curvature_call_cost("ncd", 0)
+  difference_extra = _oracle.curvature_call_cost("neon", 0)
   lines = [
     "# Negative-curvature searches on an MLP's Hessian",
     "",
     f"A tanh MLP of width {config.width} on scikit-learn's digits (the whole training set, "
     f"float64), {config.seeds} seeds (start vectors) per search. Cells: the median over seeds "
     "of the found fraction v'Hv / lambda_min of the search's direction v (1: the most negative "
-    "curvature, 0: none reported). A search of K steps costs K + 1 gradients for ncd "
-    "(Lanczos, counting a Hessian-vector product as one gradient) and K + 3 for neon and "
-    "neon2.",
+    f"curvature, 0: none reported). A search of K steps costs K + {lanczos_extra:g} gradients "
+    "for ncd (Lanczos, counting a Hessian-vector product as one gradient) and "
+    f"K + {difference_extra:g} for neon and neon2; `method@s` ran with smoothness s times the "
+    "largest eigenvalue. K Lanczos steps make a polynomial of degree K - 1 in H, K power or "
+    "Chebyshev steps one of degree K.",
     "",
     summary_table(run, config),
     "",
@@ -286,9 +315,9 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
   lines += ["", f"## Fewest steps to a median found fraction of {FOUND:g}", ""]
   for point in config.points:
     cells = []
-    for method in config.methods:
-      steps = fewest_steps_to_find(run, point, method)
-      cells.append(f"{method} {'> ' + str(max(config.search_steps)) if steps is None else steps}")
+    for label in search_labels(config):
+      steps = fewest_steps_to_find(run, point, label)
+      cells.append(f"{label} {'> ' + str(max(config.search_steps)) if steps is None else steps}")
     lines.append(f"- {point}: " + ", ".join(cells) + ".")
   lines += ["", *(f"![{figure}]({figure})\n" for figure in figures)]
   return "\n".join(lines)
@@ -303,6 +332,8 @@ def check_config(config: Config) -> None:
     isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in config.search_steps
   ):
     raise ValueError(f"search_steps must be integers of at least 1, got {config.search_steps}.")
+  if not config.smoothness_scales or not all(scale > 0 for scale in config.smoothness_scales):
+    raise ValueError(f"smoothness_scales must be positive, got {config.smoothness_scales}.")
 
 
 def run(run_dir: _runner.RunDirectory) -> str:

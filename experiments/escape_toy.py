@@ -19,10 +19,10 @@ seeds vmapped inside one ``jit``; the loop stops when every seed has escaped or
 after ``max_steps`` steps, and a seed that has not escaped by then is *censored*
 (reported as "> max_steps"). ``oracle_calls`` in the closing records holds each
 seed's oracle calls up to its escape (or the censoring): one gradient per step,
-plus :func:`curvature_call_cost` per curvature call: a Lanczos call of ``d``
-steps (``sfn`` makes one every step, ``ncd`` where the gradient is small) or a
-gradient-difference search of ``d`` steps (``neon`` and ``neon2``, where the
-gradient is small).
+plus :func:`experiments._oracle.curvature_call_cost` per curvature call: a
+Lanczos call of ``d`` steps (``sfn`` makes one every step, ``ncd`` where the
+gradient is small) or a gradient-difference search of ``d`` steps (``neon`` and
+``neon2``, where the gradient is small).
 
 Methods: ``gd`` (``optax.sgd``), ``pgd``, ``noisy_gd``, ``perturbed_sgd``,
 ``lsgd`` (Laplacian smoothing, deterministic), ``ncd``
@@ -187,13 +187,6 @@ def make_optimizer(method: str, problem: ToyProblem, key, config: Config):
   raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}.")
 
 
-def curvature_call_cost(method: str, dim: int) -> float:
-  """The gradients one curvature call of ``method`` costs in ``dim`` dimensions (``d`` steps)."""
-  if method in ("neon", "neon2"):
-    return _oracle.gradient_difference_search_cost(dim)
-  return _oracle.lanczos_call_cost(dim)
-
-
 def escape_steps(problem: ToyProblem, method: str, config: Config) -> dict[str, np.ndarray]:
   """Runs every seed until all escaped or ``config.steps``; returns per-seed steps and costs."""
   value_and_grad = jax.value_and_grad(problem.value_fn)
@@ -250,7 +243,7 @@ def escape_steps(problem: ToyProblem, method: str, config: Config) -> dict[str, 
   taken = np.where(steps < 0, config.steps, steps)
   if calls_per_step is not None:
     calls = taken * calls_per_step
-  oracle = taken + curvature_call_cost(method, problem.dim) * calls
+  oracle = taken + _oracle.curvature_call_cost(method, problem.dim) * calls
   return {"steps": steps, "final_value": final_values, "oracle_calls": oracle}
 
 

@@ -36,9 +36,14 @@ def _seed_records(records: list[dict], unit: str) -> list[dict]:
 def test_every_unit_seed_and_step_count_is_recorded_with_its_cost(closing):
   config, units, records = closing
   assert sorted(units) == sorted(curvature_search.unit_names(config))
+  assert curvature_search.search_labels(config) == [
+    "ncd",
+    *(f"{m}@{s:g}" for m in ("neon", "neon2") for s in config.smoothness_scales),
+  ]
   for point in config.points:
-    for method in config.methods:
-      unit = f"{point}/{method}"
+    for label in curvature_search.search_labels(config):
+      unit = f"{point}/{label}"
+      method = label.partition("@")[0]
       rows = _seed_records(records, unit)
       assert sorted((r["seed"], r["search_steps"]) for r in rows) == sorted(
         (seed, k) for seed in range(config.seeds) for k in config.search_steps
@@ -52,8 +57,6 @@ def test_every_unit_seed_and_step_count_is_recorded_with_its_cost(closing):
       # gradient at the point and the two differences of its bound.
       extra = 1 if method == "ncd" else 3
       assert units[unit]["oracle_calls"] == [k + extra for k in config.search_steps]
-      for r in rows:
-        assert r["stepped"] or r["found_fraction"] == 0
 
 
 def test_the_points_are_what_the_experiment_says(closing):
@@ -78,12 +81,12 @@ def test_reported_curvature_is_the_ritz_value_or_an_upper_bound_on_the_direction
   config, units, records = closing
   for point in config.points:
     smallest = units[f"{point}/{curvature_search.SPECTRUM}"]["smallest_eigenvalue"]
-    for method in config.methods:
-      for r in _seed_records(records, f"{point}/{method}"):
+    for label in curvature_search.search_labels(config):
+      for r in _seed_records(records, f"{point}/{label}"):
         if not r["stepped"]:
           continue
         curvature = r["found_fraction"] * smallest
-        if method == "ncd":
+        if label == "ncd":
           np.testing.assert_allclose(r["reported_curvature"], curvature, rtol=1e-6, atol=1e-12)
         else:
           assert r["reported_curvature"] >= curvature - 1e-12
@@ -95,31 +98,34 @@ def test_chebyshev_and_lanczos_find_the_small_curvature_the_power_method_misses(
   config, units, _ = closing
   last = config.search_steps.index(max(config.search_steps))
 
-  def found(point, method):
-    return units[f"{point}/{method}"]["median_found_fraction"][last]
+  def found(point, label):
+    return units[f"{point}/{label}"]["median_found_fraction"][last]
 
   assert found("trained", "ncd") > 0.9
-  assert found("trained", "neon2") > 0.5
-  assert found("trained", "neon") < 0.1
+  assert found("trained", "neon2@1") > 0.5
+  assert found("trained", "neon@1") < 0.1
+  # With a smoothness 3% below the largest eigenvalue, that curvature outgrows the negative
+  # one in neon2's polynomial: the search finds none.
+  assert found("trained", "neon2@0.97") < 0.1
   # Near the origin, where the negative curvature is as large as the positive, all find it.
-  for method in config.methods:
-    assert found("near-origin", method) > 0.9
+  for label in curvature_search.search_labels(config):
+    assert found("near-origin", label) > 0.9
 
 
 def test_summary_and_figure(quick_run, closing):
   config, units, _ = closing
   summary = (quick_run / "summary.md").read_text()
   for point in config.points:
-    for method in config.methods:
-      cells = [f"{f:.2f}" for f in units[f"{point}/{method}"]["median_found_fraction"]]
-      assert f"| {point} | {method} | {' | '.join(cells)} |" in summary
-  assert "- trained: ncd 64, neon > 64, neon2 64." in summary
+    for label in curvature_search.search_labels(config):
+      cells = [f"{f:.2f}" for f in units[f"{point}/{label}"]["median_found_fraction"]]
+      assert f"| {point} | {label} | {' | '.join(cells)} |" in summary
+  assert "- trained: ncd 64, neon@0.97 > 64, neon@1 > 64, neon2@0.97 > 64, neon2@1 64." in summary
   assert_is_figure(quick_run / "figures" / "found_fraction.png", taller_than=200, wider_than=300)
   assert "![figures/found_fraction.png](figures/found_fraction.png)" in summary
 
 
 def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
-  assert_resume_recomputes_only("curvature-search", quick_run, tmp_path, "trained/neon2")
+  assert_resume_recomputes_only("curvature-search", quick_run, tmp_path, "trained/neon2@1")
 
 
 @pytest.mark.parametrize(
@@ -129,6 +135,8 @@ def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
     ("methods", ("lanczos",), "unknown methods"),
     ("search_steps", (0, 4), "search_steps"),
     ("search_steps", (), "search_steps"),
+    ("smoothness_scales", (0.0, 1.0), "smoothness_scales"),
+    ("smoothness_scales", (), "smoothness_scales"),
   ],
 )
 def test_bad_configs_are_refused_before_any_unit(field, value, message):
