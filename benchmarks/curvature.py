@@ -25,7 +25,13 @@ Every row is one jitted call whose output feeds the next call (see
   Gram-Schmidt passes against the whole basis every step) or ``"none"``.
   matfree works on flat vectors: the operator it gets is the same matvec
   wrapped in ``jax.flatten_util.ravel_pytree`` (unravel the vector, apply,
-  ravel the product), and its start vector is the ravelled one.
+  ravel the product), and its start vector is the ravelled one;
+- ``neon search`` and ``neon2 search``: an SGD step whose update is that of
+  ``jaxsaddle.neon`` or ``jaxsaddle.neon2`` with ``K`` search steps, set to
+  search at every call (a huge ``gradient_threshold``): the step's gradient plus
+  a search, which the experiments count as ``K + 3`` gradients
+  (``experiments._oracle.curvature_call_cost``); its ratio to the ``gradient``
+  row checks that count.
 
 Every Lanczos row returns its whole decomposition (basis and coefficients) as
 an output of the jitted call, as a caller that uses the Ritz vectors would, so
@@ -58,6 +64,7 @@ from benchmarks import _timing
 NUM_STEPS = 20  # K: Lanczos steps, and products in the loop rows
 LEARNING_RATE = 1e-2
 MATVECS = ("plain", "linearized")
+SEARCHES = ("neon", "neon2")
 MATFREE_REORTHO = ("full", "none")
 REORTHOGONALIZATIONS = (True, "partial", False)
 
@@ -75,7 +82,7 @@ class Loop:
   """A timing candidate's step: ``state = step(state, params, batch)``, jitted, state donated.
 
   ``state`` is whatever the next call needs from this one: params for the
-  gradient row, the tangent for the others.
+  gradient and search rows, the tangent for the others.
   """
 
   def __init__(self, step, state, params, batch):
@@ -159,6 +166,30 @@ def matfree_step(matvec: str, reortho: str):
   return step
 
 
+def search_step(method: str):
+  """``(params, params, batch) -> params + update`` of a ``method`` transform that searches."""
+  tx = getattr(jaxsaddle, method)(
+    LEARNING_RATE,
+    hessian_lipschitz=1e6,  # a short curvature step, so that the params stay near the start
+    epsilon=1e-30,
+    smoothness=1.0,  # sets the search's polynomial, not its cost
+    num_search_steps=NUM_STEPS,
+    gradient_threshold=1e30,
+  )
+
+  def step(params, unused_params, batch):
+    del unused_params
+    value_fn = lambda p: _mlp.loss_fn(p, batch)  # noqa: E731
+    updates, _ = tx.update(jax.grad(value_fn)(params), tx.init(params), params, value_fn=value_fn)
+    return jax.tree.map(jnp.add, params, updates)
+
+  return step
+
+
+def _search_name(method: str) -> str:
+  return f"{method} search {NUM_STEPS}"
+
+
 def _loop_name(matvec: str) -> str:
   return f"{NUM_STEPS} hvps, {matvec}"
 
@@ -209,6 +240,9 @@ def time_curvature(settings: _timing.Settings) -> list[_timing.Timing]:
       name = _matfree_name(matvec, reortho)
       loops[name] = DecompositionLoop(matfree_step(matvec, reortho), copy(tangent), params, batch)
       baselines[name] = _loop_name(matvec)
+  for method in SEARCHES:
+    loops[_search_name(method)] = Loop(search_step(method), copy(params), params, batch)
+    baselines[_search_name(method)] = "gradient"
   timings = _timing.time_interleaved(
     [_timing.Candidate(name, loop, baselines.get(name)) for name, loop in loops.items()],
     settings,
@@ -240,6 +274,11 @@ def derived_ratios(median: dict[str, float]) -> dict[str, float]:
   ratios[f"{_lanczos_name('linearized', True)} / {_loop_name('plain')}"] = (
     median[_lanczos_name("linearized", True)] / median[_loop_name("plain")]
   )
+  for method in SEARCHES:
+    counted = 1 + NUM_STEPS + 3  # the step's gradient and the search's K + 3
+    ratios[f"{_search_name(method)} / gradient (counted {counted})"] = (
+      median[_search_name(method)] / median["gradient"]
+    )
   return ratios
 
 

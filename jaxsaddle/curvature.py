@@ -865,8 +865,8 @@ def lanczos(
     # After a breakdown or a stop the next vector, and so the basis row, is zero.
     # Divided at the scale of the squares, so that the reciprocal's derivative, -1 / beta^2,
     # stays in range for operators far from norm 1 (NaN gradients at 1e-19 otherwise).
-    inv_beta = _reciprocal_where(continues, _scaled(beta, -exponent))
-    q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), _scaled(w, -exponent))
+    inv_beta = _scaled(_reciprocal_where(continues, _scaled(beta, -exponent)), -exponent)
+    q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), w)
     return (
       remember(vectors, j, q_next),
       alphas,
