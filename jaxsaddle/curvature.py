@@ -864,7 +864,9 @@ def lanczos(
       continues = continues & ~_stop(converged(alphas, betas, num_valid))
     # After a breakdown or a stop the next vector, and so the basis row, is zero.
     # Divided at the scale of the squares, so that the reciprocal's derivative, -1 / beta^2,
-    # stays in range for operators far from norm 1 (NaN gradients at 1e-19 otherwise).
+    # stays in range for operators far from norm 1 (NaN gradients at 1e-19 otherwise). One
+    # scalar factor: scaling every entry of w first made a step without reorthogonalisation
+    # on the CPU 2.7 times slower (XLA fused the update differently).
     inv_beta = _scaled(_reciprocal_where(continues, _scaled(beta, -exponent)), -exponent)
     q_next = jax.tree.map(lambda leaf: leaf * inv_beta.astype(leaf.dtype), w)
     return (
