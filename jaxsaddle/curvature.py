@@ -643,12 +643,15 @@ def lanczos(
   after a false breakdown, never comes with a small residual. XLA flushes subnormal numbers
   to zero, on the CPU as on a GPU, so the fading is abrupt. Scale such an operator by a power
   of two, which is exact, or compute in float64. Three limits remain: the squares' scale starts
-  from :math:`|\alpha_0|`, so a start vector with :math:`q_0^\top A q_0 = 0` exactly takes
-  its first norm unscaled (in float32, wrong below :math:`\|A\| \approx 10^{-19}` and above
-  :math:`10^{19}`); the start vector is scaled before it is normalised but must hold normal
-  numbers (a subnormal one reads as zero); and leaves narrower than float32 have their own
-  range, which the underflow scale, set in the compute dtype, does not see (float16 products
-  lose accuracy as their entries approach its smallest normal number, 6e-5).
+  from :math:`|\alpha_0|`, so a start vector with :math:`q_0^\top A q_0` far below
+  :math:`\|A\|` takes its first norm at the wrong scale: with :math:`q_0^\top A q_0 = 0`
+  exactly it is unscaled (in float32 a false breakdown below :math:`\|A\| \approx
+  10^{-19}`), and where the squares overflow (a quotient :math:`10^{19}` times below
+  :math:`\|A\|` in float32, at any step) :math:`\beta` is NaN, never a short run; the start
+  vector is scaled before it is normalised but must hold normal numbers (a subnormal one
+  reads as zero); and leaves narrower than float32 have their own range, which the underflow
+  scale, set in the compute dtype, does not see (float16 products lose accuracy as their
+  entries approach its smallest normal number, 6e-5).
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
   init_vector = _checks.as_arrays(init_vector)
@@ -856,6 +859,13 @@ def lanczos(
       forced = reorthogonalize_now & ~forced
     else:
       beta = norm(w, exponent)
+    # A vector far above the scale its squares were taken at overflows them (q_j'Aq_j about 0
+    # with ||A q_j|| far above every earlier coefficient: a start e_0 with q_0'Aq_0 = 1e-30
+    # against ||A|| = 1). The step's coefficients are then NaN, so every Ritz value is: an inf
+    # beta had ended the run with a Ritz value of 1e-30.
+    overflowed = jnp.isinf(beta)
+    beta = jnp.where(overflowed, jnp.nan, beta)
+    alphas = alphas.at[j].set(jnp.where(overflowed, jnp.nan, alphas[j]))
     scale = jnp.where(active, jnp.maximum(scale, beta), scale)
     continues = active & (beta > breakdown_tol * scale)
     betas = betas.at[j].set(jnp.where(active, beta, 0))

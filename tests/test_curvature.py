@@ -1210,6 +1210,22 @@ def test_huge_operators_keep_finite_ritz_values_after_a_breakdown():
   np.testing.assert_allclose(np.asarray(pairs.eigenvalues) / 1e37, [-0.4, 1.0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+def test_a_beta_whose_squares_overflow_makes_the_ritz_values_nan_not_a_short_run(reorthogonalize):
+  # From e_0, q_0'Aq_0 = 1e-30 sets the squares' scale while ||A q_0|| = 1: they overflowed
+  # float32, and an inf beta ended the run with one Ritz value, 1e-30, for eigenvalues -1, 1.
+  matrix = jnp.array([[1e-30, 1.0], [1.0, 0.0]], jnp.float32)
+  result = jaxsaddle.lanczos(
+    lambda v: matrix @ v, jnp.array([1.0, 0.0]), 2, reorthogonalize=reorthogonalize
+  )
+  assert np.isnan(np.asarray(jaxsaddle.ritz_pairs(result).eigenvalues)).all()
+  # Started elsewhere, the same operator gives its eigenvalues.
+  result = jaxsaddle.lanczos(
+    lambda v: matrix @ v, jnp.array([0.6, 0.8]), 2, reorthogonalize=reorthogonalize
+  )
+  np.testing.assert_allclose(jaxsaddle.ritz_pairs(result).eigenvalues, [-1.0, 1.0], rtol=1e-6)
+
+
 def test_exact_residuals_below_the_underflow_scale_cover_the_error_with_full_reorthogonalization():
   # At 1e-34 (scale 4e-30 for 40 elements) the basis loses orthogonality even with full
   # reorthogonalisation: Ritz vectors of norm 0.05 gave exact residuals 20 times too small for
