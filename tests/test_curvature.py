@@ -1171,10 +1171,16 @@ def test_tiny_and_huge_operators_keep_their_extreme_ritz_values_in_float32(scale
     )
 
 
+@pytest.mark.parametrize("reorthogonalize", [True, False])
 @pytest.mark.parametrize("scale", [1e-21, 1e20])
-def test_gradients_of_ritz_values_hold_for_tiny_and_huge_operators_in_float32(scale):
+def test_gradients_of_ritz_values_hold_for_tiny_and_huge_operators_in_float32(
+  scale, reorthogonalize
+):
   # The reciprocal of beta was taken unscaled: its derivative, -1 / beta^2, overflowed below
-  # 1e-19 (NaN gradients) and flushed to zero above 1e19 (an error of 0.78 at 1e20).
+  # 1e-19 (NaN gradients) and flushed to zero above 1e19 (an error of 0.78 at 1e20). Taken
+  # at the squares' scale, the cotangent of 1 / beta, a sum of products of w's entries with
+  # the Ritz value's cotangents, still left the range for a Ritz value not divided back to
+  # order 1 (0.78 off at 1e-21, NaN at 1e20).
   eigenvalues = np.linspace(-1.0, 2.0, 12)
   rotation = np.linalg.qr(np.random.default_rng(1).standard_normal((12, 12)))[0]
   matrix = jnp.asarray((rotation * eigenvalues) @ rotation.T * scale, jnp.float32)
@@ -1189,10 +1195,11 @@ def test_gradients_of_ritz_values_hold_for_tiny_and_huge_operators_in_float32(sc
       which="smallest",
       eigenvectors=False,
       exact_residuals=False,
+      reorthogonalize=reorthogonalize,
     )
-    return pairs.eigenvalues[0] / scale
+    return pairs.eigenvalues[0]
 
-  gradient = np.asarray(jax.jit(jax.grad(smallest))(matrix), np.float64) * scale
+  gradient = np.asarray(jax.jit(jax.grad(smallest))(matrix), np.float64)
   # d lambda_min / dA = v v^T for its unit eigenvector v.
   np.testing.assert_allclose(gradient, np.outer(rotation[:, 0], rotation[:, 0]), atol=1e-5)
 
@@ -1217,6 +1224,20 @@ def test_a_beta_whose_squares_overflow_makes_the_ritz_values_nan_not_a_short_run
   matrix = jnp.array([[1e-30, 1.0], [1.0, 0.0]], jnp.float32)
   result = jaxsaddle.lanczos(
     lambda v: matrix @ v, jnp.array([1.0, 0.0]), 2, reorthogonalize=reorthogonalize
+  )
+  assert np.isnan(np.asarray(jaxsaddle.ritz_pairs(result).eigenvalues)).all()
+  # At the second step (q_1 = e_1, after beta_0 = 1e-30): eigh on the CPU read past the NaN
+  # entry and gave -1.4e-30 and 1.4e-30.
+  chain = jnp.array([[1e-30, 1e-30, 0.0], [1e-30, 0.0, 1.0], [0.0, 1.0, 0.0]], jnp.float32)
+  result = jaxsaddle.lanczos(
+    lambda v: chain @ v, jnp.array([1.0, 0.0, 0.0]), 3, reorthogonalize=reorthogonalize
+  )
+  assert np.isnan(np.asarray(jaxsaddle.ritz_pairs(result).eigenvalues)).all()
+  # Beta above 2^126, whose reciprocal flushes to zero, had zeroed the next vector and given
+  # wrong Ritz values (-9.4e37 and 1.9e38 for -8e37 and 2e38).
+  huge = jnp.diag(jnp.array([-0.4, 1.0], jnp.float32)) * 2e38
+  result = jaxsaddle.lanczos(
+    lambda v: huge @ v, jnp.array([0.6, 0.8]), 2, reorthogonalize=reorthogonalize
   )
   assert np.isnan(np.asarray(jaxsaddle.ritz_pairs(result).eigenvalues)).all()
   # Started elsewhere, the same operator gives its eigenvalues.
