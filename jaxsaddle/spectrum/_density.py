@@ -174,9 +174,9 @@ def hessian_density(
       Lanczos basis); None, the default, runs all of them at once under ``vmap``, which
       suits accelerators. On CPUs one at a time (``probe_batch_size=1``) is faster and holds
       one basis in memory: on the 784-512-512-10 MLP of ``benchmarks``, 4 probes of 20 steps
-      took 406 ms one at a time against 949 ms all at once with full reorthogonalisation, and
-      185 against 419 ms without (under ``vmap`` Lanczos's ``lax.cond`` calls become
-      selects). Params
+      took 385 ms one at a time against 902 ms all at once with full reorthogonalisation, and
+      184 against 365 ms without (``benchmarks/results/cpu/slq_probe_batching.log``; under
+      ``vmap`` Lanczos's ``lax.cond`` calls become selects). Params
       sharded over Explicit mesh axes run one probe at a time whatever this says: batching
       turns Lanczos's ``lax.cond`` calls into selects, whose predicate JAX broadcasts without
       the operands' sharding, which fails.
