@@ -890,11 +890,9 @@ def lanczos(
       beta = norm(w, exponent)
     # A vector far above the scale its squares were taken at overflows them (q_j'Aq_j about 0
     # with ||A q_j|| far above every earlier coefficient: a start e_0 with q_0'Aq_0 = 1e-30
-    # against ||A|| = 1). The step's coefficients are then NaN, so every Ritz value is: an inf
-    # beta had ended the run with a Ritz value of 1e-30.
-    overflowed = jnp.isinf(beta)
-    beta = jnp.where(overflowed, jnp.nan, beta)
-    alphas = alphas.at[j].set(jnp.where(overflowed, jnp.nan, alphas[j]))
+    # against ||A|| = 1). Beta is then NaN, in a valid slot, which makes every Ritz value NaN
+    # (_padded_eigh): an inf beta had ended the run with a Ritz value of 1e-30.
+    beta = jnp.where(jnp.isinf(beta), jnp.nan, beta)
     scale = jnp.where(active, jnp.maximum(scale, beta), scale)
     continues = active & (beta > breakdown_tol * scale)
     betas = betas.at[j].set(jnp.where(active, beta, 0))
