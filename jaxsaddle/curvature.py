@@ -667,20 +667,19 @@ def lanczos(
   residuals honest there: exact ones are computed scaled, and where :math:`\|T\|` is below
   :math:`\text{tiny}\, n / \epsilon` (3e-30 for 30 elements in float32) every residual,
   estimated or exact, is floored at that scale, so a wrong Ritz value, or a Rayleigh quotient
-  after a false breakdown, never comes with a small residual. XLA flushes subnormal numbers
-  to zero, on the CPU as on a GPU, so the fading is abrupt. Scale such an operator by a power
-  of two, which is exact, or compute in float64. Three limits remain: the squares' scale starts
-  from :math:`|\alpha_0|`, so a start vector with :math:`q_0^\top A q_0` far below
-  :math:`\|A\|` takes its first norm at the wrong scale: with :math:`q_0^\top A q_0 = 0`
-  exactly it is unscaled (in float32 a false breakdown below :math:`\|A\| \approx
-  10^{-19}`), and where the squares overflow (a quotient :math:`10^{19}` times below
-  :math:`\|A\|` in float32, at any step) :math:`\beta` is NaN, never a short run, as are
-  the Ritz values where :math:`\beta` exceeds :math:`2^{126} \approx 8.5 \cdot 10^{37}` in
-  float32 (its reciprocal flushes to zero); the start
-  vector is scaled before it is normalised but must hold normal numbers (a subnormal one
-  reads as zero); and leaves narrower than float32 have their own range, which the underflow
-  scale, set in the compute dtype, does not see (float16 products lose accuracy as their
-  entries approach its smallest normal number, 6e-5).
+  after a false breakdown, never comes with a small residual. XLA on the CPU flushes subnormal
+  numbers to zero, so the fading is abrupt; an H200 kept them. Scale such an operator by a power of
+  two, which is exact, or compute in float64. Three limits remain: the squares' scale starts from
+  :math:`|\alpha_0|`, so a start vector with :math:`q_0^\top A q_0` far below :math:`\|A\|` takes
+  its first norm at the wrong scale: with :math:`q_0^\top A q_0 = 0` exactly it is unscaled (in
+  float32 a false breakdown below :math:`\|A\| \approx 10^{-19}`), and where the squares overflow (a
+  quotient :math:`10^{19}` times below :math:`\|A\|` in float32, at any step) :math:`\beta` is NaN,
+  never a short run, as are the Ritz values where :math:`\beta` exceeds :math:`2^{126} \approx 8.5
+  \cdot 10^{37}` in float32 on the CPU (its reciprocal flushes to zero; an H200, which keeps the
+  subnormal reciprocal, gave the right values); the start vector is scaled before it is normalised
+  but must hold normal numbers on the CPU (a subnormal one reads as zero); and leaves narrower than
+  float32 have their own range, which the underflow scale, set in the compute dtype, does not see
+  (float16 products lose accuracy as their entries approach its smallest normal number, 6e-5).
   """
   _checks.check_loop_length("lanczos", "num_steps", num_steps)
   init_vector = _checks.as_arrays(init_vector)
@@ -903,7 +902,7 @@ def lanczos(
     # One scalar factor; _normalized's derivative stays in range for operators far from norm 1.
     inv_beta = _reciprocal_where(continues, beta)
     # 1 / beta below the smallest normal number (beta above 2^126, 8.5e37, in float32) flushes
-    # to zero, which would zero the next vector: NaN instead.
+    # to zero on the CPU, which would zero the next vector: NaN instead.
     inv_beta = jnp.where(continues & (inv_beta == 0), jnp.nan, inv_beta)
     q_next = _normalized(w, beta, inv_beta)
     return (
@@ -1253,12 +1252,13 @@ def extreme_eigenpairs(
 
     def residual_norm(image, vector, value):
       residual = _tree_axpy(-value, vector, image)
-      # Scaled by its largest entry, so that a tiny residual's squares cannot underflow into
-      # a zero residual, a certificate of convergence.
+      # Scaled by a power of two near its largest entry, so that a tiny residual's squares
+      # cannot underflow into a zero residual, a certificate of convergence. Not by the entry's
+      # reciprocal: a subnormal entry (kept on a GPU, flushed on the CPU) has an infinite one,
+      # which gave an H200 NaN and infinite residuals at ||A|| = 1e-34.
       peak = _largest_magnitude(residual)
-      inverse = _reciprocal_where(peak > 0, peak)
-      scaled = jax.tree.map(lambda leaf: leaf * inverse.astype(leaf.dtype), residual)
-      norm = peak * jnp.sqrt(_tree_vdot(scaled, scaled, dtype))
+      exponent = _exponent(peak)
+      norm = _scaled(jnp.sqrt(_tree_vdot(*(_scaled(residual, -exponent),) * 2, dtype)), exponent)
       return jnp.where(jnp.isfinite(peak), norm, peak)
 
     residual_norms = jax.vmap(residual_norm)(images, vectors, jnp.where(present, values, 0))
