@@ -22,9 +22,16 @@ def concrete_float(value, owner: str = "jaxsaddle", name: str = "value") -> floa
       f"{owner}: {name} must be a number, got the callable {value!r}; to change it during "
       "training, wrap the optimizer in optax.inject_hyperparams and pass the schedule there."
     )
+  if value is None:
+    raise TypeError(f"{owner}: {name} must be a number, got None.")
   array = np.asarray(value)
   if array.dtype == np.bool_:
     raise TypeError(f"{owner}: {name} must be a number, got the boolean array {value!r}.")
+  if array.dtype == np.dtype(object):
+    raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}.")
+  if np.iscomplexobj(array):
+    # float() would drop the imaginary part, or fail without naming the hyperparameter.
+    raise TypeError(f"{owner}: {name} must be a real number, got the complex {value!r}.")
   if array.ndim:
     raise ValueError(f"{owner}: {name} must be a scalar, got an array of shape {array.shape}.")
   return float(array)
@@ -47,12 +54,15 @@ def check_nonnegative(owner: str, name: str, value) -> None:
 
 
 def _narrow_cast_hint(value, number: float) -> str:
-  """Why a float16 or bfloat16 hyperparameter may be 0 or infinite when its user passed neither."""
+  """Why a float16 or bfloat16 hyperparameter may be 0, 1 or infinite when its user passed
+  neither."""
   dtype = jnp.result_type(value)
   if dtype not in (jnp.float16, jnp.bfloat16):
     return ""
   if number == 0:
     found, cause = "zero", "small ones may round to 0"
+  elif number == 1:
+    found, cause = "1", "momenta near 1 may round to 1"
   elif number == np.inf and dtype == jnp.float16:
     # bfloat16 overflows where float32 does, so the remedy would not help there.
     found, cause = "inf", f"ones beyond {float(jnp.finfo(dtype).max):g} overflow to inf"
@@ -87,7 +97,8 @@ def check_momentum(owner: str, momentum) -> None:
   """Raises ValueError unless a concrete ``momentum`` lies in [0, 1) (traced values pass)."""
   number = concrete_float(momentum, owner, "momentum")
   if number is not None and not 0 <= number < 1:
-    raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum}.")
+    hint = _narrow_cast_hint(momentum, number)
+    raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum}.{hint}")
 
 
 def check_learning_rate(owner: str, learning_rate) -> None:

@@ -322,6 +322,17 @@ def _largest_magnitude(tree: PyTree) -> jax.Array:
   )
 
 
+def scaled_norm(tree: PyTree, dtype) -> jax.Array:
+  """The Euclidean norm of ``tree`` in ``dtype``, its squares taken after scaling by a power of
+  two near its largest entry, so that neither under- nor overflows where the norm does not.
+
+  Not by the entry's reciprocal: a subnormal entry (kept on a GPU, flushed on the CPU) has an
+  infinite one, which gave an H200 NaN and infinite residuals at ``||A|| = 1e-34``.
+  """
+  exponent = _exponent(_largest_magnitude(tree).astype(dtype))
+  return _scaled(jnp.sqrt(_tree_vdot(*(_scaled(tree, -exponent),) * 2, dtype)), exponent)
+
+
 def _reciprocal_where(mask: jax.Array, x: jax.Array) -> jax.Array:
   """``1 / x`` where ``mask`` holds and 0 elsewhere, with no division by the masked-out ``x``
   (so neither its value nor its gradient is ever inf or NaN)."""
@@ -1252,14 +1263,10 @@ def extreme_eigenpairs(
 
     def residual_norm(image, vector, value):
       residual = _tree_axpy(-value, vector, image)
-      # Scaled by a power of two near its largest entry, so that a tiny residual's squares
-      # cannot underflow into a zero residual, a certificate of convergence. Not by the entry's
-      # reciprocal: a subnormal entry (kept on a GPU, flushed on the CPU) has an infinite one,
-      # which gave an H200 NaN and infinite residuals at ||A|| = 1e-34.
+      # Scaled, so that a tiny residual's squares cannot underflow into a zero residual, a
+      # certificate of convergence.
       peak = _largest_magnitude(residual)
-      exponent = _exponent(peak)
-      norm = _scaled(jnp.sqrt(_tree_vdot(*(_scaled(residual, -exponent),) * 2, dtype)), exponent)
-      return jnp.where(jnp.isfinite(peak), norm, peak)
+      return jnp.where(jnp.isfinite(peak), scaled_norm(residual, dtype), peak)
 
     residual_norms = jax.vmap(residual_norm)(images, vectors, jnp.where(present, values, 0))
     residual_norms = jnp.where(present, residual_norms, jnp.nan)

@@ -53,7 +53,8 @@ def make_value_fn(
   Args:
     model: the nnx module being trained.
     loss_fn: ``loss_fn(model, *batch) -> scalar``.
-    *batch: the data the loss is evaluated on (closed over).
+    *batch: the data the loss is evaluated on (closed over): arrays and other pytrees, not
+      nnx objects (an ``nnx.Rngs`` is refused, since its state advances at every call).
     wrt: the filter of the optimized variables; the same as ``nnx.Optimizer``'s.
 
   Returns:
@@ -71,6 +72,16 @@ def make_value_fn(
     training mode normalises by the batch's statistics and its running
     averages are not updated).
   """
+  for path, leaf in jax.tree.leaves_with_path(batch, is_leaf=nnx.graph.is_graph_node):
+    if nnx.graph.is_graph_node(leaf):
+      # Its state (an nnx.Rngs' counts) would advance at every evaluation: the loss would not
+      # be one function of the params, and under a transform's trace the update fails.
+      raise ValueError(
+        f"make_value_fn: the batch holds an nnx object, a {type(leaf).__name__} at "
+        f"batch{jax.tree_util.keystr(path)}; its state would change at every evaluation. Keep "
+        "it in the model (nnx.Dropout(rate, rngs=rngs)), where make_value_fn holds its state "
+        "fixed, or pass arrays drawn from it once (a key: rngs.dropout())."
+      )
   graphdef, selected, rest = nnx.split(model, wrt, ...)
   # Pure arrays, not the model's live Variables: merging those would write batch-norm
   # statistics and rng counts back into the model, across trace levels under jit or grad.

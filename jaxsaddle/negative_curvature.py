@@ -137,7 +137,9 @@ def _curvature_descent(
       # Products that overflowed (float16 Hessians beyond 65504) gave +inf: recorded as NaN,
       # which takes no curvature step, rather than as a positive-definite Hessian.
       eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue, jnp.nan).astype(dtype)
-      threshold = jnp.sqrt(jnp.asarray(hessian_lipschitz * epsilon, dtype))
+      # Each cast before they are combined: a float16 product (inject_hyperparams) flushed
+      # rho * epsilon = 1e-8 to 0, and every negative eigenvalue passed.
+      threshold = jnp.sqrt(jnp.asarray(hessian_lipschitz, dtype) * jnp.asarray(epsilon, dtype))
       negative = eigenvalue < -threshold
       step = _scale(-eigenvalue / hessian_lipschitz, direction)
       slope = curvature._tree_vdot(grad, direction, dtype)
@@ -533,7 +535,7 @@ def _gradient_difference_descent(
   def search(value_fn, params, key, dtype):
     radius = difference_radius
     if radius is None:
-      radius = 0.1 * jnp.sqrt(jnp.asarray(epsilon / hessian_lipschitz, dtype))
+      radius = 0.1 * jnp.sqrt(jnp.asarray(epsilon, dtype) / jnp.asarray(hessian_lipschitz, dtype))
     return _gradient_difference_search(
       value_fn,
       params,

@@ -185,7 +185,7 @@ def saddle_free_newton(
     column, smallest = _absolute_inverse_first_column(result, damping)
     # Scaling by ||g|| after the masking keeps a NaN gradient NaN (Lanczos sees no start).
     step_size = _checks.learning_rate_at(learning_rate, state.count)
-    coefficients = -step_size * _random.global_norm(gradient) * column
+    coefficients = -step_size * curvature.scaled_norm(gradient, column.dtype) * column
     step = jax.tree.map(
       lambda stacked: jnp.tensordot(
         coefficients.astype(stacked.dtype), stacked, axes=1, precision=jax.lax.Precision.HIGHEST
@@ -323,10 +323,8 @@ def cubic_regularization(
   if subsolver_learning_rate is None:
     subsolver_learning_rate = 1 / (20 * smoothness)
   _checks.check_positive(owner, "subsolver_learning_rate", subsolver_learning_rate)
-  if perturbation_scale is None:
-    perturbation_scale = (epsilon * hessian_lipschitz) ** 0.5 / smoothness
-  _checks.check_nonnegative(owner, "perturbation_scale", perturbation_scale)
-  stopping_decrease = (epsilon**3 / hessian_lipschitz) ** 0.5 / 100
+  if perturbation_scale is not None:
+    _checks.check_nonnegative(owner, "perturbation_scale", perturbation_scale)
 
   def init_fn(params):
     _checks.check_float_leaves(params, owner, "a cubic-regularised step")
@@ -347,25 +345,35 @@ def cubic_regularization(
     dtype = curvature._compute_dtype(updates)
     gradient = optax.tree.cast(updates, dtype)
     matvec = _hessian_operator(value_fn, params, gradient)
-    gradient_norm = _random.global_norm(gradient)
+    gradient_norm = curvature.scaled_norm(gradient, dtype)
     # Hyperparameters in the compute dtype, so that a float64 one (inject_hyperparams under
-    # x64) cannot promote the subsolver's carry or one branch of the cond.
-    rho = jnp.asarray(hessian_lipschitz, dtype)
+    # x64) cannot promote the subsolver's carry or one branch of the cond, and each cast before
+    # they are combined: float16 ones (inject_hyperparams) made sqrt(epsilon rho) and epsilon^3
+    # 0, so the subsolver never perturbed and the stopping test never held.
+    rho, ell, eps = (jnp.asarray(h, dtype) for h in (hessian_lipschitz, smoothness, epsilon))
     subsolver_step_size = jnp.asarray(subsolver_learning_rate, dtype)
+    sigma = (
+      jnp.sqrt(eps * rho) / ell
+      if perturbation_scale is None
+      else jnp.asarray(perturbation_scale, dtype)
+    )
+    stopping_decrease = eps * jnp.sqrt(eps / rho) / 100
     rng_key, perturbation_key = jax.random.split(state.rng_key)
 
     def cauchy_step(_):
       # Under vmap this branch also runs where g = 0; the guard keeps it finite there.
       safe_norm = jnp.where(gradient_norm > 0, gradient_norm, 1)
       hessian_gradient = matvec(gradient)
-      kappa = curvature._tree_vdot(gradient, hessian_gradient, dtype) / (rho * safe_norm**2)
+      # g'Hg / ||g||^2 as (g / ||g||)'Hg / ||g||: ||g||^2 leaves the range first.
+      direction = optax.tree.scale(1 / safe_norm, gradient)
+      kappa = curvature._tree_vdot(direction, hessian_gradient, dtype) / (rho * safe_norm)
       radius = -kappa + jnp.sqrt(kappa**2 + 2 * safe_norm / rho)
       scale = -radius / safe_norm
       step = optax.tree.scale(scale, gradient)
       return step, optax.tree.scale(scale, hessian_gradient), jnp.ones([], jnp.int32)
 
     def subsolver(_):
-      noise = _random.sample_isotropic(perturbation_key, gradient, perturbation_scale, "sphere")
+      noise = _random.sample_isotropic(perturbation_key, gradient, sigma, "sphere")
       perturbed = optax.tree.add(gradient, noise)
 
       def body(_, carry):
@@ -387,7 +395,7 @@ def cubic_regularization(
       return step, hessian_step, jnp.asarray(subsolver_steps, jnp.int32)
 
     step, hessian_step, num_hvps = jax.lax.cond(
-      gradient_norm >= smoothness**2 / rho, cauchy_step, subsolver, None
+      gradient_norm >= ell**2 / rho, cauchy_step, subsolver, None
     )
     step_norm = _random.global_norm(step)
     model_change = (

@@ -126,6 +126,23 @@ def test_a_hyperparameter_rounded_to_zero_by_inject_hyperparams_is_refused_with_
   np.testing.assert_allclose(state.hyperparams["escape_threshold"], 1e-10)
 
 
+def test_a_momentum_rounded_to_one_by_inject_hyperparams_is_refused_with_the_remedy():
+  make = lambda **dtype: optax.inject_hyperparams(  # noqa: E731
+    jaxsaddle.pagd, static_args=("escape_steps",), **dtype
+  )(
+    0.01,
+    momentum=0.999,
+    perturbation_radius=1e-2,
+    gradient_threshold=1e-3,
+    escape_steps=5,
+    exploitation_radius=0.05,
+  )
+  with pytest.raises(ValueError, match="got 1.0. A bfloat16 1: .*hyperparam_dtype=jnp.float32"):
+    make().init(jnp.zeros(2, jnp.bfloat16))
+  state = make(hyperparam_dtype=jnp.float32).init(jnp.zeros(2, jnp.bfloat16))
+  np.testing.assert_allclose(state.hyperparams["momentum"], 0.999)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_a_hyperparameter_overflowed_by_inject_hyperparams_is_refused_with_the_remedy():
   make = lambda **dtype: optax.inject_hyperparams(  # noqa: E731
@@ -157,6 +174,13 @@ def test_traced_out_of_range_arguments_give_nan_spectrum_results():
   assert valid.kind_name == "minimum"
   assert invalid.kind_name == "not critical"
   assert np.isnan(invalid.smallest_eigenvalue)
+
+  # A NaN tol had counted no mass anywhere, a negative one 0 and 3 as negative.
+  eigenvalues = jnp.array([-2.0, -1.0, 0.0, 0.0, 3.0])
+  degeneracy = jax.jit(lambda tol, atol: spectrum.degeneracy(eigenvalues, tol=tol, atol=atol))
+  np.testing.assert_allclose(degeneracy(0.1, 0.0)[:2], [0.4, 0.4])
+  for tol, atol in [(jnp.nan, 0.0), (-1.0, -1.0), (0.1, jnp.inf)]:
+    assert np.isnan(degeneracy(tol, atol)[:2]).all()
 
 
 def test_lanczos_reports_a_nan_start_and_refuses_an_empty_one():
@@ -268,6 +292,23 @@ def test_bad_analysis_input_raises(call, message):
     (lambda: canonicalize_key(np.random.default_rng(0)), "key must be a typed PRNG key"),
     (lambda: jaxsaddle.lsgd(True), "learning_rate must be a number, got the boolean"),
     (lambda: problems.octopus(2.5), "dim sets a loop length"),
+    # float() had failed on these without naming the transform or the hyperparameter.
+    (
+      lambda: jaxsaddle.negative_curvature_descent(
+        0.1, hessian_lipschitz=1.0, epsilon=None, num_lanczos_steps=2
+      ),
+      "negative_curvature_descent: epsilon must be a number, got None",
+    ),
+    (
+      lambda: jaxsaddle.negative_curvature_descent(
+        0.1, hessian_lipschitz=6 + 0j, epsilon=0.1, num_lanczos_steps=2
+      ),
+      "hessian_lipschitz must be a real number, got the complex",
+    ),
+    (
+      lambda: jaxsaddle.saddle_free_newton(num_lanczos_steps=2, damping=None),
+      "saddle_free_newton: damping must be a number, got None",
+    ),
   ],
 )
 def test_wrong_types_are_named(call, message):

@@ -231,6 +231,25 @@ def test_make_value_fn_names_a_wrt_unlike_the_optimizer_s():
     )
 
 
+def test_make_value_fn_refuses_an_nnx_rngs_in_the_batch_and_takes_a_key_drawn_from_it():
+  # Its counts advanced at every evaluation (two calls gave different losses), and a transform's
+  # trace failed mutating them.
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  rngs = nnx.Rngs(dropout=1)
+  inputs = jnp.ones((3, 2))
+
+  def loss(model, x, randomness):
+    key = randomness.dropout() if isinstance(randomness, nnx.Rngs) else randomness
+    mask = jax.random.bernoulli(key, 0.5, x.shape)
+    return jnp.mean(model(x * mask) ** 2)
+
+  with pytest.raises(ValueError, match=r"a Rngs at batch\[1\].*rngs.dropout\(\)"):
+    jaxsaddle.flax.make_value_fn(model, loss, inputs, {"rngs": rngs})
+  value_fn = jaxsaddle.flax.make_value_fn(model, loss, inputs, rngs.dropout())
+  params = nnx.state(model, nnx.Param)
+  assert float(value_fn(params)) == float(value_fn(params))
+
+
 def test_make_value_fn_drives_lbfgs_under_nnx_optimizer():
   model = MLP(nnx.Rngs(3))
   optimizer = nnx.Optimizer(model, optax.lbfgs(), wrt=nnx.Param)

@@ -318,6 +318,26 @@ def test_ncd_under_inject_hyperparams_matches_the_plain_transform():
     traced_steps.init(params)
 
 
+def test_ncd_threshold_of_float16_injected_hyperparameters_is_formed_in_float32():
+  # Curvature -5e-5 against a threshold sqrt(rho epsilon) = 1e-4: no curvature step. In float16
+  # (inject_hyperparams casts to the params' dtype) rho * epsilon = 1e-8 had flushed to 0, and
+  # the search stepped along the -5e-5 direction.
+  def value_fn(p):
+    p = p.astype(jnp.float32)
+    return 0.5 * p[0] ** 2 - 2.5e-5 * p[1] ** 2 + 1e-4 * p[1] ** 3
+
+  kwargs = dict(learning_rate=0.1, hessian_lipschitz=1e-3, epsilon=1e-5, num_lanczos_steps=2)
+  injected = optax.inject_hyperparams(
+    negative_curvature_descent, static_args=("num_lanczos_steps",)
+  )(**kwargs)
+  params = jnp.zeros(2, jnp.float16)
+  update = jax.jit(lambda g, s, p: injected.update(g, s, p, value_fn=value_fn))
+  updates, state = update(jax.grad(value_fn)(params), injected.init(params), params)
+  np.testing.assert_array_equal(updates, 0)
+  assert int(state.inner_state.num_curvature_steps) == 0
+  assert float(state.inner_state.last_smallest_eigenvalue) == pytest.approx(-5e-5, rel=1e-2)
+
+
 # --- neon ----------------------------------------------------------------------------------------
 
 # The cubic saddle's largest curvature is 3, plus rho |z_0| near the origin.

@@ -249,6 +249,58 @@ def test_cubic_takes_the_cauchy_step_when_the_gradient_is_large():
   )
 
 
+def test_sfn_and_the_cauchy_step_are_scale_free_over_float32_s_range():
+  # ||g||^2 underflowed at 1e-18 (a zero update) and overflowed for a gradient of 1e20 (NaN).
+  params = jnp.array([1e-2, 1e-3])
+  for scale in [1e-18, 1.0, 1e20]:
+    value_fn = lambda p, c=scale: c * (5 * p[0] ** 2 - p[1] ** 2)  # noqa: E731
+    tx = saddle_free_newton(num_lanczos_steps=2, damping=0.0)
+    updates, _ = _update(tx)(jax.grad(value_fn)(params), tx.init(params), params, value_fn=value_fn)
+    # |H|^-1 g = params componentwise, and the step is minus that.
+    np.testing.assert_allclose(updates / params, [-1.0, 1.0], rtol=1e-5)
+  hessian = np.diag([1.0, 2.0])
+  gradient = np.array([1e20, 0.0])
+  tx = cubic_regularization(
+    1.0, hessian_lipschitz=1.0, smoothness=2.0, epsilon=1e-3, subsolver_steps=3, key=0
+  )
+  params = jnp.zeros(2)
+  updates, _ = _update(tx)(
+    jnp.asarray(gradient, jnp.float32),
+    tx.init(params),
+    params,
+    value_fn=_quadratic(hessian, np.zeros(2)),
+  )
+  # kappa = g'Hg / (rho ||g||^2) = 1, radius = -1 + sqrt(1 + 2e20) along -g.
+  np.testing.assert_allclose(updates, [-(math.sqrt(1 + 2e20) - 1), 0.0], rtol=1e-5)
+
+
+def test_cubic_derived_thresholds_of_float16_injected_hyperparameters_are_formed_in_float32():
+  # sqrt(epsilon rho) / ell and epsilon^3 had been formed in float16 under inject_hyperparams:
+  # 0, so at an exact saddle the subsolver never perturbed and the update was 0.
+  def value_fn(p):
+    p = p.astype(jnp.float32)
+    return 0.5 * p[0] ** 2 - 0.5 * p[1] ** 2 + 0.25 * p[1] ** 4
+
+  kwargs = dict(
+    hessian_lipschitz=1e-4,
+    smoothness=2.0,
+    epsilon=1e-4,
+    subsolver_steps=20,
+    subsolver_learning_rate=0.1,
+  )
+  params = jnp.zeros(2, jnp.float16)
+  grads = jax.grad(value_fn)(params)
+  plain = cubic_regularization(**kwargs)
+  expected, _ = _update(plain)(grads, plain.init(params), params, value_fn=value_fn)
+  assert float(jnp.abs(expected[1])) > 1e-4
+  injected = optax.inject_hyperparams(cubic_regularization, static_args=("subsolver_steps",))(
+    **kwargs
+  )
+  update = jax.jit(lambda g, s, p: injected.update(g, s, p, value_fn=value_fn))
+  updates, _ = update(grads, injected.init(params), params)
+  np.testing.assert_allclose(updates, expected, rtol=1e-2)
+
+
 def test_cubic_subsolver_finds_the_global_minimiser_of_an_indefinite_model():
   hessian = _rotated_hessian([-1.5, -0.5, 1.0, 2.0], key=12)
   linear = np.array([0.3, -0.2, 0.1, 0.25])
