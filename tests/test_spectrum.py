@@ -487,6 +487,18 @@ def test_slq_density_integrates_to_one_and_its_moments_match_traces():
   assert not np.allclose(other.nodes, density.nodes)
 
 
+def test_a_spectrum_whose_width_is_rounding_gets_the_point_spectrum_s_kernel():
+  # 3 I rotated: nodes from 3 to 3.000001, whose 1% is a kernel of 1e-8, below float32's spacing
+  # at 3; only 5 grid points were distinct and the density integrated to 8.7.
+  matrix = jnp.asarray(_rotated(np.full(50, 3.0), 0), jnp.float32)
+  density = spectrum.hessian_density(
+    _quadratic(matrix), jnp.zeros(50), key=0, num_probes=8, num_steps=5
+  )
+  assert 0 < float(jnp.nanmax(density.nodes) - jnp.nanmin(density.nodes)) < 1e-5
+  np.testing.assert_allclose(density.broadening, 0.03, rtol=1e-5)
+  np.testing.assert_allclose(jnp.trapezoid(density.density, density.grid), 1.0, atol=1e-3)
+
+
 def test_slq_with_partial_reorthogonalization_matches_full():
   # 60 steps on a spectrum of 400 with separated extremes: the basis loses orthogonality and
   # partial reorthogonalisation has to act, yet the quadrature (nodes and weights) must be the
@@ -1309,16 +1321,61 @@ def test_unconverged_lanczos_makes_the_classification_undetermined_not_a_minimum
   assert float(late.smallest_eigenvalue) == pytest.approx(-0.02, abs=2e-3)
 
 
+def test_an_unconverged_pair_reads_no_minimum_and_a_negative_slq_node_makes_a_strict_saddle():
+  # lambda_min = -0.5 below 199 eigenvalues in [1, 2]: 3 steps left the extreme pair positive
+  # (1.12 with residual 0.23 on the diagonal), which read "minimum", while SLQ's probes had a
+  # node near -0.5.
+  eigenvalues = np.concatenate([[-0.5], np.linspace(1.0, 2.0, 199)])
+  matrix = jnp.asarray(_rotated(eigenvalues, 0), jnp.float32)
+
+  def classify(matrix, key):
+    return spectrum.classify_critical_point(
+      _quadratic(matrix),
+      jnp.zeros(200),
+      gradient_tol=1e-4,
+      eigenvalue_tol=1e-3,
+      num_steps=3,
+      key=key,
+    )
+
+  report = classify(matrix, 1)
+  assert float(report.smallest_eigenvalue) > 0 and float(report.index) > 0
+  assert report.kind_name == "strict saddle"
+  # A positive definite Hessian whose pair has not converged in 3 steps is no proven minimum.
+  positive = jnp.asarray(_rotated(np.linspace(1.0, 2.0, 200), 0), jnp.float32)
+  report = classify(positive, 1)
+  assert float(report.smallest_residual) > 1e-3
+  assert report.kind_name == "undetermined"
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_narrow_params_round_no_minimum_into_a_degenerate_saddle(dtype):
   # 2 + x^4 + y^4, written so that rounding in the narrow dtype shows: a minimum, whose probe
-  # read decreases of 0.03 (bfloat16) and 0.003 (float16) from rounding alone.
+  # read decreases of 0.03 (bfloat16) and 0.003 (float16) from rounding alone. Every change the
+  # probe sees is within its rounding allowance, so it cannot tell this minimum from a
+  # degenerate saddle: undetermined (it had read "minimum", and so had the bfloat16 degenerate
+  # saddle below).
   value_fn = lambda w: jnp.sum((1 + w) ** 4 - 4 * w - 6 * w**2 - 4 * w**3)
   report = spectrum.classify_critical_point(
     value_fn, jnp.zeros(2, dtype), gradient_tol=1e-4, eigenvalue_tol=1e-3, num_steps=5, key=0
   )
-  assert report.kind_name == "minimum"
+  assert report.kind_name == "undetermined"
+  assert float(report.probe_decrease) > 0  # rounding's
   assert float(report.smallest_residual) == 0.0  # the dense path
+  product = lambda w: (w[0] * w[1] * w[2] - 1.0) ** 2
+  # Its descent at radius 1 (0.34) is within bfloat16's allowance, not float16's.
+  narrow_kind = "undetermined" if dtype == jnp.bfloat16 else "degenerate saddle"
+  for params, kind in [(jnp.zeros(3, dtype), narrow_kind), (jnp.zeros(3), "degenerate saddle")]:
+    report = spectrum.classify_critical_point(
+      product,
+      params,
+      gradient_tol=1e-4,
+      eigenvalue_tol=1e-3,
+      num_steps=3,
+      key=0,
+      probe_radii=(0.3, 0.5, 1.0),
+    )
+    assert report.kind_name == kind
   # Narrow params with a float32 loss: the loss's rounding is float32's, so the r^3 descent of
   # 1 + x^2 - y^3 is seen.
   mixed = lambda w: 1 + w.astype(jnp.float32)[0] ** 2 - w.astype(jnp.float32)[1] ** 3

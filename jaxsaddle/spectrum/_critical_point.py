@@ -143,7 +143,15 @@ def classify_critical_point(
     descent does not decide it either (a saddle, strict or degenerate: ``probe_decrease``
     shows it). (:math:`r` is a convergence test, not a bound on :math:`\lambda_{\min}`:
     there is an eigenvalue within :math:`r` of :math:`\theta`, and Lanczos from a random
-    start finds the extreme ones first.)
+    start finds the extreme ones first.) So "minimum" on this path also needs
+    :math:`r \le \max(\tau, 100 \epsilon \max(|\theta|, |\theta_{\max}|))`: with
+    :math:`\lambda_{\min} = -0.5` below 199 eigenvalues in [1, 2], 3 steps gave
+    :math:`\theta = 1.12` with :math:`r = 0.23`, which read "minimum". Every SLQ node is a
+    Ritz value too, so the smallest node with weight bounds :math:`\lambda_{\min}` from
+    above as :math:`\theta` does, and one below :math:`-\tau` makes a strict saddle;
+  - **undetermined** too where the probe decides (:math:`\theta \le \tau`, no descent)
+    but is blind: every change it saw is within its rounding allowance, as for bfloat16
+    params, whose allowance is about :math:`|f|` itself.
 
   **Spectrum.** When the parameter count :math:`n` is at most ``num_steps``, the Hessian is
   formed from :math:`n` vmapped products (no more than one Lanczos run costs) and everything
@@ -206,6 +214,8 @@ def classify_critical_point(
     smallest_residual = jnp.zeros((), dtype)
     measure = eigenvalues
     underflowed = jnp.zeros((), bool)
+    smallest_node = smallest
+    converged = jnp.ones((), bool)
   else:
     pairs = curvature.extreme_eigenpairs(
       hvp_fn, params, num_steps=num_steps, key=lanczos_key, k=1, which="both"
@@ -218,12 +228,21 @@ def classify_critical_point(
     measure, underflowed = _slq(
       hvp_fn, params, slq_key, num_probes, num_steps, "rademacher", True, None
     )
-    underflowed = underflowed | curvature._underflows(
-      jnp.maximum(jnp.abs(smallest), jnp.abs(largest)), params
-    )
+    size = jnp.maximum(jnp.abs(smallest), jnp.abs(largest))
+    underflowed = underflowed | curvature._underflows(size, params)
+    # Every Ritz value, an SLQ node too, lies above lambda_min: the probes' smallest node bounds
+    # it as the extreme pair's value does (a strict saddle whose pair had not yet converged,
+    # 1.12 with residual 0.23 for lambda_min = -0.5, read "minimum" though SLQ saw the -0.5).
+    nodes, weights = measure
+    smallest_node = jnp.min(jnp.where(weights > 0, nodes, jnp.inf))
+    # A pair that has not converged bounds lambda_min from above only: with no negative value
+    # seen, "minimum" needs its residual within tau (or round-off).
+    converged = smallest_residual <= jnp.maximum(eigenvalue_tol, 100 * rounding * size)
   # Below the underflow scale the tridiagonal is not the operator's projection, so even a Ritz
   # value under -eigenvalue_tol proves nothing finer than the scale the residual is floored at.
-  smallest_upper_bound = smallest + jnp.where(underflowed, smallest_residual, 0)
+  smallest_upper_bound = jnp.where(
+    underflowed, smallest + smallest_residual, jnp.minimum(smallest, smallest_node)
+  )
   mass = degeneracy(measure, tol=0.0, atol=eigenvalue_tol)
 
   flattest = jax.tree.map(lambda stacked: stacked[:1], eigenvectors)
@@ -247,6 +266,9 @@ def classify_critical_point(
   roundoff = 64 * rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
   allowance = distances * gradient_tol + 0.5 * eigenvalue_tol * distances**2 + roundoff
   descent = jnp.any(changes < -allowance)
+  # Where rounding swamps every change the probe sees nothing, and its silence proves no
+  # minimum (bfloat16 params of (w1 w2 w3 - 1)^2 at 0 had read "minimum").
+  blind = jnp.all(jnp.abs(finite_changes) <= roundoff)
 
   gradient_norm = _random.global_norm(gradient).astype(dtype)
   kind = jnp.where(
@@ -256,9 +278,13 @@ def classify_critical_point(
       smallest_upper_bound < -eigenvalue_tol,
       _STRICT_SADDLE,
       jnp.where(
-        smallest - smallest_residual < -eigenvalue_tol,
+        (smallest - smallest_residual < -eigenvalue_tol) | ~converged,
         _UNDETERMINED,
-        jnp.where((smallest <= eigenvalue_tol) & descent, _DEGENERATE_SADDLE, _MINIMUM),
+        jnp.where(
+          smallest <= eigenvalue_tol,
+          jnp.where(descent, _DEGENERATE_SADDLE, jnp.where(blind, _UNDETERMINED, _MINIMUM)),
+          _MINIMUM,
+        ),
       ),
     ),
   )

@@ -69,10 +69,12 @@ def _broadened_density(nodes, weights, grid, broadening):
   high = jnp.max(jnp.where(present, safe, -jnp.inf))
   if broadening is None:
     width = high - low
-    # A spectrum that is a single point has no width to scale with; fall back to its size.
-    broadening = _DEFAULT_RELATIVE_BROADENING * jnp.where(
-      width > 0, width, jnp.maximum(jnp.abs(high), 1)
-    )
+    size = jnp.maximum(jnp.abs(low), jnp.abs(high))
+    # A spectrum that is a single point has no width to scale with; fall back to its size. So
+    # does one whose width is rounding (nodes 3 to 3.000001 for 3 I: a kernel of 1e-8, below
+    # float32's spacing at 3, gave a density integrating to 8.7).
+    point = width <= 100 * jnp.finfo(nodes.dtype).eps * size
+    broadening = _DEFAULT_RELATIVE_BROADENING * jnp.where(point, jnp.maximum(size, 1), width)
   # A traced broadening escapes hessian_density's check: a non-positive one gives NaN.
   broadening = jnp.asarray(broadening, nodes.dtype)
   broadening = jnp.where(broadening > 0, broadening, jnp.nan)
@@ -146,7 +148,8 @@ def hessian_density(
   percent of the width apart stay separate. Ghorbani et al.'s code uses :math:`\sigma^2 =
   10^{-5} \max(1, \theta_{\max} - \theta_{\min})` instead, which is narrower for wide
   spectra and not scale-free; pass ``broadening`` to reproduce it. A spectrum that is a
-  single point gets :math:`\sigma = 0.01 \max(|\theta|, 1)`.
+  single point, or whose width is within rounding of one (at most :math:`100 \epsilon
+  \max|\theta|`), gets :math:`\sigma = 0.01 \max(|\theta|, 1)`.
 
   Args:
     value_fn: the loss, a function of a pytree returning a real scalar.

@@ -79,8 +79,11 @@ def _degeneracy(nodes: jax.Array, weights: jax.Array, tol, atol) -> Degeneracy:
   threshold = jnp.maximum(atol, tol * scale).astype(nodes.dtype)
   near_zero = jnp.sum(jnp.where(jnp.abs(nodes) <= threshold, weights, 0))
   negative = jnp.sum(jnp.where(nodes < -threshold, weights, 0))
-  # Comparisons with NaN are False; this keeps a NaN (or infinite) spectrum from giving masses.
-  poisoned = _poisoned(nodes, weights)
+  # Comparisons with NaN are False; this keeps a NaN (or infinite) spectrum from giving masses,
+  # and so do tolerances out of range, which only a traced call gets this far with (a negative
+  # one had counted 0 and 3 as negative).
+  in_range = (tol >= 0) & (tol < jnp.inf) & (atol >= 0) & (atol < jnp.inf)
+  poisoned = _poisoned(nodes, weights) | ~in_range
   return Degeneracy(
     jnp.where(poisoned, jnp.nan, near_zero), jnp.where(poisoned, jnp.nan, negative), threshold
   )
