@@ -101,10 +101,20 @@ def check_momentum(owner: str, momentum) -> None:
     raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum}.{hint}")
 
 
-def check_learning_rate(owner: str, learning_rate) -> None:
-  """Raises unless a concrete learning rate is finite and >= 0 (schedules and tracers pass)."""
+def checked_learning_rate(owner: str, learning_rate):
+  """The learning rate, refused unless a concrete one is finite and >= 0 (tracers pass), or a
+  schedule whose values out of that range are NaN, so that the updates are NaN (and
+  ``optax.apply_if_finite`` skips them) rather than a step uphill: a negative value is known
+  only once the schedule runs under ``update``'s trace."""
   if not callable(learning_rate):
     check_nonnegative(owner, "learning_rate", learning_rate)
+    return learning_rate
+
+  def schedule(count):
+    value = jnp.asarray(learning_rate(count))
+    return jnp.where((value >= 0) & (value < jnp.inf), value, jnp.nan)
+
+  return schedule
 
 
 def learning_rate_at(learning_rate, count: jax.Array):

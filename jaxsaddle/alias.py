@@ -68,7 +68,7 @@ def pgd(
   Returns:
     A ``GradientTransformationExtraArgs``.
   """
-  _checks.check_learning_rate("pgd", learning_rate)
+  learning_rate = _checks.checked_learning_rate("pgd", learning_rate)
   tx = perturbation._perturb_near_saddle(
     optax.scale_by_learning_rate(learning_rate),
     perturbation_radius=perturbation_radius,
@@ -112,7 +112,7 @@ def noisy_gd(
   Returns:
     A ``GradientTransformationExtraArgs``.
   """
-  _checks.check_learning_rate("noisy_gd", learning_rate)
+  learning_rate = _checks.checked_learning_rate("noisy_gd", learning_rate)
   tx = optax.chain(
     perturbation._add_isotropic_noise(
       noise_scale, distribution="sphere", key=key, owner="noisy_gd"
@@ -149,7 +149,7 @@ def perturbed_sgd(
   Returns:
     A ``GradientTransformationExtraArgs``.
   """
-  _checks.check_learning_rate("perturbed_sgd", learning_rate)
+  learning_rate = _checks.checked_learning_rate("perturbed_sgd", learning_rate)
   tx = optax.chain(
     perturbation._add_isotropic_noise(
       noise_scale, distribution="gaussian", key=key, owner="perturbed_sgd"
@@ -315,7 +315,7 @@ def lsgd(
       updates, state = tx.update(jax.grad(value_fn)(params), state, params)
       params = optax.apply_updates(params, updates)
   """
-  _checks.check_learning_rate("lsgd", learning_rate)
+  learning_rate = _checks.checked_learning_rate("lsgd", learning_rate)
   if momentum is not None:
     _checks.check_momentum("lsgd", momentum)
   elif nesterov:

@@ -91,7 +91,7 @@ def _curvature_descent(
   :class:`NegativeCurvatureDescentState`, in its order, the fourth counting the searches under
   a name of its own; ``positive`` lists hyperparameters of the search to guard.
   """
-  _checks.check_learning_rate(owner, learning_rate)
+  learning_rate = _checks.checked_learning_rate(owner, learning_rate)
   _checks.check_positive(owner, "hessian_lipschitz", hessian_lipschitz)
   _checks.check_positive(owner, "epsilon", epsilon)
   if gradient_threshold is None:
@@ -795,7 +795,7 @@ def pagd(
     ``value_fn``; without them it raises a ``ValueError`` that shows the call to make.
   """
   owner = "pagd"
-  _checks.check_learning_rate(owner, learning_rate)
+  learning_rate = _checks.checked_learning_rate(owner, learning_rate)
   _checks.check_momentum(owner, momentum)
   _checks.check_nonnegative(owner, "perturbation_radius", perturbation_radius)
   _checks.check_positive(owner, "gradient_threshold", gradient_threshold)

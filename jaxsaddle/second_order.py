@@ -161,7 +161,7 @@ def saddle_free_newton(
     last step, an estimate of the most negative curvature seen from the gradient.
   """
   owner = "saddle_free_newton"
-  _checks.check_learning_rate(owner, learning_rate)
+  learning_rate = _checks.checked_learning_rate(owner, learning_rate)
   _checks.check_loop_length(owner, "num_lanczos_steps", num_lanczos_steps)
   _checks.check_nonnegative(owner, "damping", damping)
 
@@ -315,7 +315,7 @@ def cubic_regularization(
     argument ``value_fn``.
   """
   owner = "cubic_regularization"
-  _checks.check_learning_rate(owner, learning_rate)
+  learning_rate = _checks.checked_learning_rate(owner, learning_rate)
   _checks.check_positive(owner, "hessian_lipschitz", hessian_lipschitz)
   _checks.check_positive(owner, "smoothness", smoothness)
   _checks.check_positive(owner, "epsilon", epsilon)

@@ -183,6 +183,30 @@ def test_traced_out_of_range_arguments_give_nan_spectrum_results():
     assert np.isnan(degeneracy(tol, atol)[:2]).all()
 
 
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda lr: jaxsaddle.negative_curvature_descent(
+      lr, hessian_lipschitz=1.0, epsilon=1e-3, num_lanczos_steps=2
+    ),
+    lambda lr: jaxsaddle.saddle_free_newton(lr, num_lanczos_steps=2, damping=1e-3),
+    lambda lr: jaxsaddle.pgd(lr, perturbation_radius=1e-3, gradient_threshold=1e-3, escape_steps=5),
+  ],
+)
+def test_a_schedule_s_out_of_range_value_gives_nan_updates_not_a_step_uphill(make):
+  # A schedule is read under update's trace, past the factories' checks: -0.1 had stepped along
+  # the gradient.
+  value_fn = lambda p: jnp.sum(p**2)
+  params = jnp.array([1.0, 0.5])
+  grads = jax.grad(value_fn)(params)
+  for schedule, finite in [(lambda count: 0.1, True), (lambda count: -0.1, False)]:
+    tx = make(schedule)
+    updates, _ = tx.update(grads, tx.init(params), params, value_fn=value_fn)
+    assert bool(jnp.all(jnp.isfinite(updates))) == finite
+    if finite:
+      assert float(value_fn(params + updates)) < float(value_fn(params))
+
+
 def test_lanczos_reports_a_nan_start_and_refuses_an_empty_one():
   # A NaN start was read as a zero one: no steps, alphas 0, a plausible empty result.
   result = curvature.lanczos(lambda v: 2 * v, jnp.array([jnp.nan, 1.0]), 2)

@@ -49,8 +49,8 @@ class CriticalPointReport(NamedTuple):
     degeneracy: the fraction of eigenvalues within ``eigenvalue_tol`` of zero (likewise).
     probe_decrease: the largest decrease :math:`f(x) - f(x + r d)` seen by the higher-order
       probe (negative when every probe went up).
-    smallest_residual: the Lanczos estimate of :math:`\\|Hv - \\theta v\\|` for
-      ``smallest_eigenvalue``'s Ritz pair (0 on the dense path).
+    smallest_residual: :math:`\\|Hv - \\theta v\\|` for ``smallest_eigenvalue``'s Ritz
+      pair, computed with one more product (0 on the dense path).
   """
 
   kind: jax.Array
