@@ -322,14 +322,15 @@ def _largest_magnitude(tree: PyTree) -> jax.Array:
   )
 
 
-def scaled_norm(tree: PyTree, dtype) -> jax.Array:
+def _scaled_norm(tree: PyTree, dtype) -> jax.Array:
   """The Euclidean norm of ``tree`` in ``dtype``, its squares taken after scaling by a power of
   two near its largest entry, so that neither under- nor overflows where the norm does not.
 
   Not by the entry's reciprocal: a subnormal entry (kept on a GPU, flushed on the CPU) has an
   infinite one, which gave an H200 NaN and infinite residuals at ``||A|| = 1e-34``.
   """
-  exponent = _exponent(_largest_magnitude(tree).astype(dtype))
+  tree = _cast(tree, dtype)
+  exponent = _exponent(_largest_magnitude(tree))
   return _scaled(jnp.sqrt(_tree_vdot(*(_scaled(tree, -exponent),) * 2, dtype)), exponent)
 
 
@@ -1266,7 +1267,7 @@ def extreme_eigenpairs(
       # Scaled, so that a tiny residual's squares cannot underflow into a zero residual, a
       # certificate of convergence.
       peak = _largest_magnitude(residual)
-      return jnp.where(jnp.isfinite(peak), scaled_norm(residual, dtype), peak)
+      return jnp.where(jnp.isfinite(peak), _scaled_norm(residual, dtype), peak)
 
     residual_norms = jax.vmap(residual_norm)(images, vectors, jnp.where(present, values, 0))
     residual_norms = jnp.where(present, residual_norms, jnp.nan)

@@ -42,6 +42,14 @@ def _variable_paths(state) -> list[str]:
   return sorted(jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves)
 
 
+def _holds_rng_state(leaf: Any) -> bool:
+  """Whether ``leaf`` is an nnx object (an ``nnx.Rngs``, a module with one) holding rng state;
+  other nnx objects in a batch (a frozen teacher module, a Variable) are read, not advanced."""
+  if not nnx.graph.is_graph_node(leaf) or isinstance(leaf, nnx.Variable):
+    return False
+  return bool(jax.tree.leaves(nnx.state(leaf, nnx.RngState)))
+
+
 def make_value_fn(
   model: nnx.Module,
   loss_fn: Callable[..., jax.Array],
@@ -53,8 +61,8 @@ def make_value_fn(
   Args:
     model: the nnx module being trained.
     loss_fn: ``loss_fn(model, *batch) -> scalar``.
-    *batch: the data the loss is evaluated on (closed over): arrays and other pytrees, not
-      nnx objects (an ``nnx.Rngs`` is refused, since its state advances at every call).
+    *batch: the data the loss is evaluated on (closed over); an nnx object holding rng state
+      (an ``nnx.Rngs``) is refused, since its counts would advance at every call.
     wrt: the filter of the optimized variables; the same as ``nnx.Optimizer``'s.
 
   Returns:
@@ -73,14 +81,15 @@ def make_value_fn(
     averages are not updated).
   """
   for path, leaf in jax.tree.leaves_with_path(batch, is_leaf=nnx.graph.is_graph_node):
-    if nnx.graph.is_graph_node(leaf):
-      # Its state (an nnx.Rngs' counts) would advance at every evaluation: the loss would not
-      # be one function of the params, and under a transform's trace the update fails.
+    if _holds_rng_state(leaf):
+      # Its rng counts would advance at every evaluation: the loss would not be one function
+      # of the params, and under a transform's trace the update fails.
       raise ValueError(
-        f"make_value_fn: the batch holds an nnx object, a {type(leaf).__name__} at "
-        f"batch{jax.tree_util.keystr(path)}; its state would change at every evaluation. Keep "
-        "it in the model (nnx.Dropout(rate, rngs=rngs)), where make_value_fn holds its state "
-        "fixed, or pass arrays drawn from it once (a key: rngs.dropout())."
+        f"make_value_fn: the batch holds an nnx object with rng state, a "
+        f"{type(leaf).__name__} at batch{jax.tree_util.keystr(path)}; its counts would "
+        "advance at every evaluation. Keep it in the model (nnx.Dropout(rate, rngs=rngs)), "
+        "where make_value_fn holds its state fixed, or pass arrays drawn from it once (a key: "
+        "rngs.dropout())."
       )
   graphdef, selected, rest = nnx.split(model, wrt, ...)
   # Pure arrays, not the model's live Variables: merging those would write batch-norm

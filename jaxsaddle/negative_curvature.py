@@ -139,7 +139,9 @@ def _curvature_descent(
       eigenvalue = jnp.where(jnp.isfinite(eigenvalue), eigenvalue, jnp.nan).astype(dtype)
       # Each cast before they are combined: a float16 product (inject_hyperparams) flushed
       # rho * epsilon = 1e-8 to 0, and every negative eigenvalue passed.
-      threshold = jnp.sqrt(jnp.asarray(hessian_lipschitz, dtype) * jnp.asarray(epsilon, dtype))
+      threshold = jnp.sqrt(jnp.asarray(hessian_lipschitz, dtype)) * jnp.sqrt(
+        jnp.asarray(epsilon, dtype)
+      )
       negative = eigenvalue < -threshold
       step = _scale(-eigenvalue / hessian_lipschitz, direction)
       slope = curvature._tree_vdot(grad, direction, dtype)

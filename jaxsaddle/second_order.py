@@ -185,7 +185,7 @@ def saddle_free_newton(
     column, smallest = _absolute_inverse_first_column(result, damping)
     # Scaling by ||g|| after the masking keeps a NaN gradient NaN (Lanczos sees no start).
     step_size = _checks.learning_rate_at(learning_rate, state.count)
-    coefficients = -step_size * curvature.scaled_norm(gradient, column.dtype) * column
+    coefficients = -step_size * curvature._scaled_norm(gradient, column.dtype) * column
     step = jax.tree.map(
       lambda stacked: jnp.tensordot(
         coefficients.astype(stacked.dtype), stacked, axes=1, precision=jax.lax.Precision.HIGHEST
@@ -345,7 +345,7 @@ def cubic_regularization(
     dtype = curvature._compute_dtype(updates)
     gradient = optax.tree.cast(updates, dtype)
     matvec = _hessian_operator(value_fn, params, gradient)
-    gradient_norm = curvature.scaled_norm(gradient, dtype)
+    gradient_norm = curvature._scaled_norm(gradient, dtype)
     # Hyperparameters in the compute dtype, so that a float64 one (inject_hyperparams under
     # x64) cannot promote the subsolver's carry or one branch of the cond, and each cast before
     # they are combined: float16 ones (inject_hyperparams) made sqrt(epsilon rho) and epsilon^3
@@ -353,7 +353,7 @@ def cubic_regularization(
     rho, ell, eps = (jnp.asarray(h, dtype) for h in (hessian_lipschitz, smoothness, epsilon))
     subsolver_step_size = jnp.asarray(subsolver_learning_rate, dtype)
     sigma = (
-      jnp.sqrt(eps * rho) / ell
+      jnp.sqrt(eps) * jnp.sqrt(rho) / ell
       if perturbation_scale is None
       else jnp.asarray(perturbation_scale, dtype)
     )

@@ -248,6 +248,15 @@ def test_make_value_fn_refuses_an_nnx_rngs_in_the_batch_and_takes_a_key_drawn_fr
   value_fn = jaxsaddle.flax.make_value_fn(model, loss, inputs, rngs.dropout())
   params = nnx.state(model, nnx.Param)
   assert float(value_fn(params)) == float(value_fn(params))
+  # nnx objects without rng state are read, not advanced: a frozen teacher, a Variable.
+  teacher = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+  distill = lambda model, x, teacher, scale: jnp.mean((model(x) - teacher(x)) ** 2) * scale[...]
+  value_fn = jaxsaddle.flax.make_value_fn(
+    model, distill, inputs, teacher, nnx.Variable(jnp.asarray(2.0))
+  )
+  np.testing.assert_allclose(
+    value_fn(params), 2 * jnp.mean((model(inputs) - teacher(inputs)) ** 2), rtol=1e-6
+  )
 
 
 def test_make_value_fn_drives_lbfgs_under_nnx_optimizer():

@@ -1322,6 +1322,29 @@ def test_unconverged_lanczos_makes_the_classification_undetermined_not_a_minimum
   assert float(late.smallest_eigenvalue) == pytest.approx(-0.02, abs=2e-3)
 
 
+def test_ordinary_float32_minima_stay_minima_under_the_convergence_and_probe_rules():
+  def classify(value_fn, params, num_steps):
+    return spectrum.classify_critical_point(
+      value_fn, params, gradient_tol=1e-4, eigenvalue_tol=1e-3, num_steps=num_steps, key=0
+    )
+
+  # A large loss: the probe's changes (0.01) are far above float32's rounding at 1000.
+  assert classify(lambda w: 1000 + w[0] ** 2 + w[1] ** 4, jnp.zeros(2), 5).kind_name == "minimum"
+  assert classify(lambda w: 10 + w[0] ** 4 + w[1] ** 4, jnp.zeros(2), 5).kind_name == "minimum"
+  # A Lanczos pair converged to 1% of its value (theta 1.00005, residual 0.003) though not to
+  # tau, in float32 and with bfloat16 params.
+  scales = jnp.linspace(1.0, 2.0, 40)
+  quadratic = lambda p: 0.5 * jnp.sum(scales * p.astype(jnp.float32) ** 2)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    report = classify(quadratic, jnp.zeros(40, dtype), 15)
+    assert float(report.smallest_residual) > 1e-3
+    assert report.kind_name == "minimum"
+  # A NaN loss at a probe point of a large loss still leaves the minimum unproven.
+  undefined = lambda w: jnp.where(jnp.sum(w**2) > 0.05**2, jnp.nan, 1000 + w[0] ** 2 + w[1] ** 4)
+  with pytest.raises(ValueError, match="loss is NaN at a point of the higher-order probe"):
+    classify(undefined, jnp.zeros(2), 5)
+
+
 def test_an_unconverged_pair_reads_no_minimum_and_a_negative_slq_node_makes_a_strict_saddle():
   # lambda_min = -0.5 below 199 eigenvalues in [1, 2]: 3 steps left the extreme pair positive
   # (1.12 with residual 0.23 on the diagonal), which read "minimum", while SLQ's probes had a

@@ -31,6 +31,8 @@ CRITICAL_POINT_KINDS = (
   "undetermined",
 )
 _NOT_CRITICAL, _MINIMUM, _STRICT_SADDLE, _DEGENERATE_SADDLE, _UNDETERMINED = range(5)
+# The relative residual at which the smallest Ritz pair counts as converged.
+_CONVERGED_RELATIVE = 1e-2
 
 
 class CriticalPointReport(NamedTuple):
@@ -144,14 +146,17 @@ def classify_critical_point(
     shows it). (:math:`r` is a convergence test, not a bound on :math:`\lambda_{\min}`:
     there is an eigenvalue within :math:`r` of :math:`\theta`, and Lanczos from a random
     start finds the extreme ones first.) So "minimum" on this path also needs
-    :math:`r \le \max(\tau, 100 \epsilon \max(|\theta|, |\theta_{\max}|))`: with
+    :math:`r \le \max(\tau, 0.01 |\theta|, 2 \epsilon \max(|\theta|, |\theta_{\max}|))`,
+    with :math:`\epsilon` the widest of the leaves' and the compute dtype's: with
     :math:`\lambda_{\min} = -0.5` below 199 eigenvalues in [1, 2], 3 steps gave
     :math:`\theta = 1.12` with :math:`r = 0.23`, which read "minimum". Every SLQ node is a
     Ritz value too, so the smallest node with weight bounds :math:`\lambda_{\min}` from
     above as :math:`\theta` does, and one below :math:`-\tau` makes a strict saddle;
   - **undetermined** too where the probe decides (:math:`\theta \le \tau`, no descent)
-    but is blind: every change it saw is within its rounding allowance, as for bfloat16
-    params, whose allowance is about :math:`|f|` itself.
+    but proves nothing: every change it saw is within four units of rounding,
+    :math:`4 \epsilon (|f(x)| + |f(x + r d)|)`, or one is a decrease beyond that which the
+    allowance above cannot call descent, as with bfloat16 params, whose allowance is about
+    :math:`|f|` itself.
 
   **Spectrum.** When the parameter count :math:`n` is at most ``num_steps``, the Hessian is
   formed from :math:`n` vmapped products (no more than one Lanczos run costs) and everything
@@ -236,8 +241,13 @@ def classify_critical_point(
     nodes, weights = measure
     smallest_node = jnp.min(jnp.where(weights > 0, nodes, jnp.inf))
     # A pair that has not converged bounds lambda_min from above only: with no negative value
-    # seen, "minimum" needs its residual within tau (or round-off).
-    converged = smallest_residual <= jnp.maximum(eigenvalue_tol, 100 * rounding * size)
+    # seen, "minimum" needs its residual within tau, 1% of the value, or the floor the
+    # operator's rounding puts under it (a narrow leaf's epsilon times ||H||).
+    operator_rounding = max(float(jnp.finfo(leaf.dtype).eps) for leaf in jax.tree.leaves(params))
+    converged = smallest_residual <= jnp.maximum(
+      jnp.maximum(eigenvalue_tol, _CONVERGED_RELATIVE * jnp.abs(smallest)),
+      2 * max(operator_rounding, rounding) * size,
+    )
   # Below the underflow scale the tridiagonal is not the operator's projection, so even a Ritz
   # value under -eigenvalue_tol proves nothing finer than the scale the residual is floored at.
   smallest_upper_bound = jnp.where(
@@ -266,9 +276,13 @@ def classify_critical_point(
   roundoff = 64 * rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
   allowance = distances * gradient_tol + 0.5 * eigenvalue_tol * distances**2 + roundoff
   descent = jnp.any(changes < -allowance)
-  # Where rounding swamps every change the probe sees nothing, and its silence proves no
-  # minimum (bfloat16 params of (w1 w2 w3 - 1)^2 at 0 had read "minimum").
-  blind = jnp.all(jnp.abs(finite_changes) <= roundoff)
+  # Its silence proves no minimum where every change is within a few units of rounding (the
+  # probe saw nothing), or where it saw a decrease beyond rounding that the allowance cannot
+  # call descent (bfloat16 params of (w1 w2 w3 - 1)^2 at 0, -0.34 at radius 1, had read
+  # "minimum"). NaN changes are neither: they leave the minimum unproven below.
+  ulps = 4 * rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
+  blind = jnp.all(jnp.isfinite(changes) & (jnp.abs(changes) <= ulps))
+  inconclusive = blind | jnp.any(changes < -ulps)
 
   gradient_norm = _random.global_norm(gradient).astype(dtype)
   kind = jnp.where(
@@ -282,7 +296,7 @@ def classify_critical_point(
         _UNDETERMINED,
         jnp.where(
           smallest <= eigenvalue_tol,
-          jnp.where(descent, _DEGENERATE_SADDLE, jnp.where(blind, _UNDETERMINED, _MINIMUM)),
+          jnp.where(descent, _DEGENERATE_SADDLE, jnp.where(inconclusive, _UNDETERMINED, _MINIMUM)),
           _MINIMUM,
         ),
       ),
