@@ -154,9 +154,10 @@ def classify_critical_point(
     above as :math:`\theta` does, and one below :math:`-\tau` makes a strict saddle;
   - **undetermined** too where the probe decides (:math:`\theta \le \tau`, no descent)
     but proves nothing: every change it saw is within four units of rounding,
-    :math:`4 \epsilon (|f(x)| + |f(x + r d)|)`, or one is a decrease beyond that which the
-    allowance above cannot call descent, as with bfloat16 params, whose allowance is about
-    :math:`|f|` itself.
+    :math:`4 \epsilon (|f(x)| + |f(x + r d)|)`, or it saw a decrease larger than those units
+    plus what the gradient and curvature tolerances explain, yet within the :math:`64
+    \epsilon` allowance, so not provably descent (bfloat16 params, whose allowance is about
+    :math:`|f|` itself).
 
   **Spectrum.** When the parameter count :math:`n` is at most ``num_steps``, the Hessian is
   formed from :math:`n` vmapped products (no more than one Lanczos run costs) and everything
@@ -239,7 +240,8 @@ def classify_critical_point(
     # it as the extreme pair's value does (a strict saddle whose pair had not yet converged,
     # 1.12 with residual 0.23 for lambda_min = -0.5, read "minimum" though SLQ saw the -0.5).
     nodes, weights = measure
-    smallest_node = jnp.min(jnp.where(weights > 0, nodes, jnp.inf))
+    # NaN nodes bound nothing (fmin below passes over a NaN too).
+    smallest_node = jnp.nanmin(jnp.where(weights > 0, nodes, jnp.inf))
     # A pair that has not converged bounds lambda_min from above only: with no negative value
     # seen, "minimum" needs its residual within tau, 1% of the value, or the floor the
     # operator's rounding puts under it (a narrow leaf's epsilon times ||H||).
@@ -251,7 +253,7 @@ def classify_critical_point(
   # Below the underflow scale the tridiagonal is not the operator's projection, so even a Ritz
   # value under -eigenvalue_tol proves nothing finer than the scale the residual is floored at.
   smallest_upper_bound = jnp.where(
-    underflowed, smallest + smallest_residual, jnp.minimum(smallest, smallest_node)
+    underflowed, smallest + smallest_residual, jnp.fmin(smallest, smallest_node)
   )
   mass = degeneracy(measure, tol=0.0, atol=eigenvalue_tol)
 
@@ -274,15 +276,16 @@ def classify_critical_point(
   # values only, or it would be infinite too.
   finite_changes = jnp.where(jnp.isfinite(changes), changes, 0)
   roundoff = 64 * rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
-  allowance = distances * gradient_tol + 0.5 * eigenvalue_tol * distances**2 + roundoff
-  descent = jnp.any(changes < -allowance)
+  explained = distances * gradient_tol + 0.5 * eigenvalue_tol * distances**2
+  descent = jnp.any(changes < -(explained + roundoff))
   # Its silence proves no minimum where every change is within a few units of rounding (the
-  # probe saw nothing), or where it saw a decrease beyond rounding that the allowance cannot
-  # call descent (bfloat16 params of (w1 w2 w3 - 1)^2 at 0, -0.34 at radius 1, had read
-  # "minimum"). NaN changes are neither: they leave the minimum unproven below.
+  # probe saw nothing), or where it saw a decrease beyond those units and what the gradient and
+  # curvature tolerances explain that the rounding allowance still cannot call descent
+  # (bfloat16 params of (w1 w2 w3 - 1)^2 at 0, -0.34 at radius 1, had read "minimum"). NaN
+  # changes are neither: they leave the minimum unproven below.
   ulps = 4 * rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
   blind = jnp.all(jnp.isfinite(changes) & (jnp.abs(changes) <= ulps))
-  inconclusive = blind | jnp.any(changes < -ulps)
+  inconclusive = blind | jnp.any(changes < -(explained + ulps))
 
   gradient_norm = _random.global_norm(gradient).astype(dtype)
   kind = jnp.where(
