@@ -275,7 +275,9 @@ def classify_critical_point(
   # A loss falling to -inf at a probe point is descent: the rounding allowance comes from finite
   # values only, or it would be infinite too.
   finite_changes = jnp.where(jnp.isfinite(changes), changes, 0)
-  roundoff = 64 * rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
+  # One unit of the loss's rounding at both ends of each change.
+  unit = rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
+  roundoff = 64 * unit
   explained = distances * gradient_tol + 0.5 * eigenvalue_tol * distances**2
   descent = jnp.any(changes < -(explained + roundoff))
   # Its silence proves no minimum where every change is within a few units of rounding (the
@@ -283,7 +285,7 @@ def classify_critical_point(
   # curvature tolerances explain that the rounding allowance still cannot call descent
   # (bfloat16 params of (w1 w2 w3 - 1)^2 at 0, -0.34 at radius 1, had read "minimum"). NaN
   # changes are neither: they leave the minimum unproven below.
-  ulps = 4 * rounding * (jnp.abs(value) + jnp.abs(value + finite_changes))
+  ulps = 4 * unit
   blind = jnp.all(jnp.isfinite(changes) & (jnp.abs(changes) <= ulps))
   inconclusive = blind | jnp.any(changes < -(explained + ulps))
 

@@ -82,8 +82,7 @@ def _degeneracy(nodes: jax.Array, weights: jax.Array, tol, atol) -> Degeneracy:
   # Comparisons with NaN are False; this keeps a NaN (or infinite) spectrum from giving masses,
   # and so do tolerances out of range, which only a traced call gets this far with (a negative
   # one had counted 0 and 3 as negative).
-  in_range = (tol >= 0) & (tol < jnp.inf) & (atol >= 0) & (atol < jnp.inf)
-  poisoned = _poisoned(nodes, weights) | ~in_range
+  poisoned = _poisoned(nodes, weights) | ~_checks.within_ranges((), (tol, atol), ())
   return Degeneracy(
     jnp.where(poisoned, jnp.nan, near_zero), jnp.where(poisoned, jnp.nan, negative), threshold
   )
