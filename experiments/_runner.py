@@ -109,17 +109,17 @@ def to_json_numbers(array) -> list | int | float:
   return array.tolist()
 
 
-def use_compiler_settings(config) -> None:
-  """Adds :data:`FAST_COMPILE_XLA_FLAGS` to ``XLA_FLAGS`` when ``config.fast_compile`` is set.
+def use_fast_compile() -> None:
+  """Adds :data:`FAST_COMPILE_XLA_FLAGS` to ``XLA_FLAGS``.
 
   XLA reads ``XLA_FLAGS`` once, when JAX starts its backend, so this must run first.
 
   Raises:
-    RuntimeError: ``config.fast_compile`` is set and the backend has already started.
+    RuntimeError: a flag is missing and the backend has already started.
   """
   flags = os.environ.get("XLA_FLAGS", "").split()
   missing = [flag for flag in FAST_COMPILE_XLA_FLAGS if flag not in flags]
-  if not config.fast_compile or not missing:
+  if not missing:
     return
   if xla_bridge.backends_are_initialized():
     raise RuntimeError(
@@ -127,6 +127,12 @@ def use_compiler_settings(config) -> None:
       "create or resume the run directory first."
     )
   os.environ["XLA_FLAGS"] = " ".join([*flags, *missing])
+
+
+def use_compiler_settings(config) -> None:
+  """:func:`use_fast_compile` when ``config.fast_compile`` is set."""
+  if config.fast_compile:
+    use_fast_compile()
 
 
 def environment() -> dict[str, Any]:

@@ -964,11 +964,14 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
 
   The eigenpairs :math:`(\theta_i, s_i)` of the valid leading block of the tridiagonal give
   Ritz values :math:`\theta_i` and Ritz vectors :math:`Q s_i` (the stacked basis contracted
-  with :math:`s_i`, leaf by leaf). Shapes are static: there are always ``num_steps`` slots,
-  the first ``num_valid`` hold the Ritz pairs in ascending order and the rest hold NaN
-  values and residuals and zero vectors. (The invalid block is decoupled from the valid one,
-  since :func:`tridiagonal` keeps only the valid block's couplings, and is given a diagonal
-  above the valid block's spectrum so that its eigenvalues sort last.)
+  with :math:`s_i`, leaf by leaf), each signed so that its component along the start vector
+  :math:`q_0` is nonnegative. (``eigh``'s own signs are arbitrary and rounding decides them,
+  so that programs running the same steps, a plain call and its gradient's, say, could return
+  a vector and its negative.) Shapes are static: there are always ``num_steps`` slots, the
+  first ``num_valid`` hold the Ritz pairs in ascending order and the rest hold NaN values and
+  residuals and zero vectors. (The invalid block is decoupled from the valid one, since
+  :func:`tridiagonal` keeps only the valid block's couplings, and is given a diagonal above the
+  valid block's spectrum so that its eigenvalues sort last.)
 
   Residual norms come from the Lanczos relation, :math:`\|A Q s_i - \theta_i Q s_i\| =
   \beta_{m-1} |s_{m-1,i}|`, which the computed quantities satisfy up to
@@ -992,7 +995,9 @@ def ritz_pairs(result: LanczosResult) -> RitzPairs:
   values, coefficients, residual_norms = _tridiagonal_eigenpairs(result)
   return RitzPairs(
     eigenvalues=values,
-    eigenvectors=None if result.basis is None else _combine(result.basis, coefficients),
+    eigenvectors=None
+    if result.basis is None
+    else _signed_by_start(_combine(result.basis, coefficients), result.basis),
     residual_norms=residual_norms,
     num_steps=result.num_valid,
   )
@@ -1068,6 +1073,29 @@ def _combine(basis: PyTree, coefficients: jax.Array) -> PyTree:
       coefficients.T.astype(stacked.dtype), stacked, axes=1, precision=jax.lax.Precision.HIGHEST
     ),
     basis,
+  )
+
+
+def _signed_by_start(vectors: PyTree, basis: PyTree) -> PyTree:
+  """The stacked ``vectors``, each negated where its component along the start vector (the
+  basis's first row) is negative.
+
+  ``eigh``'s signs are arbitrary and rounding decides them, so programs running the same steps
+  (a plain call and its gradient's, say) returned a vector and its negative. The component is
+  read from the vector itself, not from the tridiagonal's eigenvector, which without
+  reorthogonalisation does not give it: a converged value's copies split the eigenvector's
+  coordinates between them, and the one that sorted last had a first coordinate of either
+  sign.
+  """
+  dtype = _compute_dtype(vectors)
+  start = jax.tree.map(lambda stacked: stacked[0], basis)
+  overlaps = jax.vmap(lambda vector: _tree_vdot(vector, start, dtype))(vectors)
+  signs = jnp.where(overlaps < 0, -1, 1)
+  return jax.tree.map(
+    lambda stacked: (
+      stacked * signs.reshape((-1,) + (1,) * (stacked.ndim - 1)).astype(stacked.dtype)
+    ),
+    vectors,
   )
 
 
@@ -1159,7 +1187,8 @@ def extreme_eigenpairs(
 
   Returns:
     :class:`RitzPairs` with ``k`` (or ``2 k``) entries, each eigenvector leaf of shape
-    ``(k, *leaf.shape)`` (``eigenvectors`` is ``None`` when not asked for). When the Krylov
+    ``(k, *leaf.shape)`` (``eigenvectors`` is ``None`` when not asked for). Each eigenvector's
+    component along the start vector is nonnegative, as in :func:`ritz_pairs`. When the Krylov
     space broke down with fewer than ``k`` Ritz values, the missing entries are NaN (vectors
     zero).
   """
@@ -1223,7 +1252,7 @@ def extreme_eigenpairs(
   vectors = (
     jax.tree.map(
       lambda stacked: jnp.where(present.reshape((-1,) + (1,) * (stacked.ndim - 1)), stacked, 0),
-      _combine(result.basis, coefficients[:, slots]),
+      _signed_by_start(_combine(result.basis, coefficients[:, slots]), result.basis),
     )
     if eigenvectors
     else None

@@ -1,8 +1,25 @@
-"""Shared test setup."""
+"""Shared test setup.
+
+Most of the suite's time is XLA compiling programs that then run for milliseconds. On a machine
+whose only backend is the CPU, the suite compiles with XLA's backend optimisations off
+(:data:`experiments._runner.FAST_COMPILE_XLA_FLAGS`, set here before JAX starts its backend):
+about half the time, and results that differ only by rounding, which every numeric test allows.
+``JAXSADDLE_FULL=1`` compiles as a user's run does, and so does a machine with a GPU or TPU
+plugin, where the flags would slow the accelerator's kernels instead.
+"""
+
+import importlib.util
+import os
 
 import pytest
 
+from experiments import _runner
 from jaxsaddle import _backend
+
+if os.environ.get("JAXSADDLE_FULL") != "1" and not any(
+  importlib.util.find_spec(plugin) for plugin in ("jax_plugins", "libtpu")
+):
+  _runner.use_fast_compile()
 
 # The experiment helpers assert on run outputs; rewriting their asserts makes
 # a failure show the values compared, as in a test module.

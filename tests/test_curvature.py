@@ -1280,3 +1280,32 @@ def test_lanczos_names_a_converged_test_that_is_not_a_boolean_scalar_and_takes_p
     curvature.lanczos(lambda v: (matrix @ v).astype(int), jnp.ones(5), 3)
   floats = curvature.lanczos(lambda v: [2.0 * v[0], 3.0 * v[1]], [1.0, 1.0], 2)
   np.testing.assert_allclose(curvature.ritz_pairs(floats).eigenvalues, [2.0, 3.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
+def test_ritz_vectors_have_a_nonnegative_component_along_the_start_vector(reorthogonalize):
+  # eigh's signs are arbitrary and rounding decides them: a plain call and its gradient's
+  # program returned a vector and its negative. Without reorthogonalisation the tridiagonal's
+  # eigenvectors do not give the component (converged values' copies split it).
+  matrix = _rotated(jnp.concatenate([jnp.array([-3.0, 9.0]), jnp.linspace(0.0, 1.0, 38)]), 21)
+  start = tree_standard_normal(jax.random.key(3), jnp.zeros(40))
+  run = jax.jit(
+    lambda matrix, start: curvature.lanczos(
+      lambda x: matrix @ x, start, 16, reorthogonalize=reorthogonalize
+    )
+  )
+  pairs = _ritz_pairs(run(matrix, start))
+  overlaps = np.asarray(pairs.eigenvectors @ start)
+  # -1e-4: the product with the unnormalised start rounds differently from the convention's.
+  assert pairs.num_steps == 16 and np.all(overlaps > -1e-4), overlaps
+  assert np.count_nonzero(overlaps > 1e-3) >= 8
+  extreme = _dense_extreme_eigenpairs(
+    matrix,
+    jnp.zeros(40),
+    jax.random.key(3),
+    num_steps=16,
+    which="both",
+    reorthogonalize=reorthogonalize,
+  )
+  np.testing.assert_allclose(extreme.eigenvalues, [-3.0, 9.0], rtol=1e-5)
+  assert np.all(np.asarray(extreme.eigenvectors @ start) > 0.01)

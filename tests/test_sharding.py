@@ -71,6 +71,8 @@ def _child_environment(devices_per_process: int, extra: dict) -> dict:
   env["PYTHONUNBUFFERED"] = "1"
   # Options meant for the parent run (say, xdist's -n) must not leak into the children.
   env.pop("PYTEST_ADDOPTS", None)
+  # The children start in tests/, where conftest.py imports the experiments package.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR.parent), env.get("PYTHONPATH")]))
   return env | extra
 
 

@@ -436,9 +436,17 @@ def test_differentiated_top_eigenpair_is_the_plain_calls_with_aligned_tangents()
     return (pairs.eigenvectors[0] @ weights) ** 2, pairs
 
   (_, differentiated), gradient = jax.jit(jax.value_and_grad(overlap, has_aux=True))(x)
-  plain = jax.jit(overlap)
-  for got, want in zip(jax.tree.leaves(differentiated), jax.tree.leaves(plain(x)[1]), strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+  plain = jax.jit(overlap)(x)[1]
+  # The two programs' rounding may differ, and without reorthogonalisation the vectors carry
+  # it: compiled without XLA's optimisations, one's residual was 5e-4 and the other's 2e-6.
+  # Each is within its residual of the eigenpair, whose gap to the next eigenvalue is 4
+  # (Davis-Kahan), so the vectors may differ by their residuals over 4 but not by a sign.
+  reach = differentiated.residual_norms[0] + plain.residual_norms[0]
+  assert differentiated.num_steps == plain.num_steps == 20
+  assert abs(differentiated.eigenvalues[0] - plain.eigenvalues[0]) <= reach
+  assert np.linalg.norm(differentiated.eigenvectors[0] - plain.eigenvectors[0]) <= reach / 2
+  # The partial run floors its residuals at sqrt(eps) ||H||, 3.4e-3 here.
+  assert differentiated.residual_norms[0] < 1e-3
   # Against the dense derivative in float64 (finite differences of float32 Lanczos are noise).
   with jax.enable_x64(True):
     wide = lambda z: _cubic_diagonal_loss(jnp.asarray(matrix, jnp.float64))(z)  # noqa: E731

@@ -159,7 +159,8 @@ def _differentiated_with_partial_reorthogonalization(estimate, value_fn, params)
   the loss closes over become arguments (``jax.closure_convert``), so derivatives with respect
   to them, a batch or a weight inside the loss, come from the partial run too. The primal
   outputs stay those of the plain run, and each eigenvector's tangent takes the sign of its
-  vector there (the two runs may return a vector with opposite signs).
+  vector there (both runs sign vectors by their component along the start vector, which
+  leaves opposite signs possible where that component is within rounding of zero).
   """
   closed_value_fn, constants = jax.closure_convert(value_fn, params)
 
