@@ -123,8 +123,8 @@ def use_fast_compile() -> None:
     return
   if xla_bridge.backends_are_initialized():
     raise RuntimeError(
-      "fast_compile must be applied before JAX starts its backend (the first array or jit); "
-      "create or resume the run directory first."
+      "fast_compile must be applied before JAX starts its backend (the first array or jit): "
+      "create or resume a run directory, or import the tests' conftest, before either."
     )
   os.environ["XLA_FLAGS"] = " ".join([*flags, *missing])
 
