@@ -1093,9 +1093,10 @@ def _least_residual_copies(
   residual_norms: jax.Array,
   slots: jax.Array,
   inward: jax.Array,
-) -> jax.Array:
+) -> tuple[jax.Array, PyTree]:
   """For each wanted slot, the copy of its Ritz value whose unit Ritz vector has the smallest
-  residual estimate, among it and the next few slots (``inward``: +1 or -1 per slot).
+  residual estimate, among it and the next few slots (``inward``: +1 or -1 per slot), and that
+  copy's Ritz vector :math:`Q s_i` (not normalised).
 
   Without reorthogonalisation a converged eigenvalue comes back as several Ritz values equal up
   to rounding, whose vectors :math:`Q s_i` share the eigenvector between them, and which of
@@ -1109,15 +1110,16 @@ def _least_residual_copies(
   candidates = slots[:, None] + inward[:, None] * jnp.arange(_COPY_CANDIDATES)
   exists = (candidates >= 0) & (candidates < result.num_valid)
   candidates = jnp.clip(candidates, 0, num_slots - 1)
-  norms = _stacked_norms(_combine(result.basis, coefficients[:, candidates.ravel()]))
-  norms = norms.reshape(candidates.shape)
+  vectors = _combine(result.basis, coefficients[:, candidates.ravel()])
+  norms = _stacked_norms(vectors).reshape(candidates.shape)
   estimates = residual_norms[candidates] * _reciprocal_where(norms > 0, norms)
   reach = estimates + estimates[:, :1]
   copies = exists & (jnp.abs(values[candidates] - values[slots][:, None]) <= reach)
   # No copies (a NaN pair, or a missing one) keeps the wanted slot itself.
   best = jnp.argmin(jnp.where(copies, estimates, jnp.inf), axis=1)
   best = jnp.where(jnp.any(copies, axis=1), best, 0)
-  return jnp.take_along_axis(candidates, best[:, None], axis=1)[:, 0]
+  chosen = jnp.arange(candidates.shape[0]) * _COPY_CANDIDATES + best
+  return candidates.ravel()[chosen], jax.tree.map(lambda stacked: stacked[chosen], vectors)
 
 
 def _signed_by_start(vectors: PyTree, basis: PyTree) -> PyTree:
@@ -1294,18 +1296,20 @@ def extreme_eigenpairs(
   all_values, coefficients, all_residuals = _tridiagonal_eigenpairs(result)
   slots, present = wanted_slots(result.num_valid)
   mode = _reorthogonalization_mode(reorthogonalize)
+  # Only the wanted Ritz vectors are formed: num_steps of them would each be a model's size.
   if eigenvectors and mode == "none":
     inward = {"smallest": [1], "largest": [-1], "both": [1, -1]}[which]
-    slots = _least_residual_copies(
+    slots, vectors = _least_residual_copies(
       result, all_values, coefficients, all_residuals, slots, jnp.array(inward)
     )
+  elif eigenvectors:
+    vectors = _combine(result.basis, coefficients[:, slots])
   values = jnp.where(present, all_values[slots], jnp.nan)
-  # Only the wanted Ritz vectors are formed: num_steps of them would each be a model's size.
   # Missing pairs get zero vectors even when the basis is not finite.
   vectors = (
     jax.tree.map(
       lambda stacked: jnp.where(present.reshape((-1,) + (1,) * (stacked.ndim - 1)), stacked, 0),
-      _signed_by_start(_combine(result.basis, coefficients[:, slots]), result.basis),
+      _signed_by_start(vectors, result.basis),
     )
     if eigenvectors
     else None
