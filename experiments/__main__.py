@@ -39,6 +39,10 @@ EXPERIMENTS = {
     "experiments.saddles_good_enough",
     "the Hessian spectrum where GD, SGD, PGD and NC descent end: degenerate saddles?",
   ),
+  "hessian-outliers": (
+    "experiments.hessian_outliers",
+    "Hessian outliers against classes, the gradient in their span, and BatchNorm, during GD",
+  ),
   "curvature-search": (
     "experiments.curvature_search",
     "gradients and products a negative-curvature search needs on an MLP: Lanczos, Neon, Neon2",

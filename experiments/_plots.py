@@ -149,7 +149,7 @@ def plot_panels(
   x: XCoordinates = None,
   band: Band = "minmax",
   yscale: Literal["linear", "log", "symlog"] = "linear",
-  xscale: Literal["linear", "log"] = "linear",
+  xscale: Literal["linear", "log", "symlog"] = "linear",
   columns: int = 3,
 ) -> Path:
   """One panel per entry of ``panels``, each with a median line and a band over seeds per curve.
@@ -163,7 +163,7 @@ def plot_panels(
     x: the x coordinates of the points, shared or per curve label (default ``0, 1, ...``).
     band: ``"minmax"`` for the range over seeds, ``"quantile"`` for 10–90%.
     yscale: a matplotlib y scale.
-    xscale: a matplotlib x scale; ``"log"`` needs positive x.
+    xscale: a matplotlib x scale; ``"log"`` needs positive x, ``"symlog"`` takes 0 too.
     columns: panels per row.
 
   Returns:

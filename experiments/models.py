@@ -17,7 +17,12 @@ gives it) and ``num_classes`` logits:
   or two spatial axes of at least 4: 28x28x1 MNIST, 32x32x3 CIFAR-10, 8x8x1
   digits, 40x1 MNIST-1D.
 
-The dense models flatten the example's axes. The activation is ``tanh`` by
+The dense models flatten the example's axes; with ``batch_norm=True`` (``mlp`` and
+``deep_mlp``) every hidden layer is followed by ``nnx.BatchNorm`` before its activation,
+always normalising with the statistics of the batch it is given (no running averages): the
+loss is then a function of the whole batch, and a Hessian of it is taken on the batch the loss
+is (Ghorbani et al. 2019 found that BatchNorm removes the Hessian's large outliers). The
+activation is ``tanh`` by
 default: the escape guarantees assume a loss with a Lipschitz Hessian, which a
 ReLU's kink breaks (``"relu"`` is there to compare). Average pooling, not max
 pooling, for the same reason.
@@ -85,6 +90,7 @@ DEFAULT_ACTIVATION = "tanh"
 _USES_WIDTH = ("mlp", "deep_mlp", "deep_linear", "cnn")
 _USES_DEPTH = ("deep_mlp", "deep_linear")
 _USES_ACTIVATION = ("mlp", "deep_mlp", "cnn")
+_USES_BATCH_NORM = ("mlp", "deep_mlp")
 _MIN_DEPTH = {"deep_mlp": 3, "deep_linear": 2}
 
 
@@ -108,6 +114,7 @@ class DenseNetwork(nnx.Module):
     *,
     activation: str | None,
     use_bias: bool,
+    batch_norm: bool = False,
     rngs: nnx.Rngs,
   ):
     self.input_shape = tuple(input_shape)
@@ -118,12 +125,20 @@ class DenseNetwork(nnx.Module):
         for fan_in, fan_out in zip(layer_sizes[:-1], layer_sizes[1:], strict=True)
       ]
     )
+    self.norms = nnx.List(
+      [
+        nnx.BatchNorm(size, use_running_average=False, rngs=rngs)
+        for size in (layer_sizes[1:-1] if batch_norm else [])
+      ]
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     _check_input(type(self).__name__, self.input_shape, x)
     x = x.reshape(*x.shape[: x.ndim - len(self.input_shape)], -1)
-    for layer in self.layers[:-1]:
+    for index, layer in enumerate(self.layers[:-1]):
       x = layer(x)
+      if self.norms:
+        x = self.norms[index](x)
       if self.activation is not None:
         x = ACTIVATIONS[self.activation](x)
     return self.layers[-1](x)
@@ -173,6 +188,7 @@ def make_model(
   width: int | None = None,
   depth: int | None = None,
   activation: str | None = None,
+  batch_norm: bool = False,
   init_scale: float = 1.0,
   rngs: nnx.Rngs,
 ) -> nnx.Module:
@@ -188,6 +204,8 @@ def make_model(
       ``deep_linear`` (>= 2).
     activation: one of :data:`ACTIVATIONS` for ``mlp``, ``deep_mlp`` and
       ``cnn``; ``tanh`` when None.
+    batch_norm: BatchNorm (batch statistics) after every hidden layer of ``mlp`` and
+      ``deep_mlp``; see the module docstring.
     init_scale: every parameter is multiplied by it after flax's default
       initialisation: 1 is standard, ``1e-3`` near the origin, 0 at it.
     rngs: the initialisation randomness. Under ``jax.vmap`` over keys,
@@ -207,6 +225,8 @@ def make_model(
   ):
     if value is not None and name not in users:
       raise ValueError(f"{name} has no {argument}; it is used by {', '.join(users)}.")
+  if batch_norm and name not in _USES_BATCH_NORM:
+    raise ValueError(f"{name} has no batch_norm; it is used by {', '.join(_USES_BATCH_NORM)}.")
   if name in _USES_WIDTH:
     if width is None:
       raise ValueError(f"{name} needs width.")
@@ -241,6 +261,7 @@ def make_model(
       [num_inputs, *hidden, num_classes],
       activation=activation if name in _USES_ACTIVATION else None,
       use_bias=name != "deep_linear",
+      batch_norm=batch_norm,
       rngs=rngs,
     )
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -235,6 +235,8 @@ def test_seeds_and_init_scales_vmap():
     ("mlp", {"init_scale": -1.0}, "init_scale must be non-negative"),
     ("cnn", {"input_shape": (784,)}, r"got input_shape \(784,\)"),
     ("cnn", {"input_shape": (2, 2, 1)}, "spatial axes of at least 4"),
+    ("cnn", {"batch_norm": True}, "cnn has no batch_norm"),
+    ("deep_linear", {"batch_norm": True}, "deep_linear has no batch_norm"),
   ],
 )
 def test_make_model_rejects_bad_arguments(name, kwargs, message):
@@ -242,6 +244,33 @@ def test_make_model_rejects_bad_arguments(name, kwargs, message):
   config |= CONFIGS.get(name, {}) | kwargs
   with pytest.raises(ValueError, match=message):
     nnx.eval_shape(lambda: models.make_model(name, rngs=nnx.Rngs(0), **config))
+
+
+@pytest.mark.parametrize("name", ["mlp", "deep_mlp"])
+def test_batch_norm_normalises_every_hidden_layer_by_the_batch_statistics(name, digits):
+  model = build(name, batch_norm=True)
+  params = nnx.state(model, nnx.Param)
+  widths = [WIDTH] * (1 if name == "mlp" else DEPTH - 1)
+  assert [norm.scale.shape[0] for norm in model.norms] == widths
+  # Two parameters per hidden unit on top of the plain model's.
+  assert sum(leaf.size for leaf in jax.tree.leaves(params)) == parameter_count(
+    name, INPUT_SHAPES["digits"]
+  ) + 2 * sum(widths)
+  x = jnp.asarray(digits.x_train[:64])
+  # By hand: each hidden layer's pre-activations standardised over the batch (flax's epsilon),
+  # then scaled by 1 and shifted by 0 as initialised.
+  hidden = x.reshape(64, -1)
+  for layer in model.layers[:-1]:
+    pre = layer(hidden)
+    standardised = (pre - pre.mean(0)) / jnp.sqrt(pre.var(0) + 1e-5)
+    hidden = jnp.tanh(standardised)
+  np.testing.assert_allclose(model(x), model.layers[-1](hidden), rtol=1e-5, atol=1e-5)
+  # The statistics are the batch's, never running averages: scaling the first layer's
+  # pre-activations leaves the logits unchanged, and a sub-batch is normalised by its own.
+  first = model.layers[0]
+  first.kernel[...], first.bias[...] = 3 * first.kernel[...], 3 * first.bias[...]
+  np.testing.assert_allclose(model(x), model.layers[-1](hidden), rtol=1e-3, atol=1e-3)
+  assert not np.allclose(model(x[:8]), model(x)[:8], atol=1e-3)
 
 
 def test_model_rejects_wrong_input_shape(standard_models):
