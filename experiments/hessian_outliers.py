@@ -57,6 +57,7 @@ from jaxsaddle import spectrum
 NAME = "hessian-outliers"
 DATASETS = ("digits", "mnist")
 MODELS = ("mlp", "mlp-bn")
+CLASSES = 10  # in every dataset of DATASETS
 # The checkpoints past step 0, as fractions of the steps.
 CHECKPOINT_FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -102,6 +103,11 @@ def check_config(config: Config) -> None:
   _runner.check_positive_integers(config, "width", "max_train_examples", "top_k")
   if not config.learning_rates or not all(rate > 0 for rate in config.learning_rates):
     raise ValueError(f"learning_rates must be positive, got {config.learning_rates}.")
+  if config.top_k <= CLASSES:
+    raise ValueError(
+      f"top_k must exceed the {CLASSES} classes, so that the gap after them is seen; got "
+      f"{config.top_k}."
+    )
   if config.lanczos_steps < config.top_k:
     raise ValueError(
       f"lanczos_steps ({config.lanczos_steps}) must be at least top_k ({config.top_k})."

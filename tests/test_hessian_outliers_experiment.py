@@ -14,7 +14,7 @@ from _experiment_runs import shared_quick_run
 from experiments import _runner
 from experiments import hessian_outliers
 
-NUM_CLASSES = 10
+NUM_CLASSES = hessian_outliers.CLASSES
 
 
 @pytest.fixture(scope="session", name="quick_run")
@@ -151,6 +151,7 @@ def test_resume_recomputes_only_the_missing_unit(quick_run, tmp_path):
     ("learning_rates", (), "learning_rates must be positive"),
     ("lanczos_steps", 10, "lanczos_steps"),
     ("top_k", 0, "top_k"),
+    ("top_k", 10, "top_k must exceed the 10 classes"),
   ],
 )
 def test_bad_configs_are_refused_before_any_unit(field, value, message):
