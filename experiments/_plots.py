@@ -163,7 +163,8 @@ def plot_panels(
     x: the x coordinates of the points, shared or per curve label (default ``0, 1, ...``).
     band: ``"minmax"`` for the range over seeds, ``"quantile"`` for 10–90%.
     yscale: a matplotlib y scale.
-    xscale: a matplotlib x scale; ``"log"`` needs positive x, ``"symlog"`` takes 0 too.
+    xscale: a matplotlib x scale; ``"log"`` needs positive x, ``"symlog"`` takes 0 too (the
+      axis then starts there: x must not be negative).
     columns: panels per row.
 
   Returns:
@@ -174,6 +175,8 @@ def plot_panels(
     _draw_curves(axes, curves, x, band)
     _set_yscale(axes, yscale)
     axes.set_xscale(xscale)
+    if xscale == "symlog":
+      axes.set_xlim(left=0)
     axes.set_title(panel_title, fontsize="medium")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)

@@ -59,7 +59,7 @@ DATASETS = ("digits", "mnist")
 MODELS = ("mlp", "mlp-bn")
 CLASSES = 10  # in every dataset of DATASETS
 # The checkpoints past step 0, as fractions of the steps.
-CHECKPOINT_FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)
+CHECKPOINT_FRACTIONS = (0.003, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.6, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +335,7 @@ def make_figures(run: _runner.RunDirectory, config: Config) -> list[str]:
     title="share of |g|^2 in the span of the top-C Hessian eigenvectors",
     ylabel="share",
     xlabel="gradient descent step",
+    yscale="log",
     **common,
   )
   sharpness = _plots.plot_panels(
