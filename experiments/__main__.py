@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   module = importlib.import_module(EXPERIMENTS[args.experiment][0])
   from experiments import _runner  # imports JAX, hence after the arguments are checked
 
+  _runner.avoid_cpu_scheduler_hang()
+
   try:
     if args.resume:
       run_dir = _runner.RunDirectory.resume(args.resume, args.experiment, module.Config)

@@ -60,6 +60,32 @@ FAST_COMPILE_XLA_FLAGS = tuple(
 )
 
 
+# jaxlib 0.10.2's concurrency-optimised CPU scheduler left a compiled program hanging on its
+# second call: the saddles-good-enough MNIST measurement (an SLQ density, the top eigenvalues and
+# classify_critical_point in one jit, 25,450 parameters) returned once, then every XLA worker
+# thread waited for work and the caller for a result that never came, whatever the params. With
+# the scheduler off the second call took 2.4 s; with FAST_COMPILE_OPTIONS it did not hang either.
+CPU_SCHEDULER_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+
+
+def _missing_xla_flags(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
+  """``(flags in XLA_FLAGS, those of wanted not among them)``."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  return flags, [flag for flag in wanted if flag not in flags]
+
+
+def avoid_cpu_scheduler_hang() -> None:
+  """Adds :data:`CPU_SCHEDULER_XLA_FLAGS` to ``XLA_FLAGS`` while JAX's backend has not started.
+
+  The command line and the tests' conftest call it first. Once the backend has started, XLA
+  has read its flags for good and this does nothing: a caller that started JAX itself sets
+  the flag in its environment (see the README's set-up section).
+  """
+  flags, missing = _missing_xla_flags(CPU_SCHEDULER_XLA_FLAGS)
+  if missing and not xla_bridge.backends_are_initialized():
+    os.environ["XLA_FLAGS"] = " ".join([*flags, *missing])
+
+
 def fast_compile_options() -> dict[str, Any]:
   """:data:`FAST_COMPILE_OPTIONS` on the CPU backend they are written for; none on GPU or TPU,
   whose compilers reject the ``xla_cpu_`` option."""
@@ -117,8 +143,7 @@ def use_fast_compile() -> None:
   Raises:
     RuntimeError: a flag is missing and the backend has already started.
   """
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  missing = [flag for flag in FAST_COMPILE_XLA_FLAGS if flag not in flags]
+  flags, missing = _missing_xla_flags(FAST_COMPILE_XLA_FLAGS)
   if not missing:
     return
   if xla_bridge.backends_are_initialized():

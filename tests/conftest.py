@@ -5,7 +5,9 @@ whose only backend is the CPU, the suite compiles with XLA's backend optimisatio
 (:data:`experiments._runner.FAST_COMPILE_XLA_FLAGS`, set here before JAX starts its backend):
 about half the time, and results that differ only by rounding, which every numeric test allows.
 ``JAXSADDLE_FULL=1`` compiles as a user's run does, and so does a machine with a GPU or TPU
-plugin, where the flags would slow the accelerator's kernels instead.
+plugin, where the flags would slow the accelerator's kernels instead. XLA's concurrency-optimised
+CPU scheduler is turned off in either case, as the experiments' command line does
+(:data:`experiments._runner.CPU_SCHEDULER_XLA_FLAGS`: it left a program hanging).
 """
 
 import importlib.util
@@ -16,6 +18,7 @@ import pytest
 from experiments import _runner
 from jaxsaddle import _backend
 
+_runner.avoid_cpu_scheduler_hang()
 if os.environ.get("JAXSADDLE_FULL") != "1" and not any(
   importlib.util.find_spec(plugin) for plugin in ("jax_plugins", "libtpu")
 ):

@@ -7,6 +7,7 @@ lock file, so it is computed once per session.
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -174,6 +175,30 @@ def test_fast_compile_refuses_to_pretend_once_the_backend_has_started(monkeypatc
   _runner.use_compiler_settings(escape.Config())  # nothing to apply
   with pytest.raises(RuntimeError, match="before JAX starts its backend"):
     _runner.use_compiler_settings(dataclasses.replace(escape.Config(), fast_compile=True))
+
+
+def test_the_hanging_cpu_scheduler_is_turned_off_before_jax_starts_and_left_alone_after(
+  monkeypatch, tmp_path
+):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+  monkeypatch.setattr(_runner.xla_bridge, "backends_are_initialized", lambda: False)
+  for _ in range(2):  # a second call adds nothing
+    _runner.avoid_cpu_scheduler_hang()
+    assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_cpu_max_isa=AVX2",
+      *_runner.CPU_SCHEDULER_XLA_FLAGS,
+    ]
+  # Once the backend has started XLA has read its flags: editing them would pretend.
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setattr(_runner.xla_bridge, "backends_are_initialized", lambda: True)
+  _runner.avoid_cpu_scheduler_hang()
+  assert os.environ["XLA_FLAGS"] == ""
+  # The command line applies it before anything else, a refused run included.
+  calls = []
+  monkeypatch.setattr(_runner, "avoid_cpu_scheduler_hang", lambda: calls.append(True))
+  with pytest.raises(SystemExit, match="error"):
+    experiments_main.main(["escape", "--resume", str(tmp_path / "missing")])
+  assert calls == [True]
 
 
 def test_fast_compile_options_only_on_the_cpu_backend(monkeypatch):
