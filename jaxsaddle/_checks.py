@@ -1,5 +1,7 @@
 """Validation shared by the transforms: clear errors for bad input."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,11 +240,30 @@ def is_scalar_float(shaped) -> bool:
   )
 
 
+def reject_module(owner: str, params) -> None:
+  """Raises ValueError when ``params`` is a flax ``nnx.Module`` rather than the state of its
+  parameters.
+
+  A module is a pytree too, so it would be differentiated whole, its batch-norm statistics and
+  rng counts with its parameters: a Hessian over variables no optimizer moves. flax is looked
+  up only if the caller has imported it.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is not None and isinstance(params, nnx.Module):
+    raise ValueError(
+      f"{owner}: params is an nnx.Module ({type(params).__name__}), which would be "
+      "differentiated with its other variables (batch-norm statistics, rng counts). Pass the "
+      "state of its parameters, nnx.state(model, nnx.Param), and a value_fn of that state: "
+      "jaxsaddle.flax.make_value_fn(model, loss_fn, *batch)."
+    )
+
+
 def check_scalar_loss(owner: str, value_fn, params) -> None:
   """Raises ValueError unless ``value_fn(params)`` is a floating-point scalar.
 
   Traced abstractly, so a wrong return is named here rather than deep inside a product.
   """
+  reject_module(owner, params)
   try:
     loss = jax.eval_shape(value_fn, params)
   except (TypeError, AttributeError, KeyError, IndexError) as error:

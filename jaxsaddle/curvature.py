@@ -171,6 +171,30 @@ def _forward_differentiable(value_fn: Callable[[PyTree], jax.Array], params: PyT
   return not _calls_custom_vjp(traced.jaxpr)
 
 
+def _check_hvp_arguments(owner: str, value_fn, params: PyTree, tangent: PyTree = None) -> None:
+  """Raises, naming the argument, unless ``value_fn`` maps ``params`` (real floating leaves) to a
+  real scalar and ``tangent``, when given, has the structure, shapes and dtypes of ``params``.
+
+  An abstract evaluation of ``value_fn``: JAX's own errors for these (float0 tangents, a
+  non-scalar output of ``grad``) name neither the argument nor the fix.
+  """
+  _checks.reject_module(owner, params)
+  _checks.check_float_leaves(params, owner, "a Hessian")
+  _checks.check_scalar_loss(owner, value_fn, params)
+  if tangent is None:
+    return
+  _checks.check_tree_like(owner, tangent, params, what="tangent", like="params")
+  for (path, leaf), expected in zip(
+    jax.tree.leaves_with_path(tangent), jax.tree.leaves(params), strict=True
+  ):
+    if jnp.result_type(leaf) != jnp.result_type(expected):
+      raise TypeError(
+        f"{owner}: the leaf of tangent at {jax.tree_util.keystr(path) or '<root>'} has dtype "
+        f"{jnp.result_type(leaf)}, that of params {jnp.result_type(expected)}; cast the "
+        "tangent to the params' dtypes."
+      )
+
+
 def hvp(value_fn: Callable[[PyTree], jax.Array], params: PyTree, tangent: PyTree) -> PyTree:
   """Returns the Hessian of ``value_fn`` at ``params`` applied to ``tangent``.
 
@@ -188,7 +212,14 @@ def hvp(value_fn: Callable[[PyTree], jax.Array], params: PyTree, tangent: PyTree
 
   Returns:
     ``H(params) @ tangent`` as a pytree like ``params``.
+
+  Raises:
+    TypeError: a leaf of ``params`` is not real floating point, or one of ``tangent`` has
+      another dtype than the matching leaf of ``params``.
+    ValueError: ``value_fn`` does not return a real scalar, ``params`` is an ``nnx.Module``,
+      or ``tangent`` is not shaped like ``params``.
   """
+  _check_hvp_arguments("hvp", value_fn, params, tangent)
   if _forward_differentiable(value_fn, params):
     return jax.jvp(jax.grad(value_fn), (params,), (tangent,))[1]
   return jax.vjp(jax.grad(value_fn), params)[1](tangent)[0]
@@ -230,7 +261,11 @@ def linearize_hvp(
 
   Returns:
     ``(grad, hvp_fn)`` with ``hvp_fn(tangent) == hvp(value_fn, params, tangent)``.
+
+  Raises:
+    TypeError, ValueError: as :func:`hvp`, for ``value_fn`` and ``params``.
   """
+  _check_hvp_arguments("linearize_hvp", value_fn, params)
   _, gradient, hvp_fn = _linearize_value_and_hvp(value_fn, params)
   return gradient, hvp_fn
 

@@ -35,6 +35,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jaxsaddle import _checks
+
 
 def _variable_paths(state) -> list[str]:
   """The sorted paths of a State's (or nested dict's) variables, such as ``"layer/kernel"``."""
@@ -98,6 +100,8 @@ def make_value_fn(
   expected = _variable_paths(selected)
 
   def value_fn(params: nnx.State) -> jax.Array:
+    # A module has the paths of its state and would pass the comparison, then fail to merge.
+    _checks.reject_module("make_value_fn", params)
     # Compared before merging: the state of other variables of the same shapes merged without
     # error and gave the loss of another model.
     given = _variable_paths(params)

@@ -284,7 +284,7 @@ def negative_curvature_descent(
   _checks.check_loop_length("negative_curvature_descent", "num_lanczos_steps", num_lanczos_steps)
 
   def lanczos_search(value_fn, params, key, dtype):
-    grad, hvp_fn = curvature.linearize_hvp(value_fn, params)
+    _, grad, hvp_fn = curvature._linearize_value_and_hvp(value_fn, params)
     pairs = curvature.extreme_eigenpairs(
       hvp_fn, params, num_steps=num_lanczos_steps, key=key, which="smallest", exact_residuals=False
     )

@@ -120,6 +120,12 @@ def _add_isotropic_noise(
 
 
 def _scalar_loss(owner: str, value, like: jax.Array) -> jax.Array:
+  if len(jax.tree.leaves(value)) != 1:
+    raise ValueError(
+      f"{owner}: value must be the scalar loss, got a {type(value).__name__} of "
+      f"{len(jax.tree.leaves(value))} leaves; from value_and_grad(..., has_aux=True), whose "
+      "value is (loss, aux), pass value=loss."
+    )
   if jnp.shape(value) != ():
     raise ValueError(
       f"{owner}: value must be the scalar loss, got shape {jnp.shape(value)} "

@@ -48,7 +48,7 @@ def _hessian_operator(
   value_fn: Callable[[PyTree], jax.Array], params: PyTree, like: PyTree
 ) -> Callable[[PyTree], PyTree]:
   """``v -> H v`` at ``params``, taking and returning vectors in the dtypes of ``like``."""
-  _, hvp_fn = curvature.linearize_hvp(value_fn, params)
+  _, _, hvp_fn = curvature._linearize_value_and_hvp(value_fn, params)
 
   def matvec(vector):
     image = hvp_fn(optax.tree.cast_like(vector, params))

@@ -444,3 +444,77 @@ def test_non_float_gradients_are_refused_as_updates(tx, dtype):
     tx.update(
       {"w": jnp.zeros(4, dtype)}, tx.init(params), params, value_fn=lambda p: jnp.sum(p["w"] ** 2)
     )
+
+
+def _scalar_loss(params):
+  return jnp.sum(params["w"] ** 3)
+
+
+HVP_ERRORS = [
+  # JAX's "primal and tangent arguments ... float0" named neither the function nor the leaf.
+  (
+    lambda: jaxsaddle.hvp(_scalar_loss, {"w": jnp.arange(3)}, {"w": jnp.arange(3)}),
+    TypeError,
+    r"hvp: the parameter at \['w'\] has dtype int32",
+  ),
+  (
+    lambda: jaxsaddle.linearize_hvp(_scalar_loss, {"w": jnp.arange(3)}),
+    TypeError,
+    r"linearize_hvp: the parameter at \['w'\] has dtype int32",
+  ),
+  # grad's "Gradient only defined for scalar-output functions".
+  (
+    lambda: jaxsaddle.hvp(lambda p: p["w"] ** 2, {"w": jnp.ones(3)}, {"w": jnp.ones(3)}),
+    ValueError,
+    "hvp: value_fn must return the scalar floating-point loss",
+  ),
+  (
+    lambda: jaxsaddle.hvp(_scalar_loss, {"w": jnp.ones(3)}, {"w": jnp.ones(4)}),
+    ValueError,
+    r"hvp: the leaf of tangent at \['w'\] has shape \(4,\), that of params \(3,\)",
+  ),
+  (
+    lambda: jaxsaddle.hvp(_scalar_loss, {"w": jnp.ones(3)}, {"v": jnp.ones(3)}),
+    ValueError,
+    "hvp: tangent must have the tree structure of params",
+  ),
+  (
+    lambda: jaxsaddle.hvp(_scalar_loss, {"w": jnp.ones(3)}, {"w": jnp.ones(3, jnp.float16)}),
+    TypeError,
+    r"hvp: the leaf of tangent at \['w'\] has dtype float16, that of params float32",
+  ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), HVP_ERRORS)
+def test_bad_hvp_input_is_named(call, error, message):
+  with pytest.raises(error, match=message):
+    call()
+
+
+def test_checked_hvp_still_equals_the_dense_hessian_times_the_tangent():
+  params, tangent = {"w": jnp.array([1.0, -2.0, 0.5])}, {"w": jnp.array([0.3, 0.1, -1.0])}
+  expected = 6 * params["w"] * tangent["w"]  # the Hessian of sum(w^3) is diag(6 w)
+  np.testing.assert_allclose(jaxsaddle.hvp(_scalar_loss, params, tangent)["w"], expected)
+  np.testing.assert_allclose(
+    jax.jit(jaxsaddle.hvp, static_argnums=0)(_scalar_loss, params, tangent)["w"], expected
+  )
+  _, hvp_fn = jaxsaddle.linearize_hvp(_scalar_loss, params)
+  np.testing.assert_allclose(hvp_fn(tangent)["w"], expected)
+
+
+def test_a_value_with_aux_outputs_is_refused_with_the_remedy():
+  # value_and_grad(..., has_aux=True) returns (loss, aux) as its value; the tuple had failed
+  # inside jnp.shape with a TracerArrayConversionError.
+  tx = jaxsaddle.pgd(0.1, perturbation_radius=0.1, gradient_threshold=1.0, escape_steps=2)
+  params = jnp.ones(3)
+  state = tx.init(params)
+
+  def loss_with_aux(params):
+    return jnp.sum(params**2), {"norm": jnp.linalg.norm(params)}
+
+  value, grads = jax.value_and_grad(loss_with_aux, has_aux=True)(params)
+  with pytest.raises(ValueError, match=r"pgd: value must be the scalar loss, got a tuple of 2"):
+    tx.update(grads, state, params, value=value)
+  updates, _ = tx.update(grads, state, params, value=value[0])
+  np.testing.assert_allclose(updates, -0.1 * grads)

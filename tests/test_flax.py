@@ -300,6 +300,33 @@ def test_a_value_fn_of_the_model_is_refused_with_the_helper_to_use():
     )
 
 
+def test_a_model_passed_as_params_is_refused_with_the_state_to_pass():
+  # The reverse slip: a module is a pytree too, so a loss of the model differentiated at the
+  # model took batch-norm statistics into the Hessian and returned another spectrum; a value_fn
+  # of the state, handed the model, failed inside nnx.merge ("Incorrect number of leaves").
+  model = NormalizedDropoutMLP(nnx.Rngs(4))
+  x, y = _regression_data()
+  value_fn = jaxsaddle.flax.make_value_fn(model, _mse, x, y)
+  message = r"params is an nnx.Module \(NormalizedDropoutMLP\).*nnx.state\(model, nnx.Param\)"
+  calls = [
+    lambda: jaxsaddle.spectrum.hessian_extreme_eigenvalues(
+      lambda m: _mse(m, x, y), model, num_steps=4, key=0
+    ),
+    lambda: jaxsaddle.spectrum.hessian_trace(value_fn, model, key=0, num_probes=2),
+    lambda: jaxsaddle.hvp(value_fn, model, model),
+    lambda: value_fn(model),
+  ]
+  for call in calls:
+    with pytest.raises(ValueError, match=message):
+      call()
+  # The state itself is taken, and its Hessian is the dense one's.
+  params = nnx.state(model, nnx.Param)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  dense = jnp.linalg.eigvalsh(jax.hessian(lambda v: value_fn(unravel(v)))(flat))
+  top = jaxsaddle.spectrum.hessian_extreme_eigenvalues(value_fn, params, num_steps=40, key=0)
+  np.testing.assert_allclose(top.eigenvalues[0], dense[-1], rtol=1e-4)
+
+
 def test_an_nnx_rngs_passed_as_key_is_refused_saying_how_to_get_a_key():
   for rngs in (nnx.Rngs(0), nnx.Rngs(0).params):
     with pytest.raises(TypeError, match=r"key must be .* Call it for a key: rngs\(\)"):

@@ -21,6 +21,7 @@ _compute_dtype = curvature._compute_dtype
 
 def _check_params(owner: str, params: PyTree) -> None:
   """Raises unless ``params`` has array elements, all of them real floating point."""
+  _checks.reject_module(owner, params)
   if not _checks.has_elements(params):
     raise ValueError(f"{owner}: params has no array elements; there is no Hessian to study.")
   _checks.check_float_leaves(params, owner, "a Hessian")
