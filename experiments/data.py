@@ -330,15 +330,20 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
 }
 
 
-def load(name: str, **kwargs) -> Dataset:
+def load(name: str, *, max_train_examples: int | None = None, **kwargs) -> Dataset:
   """The dataset ``name`` (one of :data:`LOADERS`), with its loader's keyword arguments.
 
   ``load("cifar10")`` reads the directory in ``JAXSADDLE_CIFAR10`` unless
-  ``path=`` is given.
+  ``path=`` is given. With ``max_train_examples`` only the first that many
+  training examples are kept (the test split is whole).
   """
   if name not in LOADERS:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(LOADERS)}.")
-  return LOADERS[name](**kwargs)
+  dataset = LOADERS[name](**kwargs)
+  if max_train_examples is None:
+    return dataset
+  keep = min(max_train_examples, dataset.x_train.shape[0])
+  return dataset._replace(x_train=dataset.x_train[:keep], y_train=dataset.y_train[:keep])
 
 
 def batches(

@@ -180,9 +180,7 @@ def unit_names(config: Config) -> list[str]:
 @functools.cache
 def load_dataset(name: str, config: Config) -> data.Dataset:
   kwargs = {"path": config.cifar10_path} if name == "cifar10" else {}
-  dataset = data.load(name, **kwargs)
-  keep = min(config.max_train_examples, dataset.x_train.shape[0])
-  return dataset._replace(x_train=dataset.x_train[:keep], y_train=dataset.y_train[:keep])
+  return data.load(name, max_train_examples=config.max_train_examples, **kwargs)
 
 
 def build_model(spec: str, dataset: data.Dataset, init: str, config: Config, key) -> nnx.Module:

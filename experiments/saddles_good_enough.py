@@ -139,9 +139,7 @@ def check_config(config: Config) -> None:
 
 @functools.cache
 def load_dataset(name: str, config: Config) -> data.Dataset:
-  dataset = data.load(name)
-  keep = min(config.max_train_examples, dataset.x_train.shape[0])
-  return dataset._replace(x_train=dataset.x_train[:keep], y_train=dataset.y_train[:keep])
+  return data.load(name, max_train_examples=config.max_train_examples)
 
 
 def build_model(dataset: data.Dataset, config: Config, key) -> nnx.Module:

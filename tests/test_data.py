@@ -105,6 +105,14 @@ def test_digits_split_and_scaling(digits):
   assert len(expected) == 1797 and ours == expected
 
 
+def test_load_keeps_the_first_training_examples_and_the_whole_test_split(digits):
+  kept = data.load("digits", max_train_examples=100)
+  np.testing.assert_array_equal(kept.x_train, digits.x_train[:100])
+  np.testing.assert_array_equal(kept.y_train, digits.y_train[:100])
+  np.testing.assert_array_equal(kept.x_test, digits.x_test)
+  assert_datasets_equal(data.load("digits", max_train_examples=10**6), digits)
+
+
 def test_mnist1d_generated_in_memory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # mnist1d's get_dataset caches to the working directory
   # mnist1d reseeds the global generators; the loader must hand them back as they were.
