@@ -27,7 +27,8 @@ demo: $(INSTALLED)
 	$(BIN)/python -m experiments saddles-good-enough --quick
 	$(BIN)/python -m experiments attraction-region --quick
 	$(BIN)/python -m experiments curvature-search --quick
-	@echo "summaries (newest first):" && ls -1t runs/*/*/summary.md | head -n 5
+	$(BIN)/python -m experiments hessian-outliers --quick
+	@echo "summaries (newest first):" && ls -1t runs/*/*/summary.md | head -n 6
 
 test: $(INSTALLED)
 	$(BIN)/python -m ruff check .
