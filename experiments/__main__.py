@@ -6,7 +6,8 @@ configs set ``fast_compile``), ``default_config(quick) -> Config``,
 ``check_config(config)`` (raises ValueError for a config the run would fail on; called
 before the run directory is written, and again by ``run``) and
 ``run(run_dir: _runner.RunDirectory) -> str`` (computes what the run directory
-lacks, writes figures and summary, returns the table to print). Register it in
+lacks, writes figures and summary, returns the table to print; most hand their
+parts to :func:`experiments._runner.run_experiment`). Register it in
 ``EXPERIMENTS``; modules are imported only when their experiment runs, so the
 command line answers at once.
 

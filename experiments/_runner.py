@@ -25,6 +25,7 @@ before JAX starts its backend, so a resumed run compiles as the original did.
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -347,6 +348,24 @@ def run_units(
     computed.append(unit)
   print(f"computed {len(computed)} unit(s): {', '.join(computed) or '(none)'}")
   return computed
+
+
+def run_experiment(run_dir: RunDirectory, experiment) -> str:
+  """An experiment's ``run`` when it adds nothing of its own: checks the config, computes the
+  missing units, writes the figures and the summary, and returns the summary's table.
+
+  ``experiment`` is the module, with ``check_config(config)``, ``unit_names(config)``,
+  ``compute_unit(config, unit)``, ``make_figures(run_dir, config)``, ``summary(run_dir,
+  config, figures)`` and ``summary_table(run_dir, config)``.
+  """
+  config = run_dir.config
+  experiment.check_config(config)
+  run_units(
+    run_dir, experiment.unit_names(config), functools.partial(experiment.compute_unit, config)
+  )
+  figures = experiment.make_figures(run_dir, config)
+  run_dir.write_summary(experiment.summary(run_dir, config, figures))
+  return experiment.summary_table(run_dir, config)
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -41,6 +41,7 @@ smallest ``K`` the gradient-difference searches can come out ahead.
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any
 
@@ -337,10 +338,5 @@ def check_config(config: Config) -> None:
 
 
 def run(run_dir: _runner.RunDirectory) -> str:
-  """Computes the missing units, then writes the figure and summary; returns the table."""
-  config: Config = run_dir.config
-  check_config(config)
-  _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
-  figures = make_figures(run_dir, config)
-  run_dir.write_summary(summary(run_dir, config, figures))
-  return summary_table(run_dir, config)
+  """Computes the missing units, then writes the figures and summary; returns the table."""
+  return _runner.run_experiment(run_dir, sys.modules[__name__])

@@ -36,6 +36,7 @@ counts as infinitely late, so the median is "never" when half of them stay).
 import dataclasses
 import functools
 import math
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -516,9 +517,4 @@ def check_config(config: Config) -> None:
 
 def run(run_dir: _runner.RunDirectory) -> str:
   """Computes the missing units, then writes the figures and summary; returns the table."""
-  config: Config = run_dir.config
-  check_config(config)
-  _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
-  figures = make_figures(run_dir, config)
-  run_dir.write_summary(summary(run_dir, config, figures))
-  return summary_table(run_dir, config)
+  return _runner.run_experiment(run_dir, sys.modules[__name__])

@@ -38,6 +38,7 @@ and its gradient share at :math:`C`.
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any
 
@@ -466,9 +467,4 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
 
 def run(run_dir: _runner.RunDirectory) -> str:
   """Computes the missing units, then writes the figures and summary; returns the table."""
-  config: Config = run_dir.config
-  check_config(config)
-  _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
-  figures = make_figures(run_dir, config)
-  run_dir.write_summary(summary(run_dir, config, figures))
-  return summary_table(run_dir, config)
+  return _runner.run_experiment(run_dir, sys.modules[__name__])

@@ -45,6 +45,7 @@ counted.
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any
 
@@ -607,9 +608,5 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
 
 
 def run(run_dir: _runner.RunDirectory) -> str:
-  config: Config = run_dir.config
-  check_config(config)
-  _runner.run_units(run_dir, unit_names(config), functools.partial(compute_unit, config))
-  figures = make_figures(run_dir, config)
-  run_dir.write_summary(summary(run_dir, config, figures))
-  return summary_table(run_dir, config)
+  """Computes the missing units, then writes the figures and summary; returns the table."""
+  return _runner.run_experiment(run_dir, sys.modules[__name__])
