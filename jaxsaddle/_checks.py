@@ -228,6 +228,7 @@ def require_value_fn(
       "selected leaves alone instead (nnx.Optimizer's wrt, or a value_fn of that subtree that "
       "closes over the rest)."
     )
+  reject_module(owner, params)
   check_scalar_loss(owner, value_fn, params)
 
 
@@ -263,7 +264,6 @@ def check_scalar_loss(owner: str, value_fn, params) -> None:
 
   Traced abstractly, so a wrong return is named here rather than deep inside a product.
   """
-  reject_module(owner, params)
   try:
     loss = jax.eval_shape(value_fn, params)
   except (TypeError, AttributeError, KeyError, IndexError) as error:
