@@ -48,6 +48,10 @@ EXPERIMENTS = {
     "experiments.curvature_search",
     "gradients and products a negative-curvature search needs on an MLP: Lanczos, Neon, Neon2",
   ),
+  "scr-autoencoder": (
+    "experiments.scr_autoencoder",
+    "SCR against AdaGrad and SGD on a deep MNIST autoencoder's saddles (oracle calls, seconds)",
+  ),
   "attraction-region": (
     "experiments.attraction",
     "attraction-region dimension vs n: GD, LSGD and mLSGD candidates",

@@ -1,6 +1,6 @@
-"""Training classifiers for many seeds and learning rates in one vmapped jit.
+"""Training models for many seeds and learning rates in one vmapped jit.
 
-:func:`train_classifier` is what the network experiments share: the seeds and
+:func:`train` is what the network experiments share: the seeds and
 the learning rates are both ``jax.vmap``-ped, training runs in chunks of
 ``log_every`` steps (one compiled ``lax.scan``, called again and again, so the
 wall time at each log is real), and every log holds the full-batch training loss
@@ -31,6 +31,7 @@ COUNTERS = (
   "num_perturbations",
   "num_curvature_steps",
   "num_lanczos_calls",
+  "num_hvps",
   "oracle_calls",
   "num_steps_taken",
 )
@@ -40,8 +41,10 @@ class TrainingResult(NamedTuple):
   """Logs of shape ``(learning_rates, seeds, logs)`` and end-of-training results.
 
   ``counters`` maps each name of :data:`COUNTERS` to its logs; ``wall`` holds
-  the seconds since the start at each log; ``params`` are the final parameters
-  with leading ``(learning_rates, seeds)`` axes, for ``nnx.merge(graphdef, ...)``.
+  the seconds since the start at each log; ``test_metric`` is :func:`train`'s
+  ``metric`` on the test set (accuracy for a classifier); ``params`` are the
+  final parameters with leading ``(learning_rates, seeds)`` axes, for
+  ``nnx.merge(graphdef, ...)``.
   """
 
   loss: np.ndarray
@@ -49,7 +52,7 @@ class TrainingResult(NamedTuple):
   counters: dict[str, np.ndarray]
   wall: list[float]
   test_loss: np.ndarray
-  test_accuracy: np.ndarray
+  test_metric: np.ndarray
   num_params: int
   oracle_per_step: float
   graphdef: Any
@@ -71,11 +74,13 @@ def _map_lanes(fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
   return mapped
 
 
-def train_classifier(
+def train(
   dataset: data.Dataset,
   build_model: Callable[[jax.Array], nnx.Module],
   make_optimizer: Callable[[jax.Array, jax.Array], optax.GradientTransformationExtraArgs],
   *,
+  loss: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array] = models.cross_entropy_loss,
+  metric: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array] = models.accuracy,
   learning_rates,
   seeds: int,
   steps: int,
@@ -83,14 +88,20 @@ def train_classifier(
   batch_size: int | None,
   vmap_lanes: bool = True,
 ) -> TrainingResult:
-  """Trains ``build_model(key)`` by ``make_optimizer(learning_rate, key)`` on cross-entropy.
+  """Trains ``build_model(key)`` by ``make_optimizer(learning_rate, key)`` on ``loss``.
 
   Args:
-    dataset: the data; the whole training set is the full batch.
+    dataset: the data; the whole training set is the full batch. ``y`` holds the targets
+      that ``loss`` and ``metric`` compare the model's output with.
     build_model: a model from a PRNG key (traced: it is vmapped over seeds).
-    make_optimizer: an optax transformation from a learning rate and a key
-      (both traced). Its ``update`` receives ``value=`` the batch loss and
-      ``value_fn=`` the batch loss as a function of the parameters.
+    make_optimizer: an optax transformation from a learning rate (or whichever
+      hyperparameter is tuned) and a key (both traced). Its ``update`` receives
+      ``value=`` the batch loss and ``value_fn=`` the batch loss as a function of
+      the parameters.
+    loss: ``loss(model, inputs, targets)``, the scalar trained on; cross-entropy
+      against integer labels by default.
+    metric: ``metric(model, inputs, targets)``, reported on the test set;
+      accuracy by default.
     learning_rates: the candidates, all trained.
     seeds: seeds ``0 .. seeds - 1``; the seed keys the initialisation, the
       batches and the optimizer.
@@ -116,14 +127,14 @@ def train_classifier(
   graphdef, example_params = nnx.split(build_model(jax.random.key(0)))
   learning_rates = jnp.asarray(learning_rates, jnp.float32)
 
-  def loss_fn(params, inputs, labels):
-    return models.cross_entropy_loss(nnx.merge(graphdef, params), inputs, labels)
+  def loss_fn(params, inputs, targets):
+    return loss(nnx.merge(graphdef, params), inputs, targets)
 
   def log_values(carry):
     params, state, _ = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    value, grads = jax.value_and_grad(loss_fn)(params, x, y)
     counters = [optax.tree.get(state, name, default=jnp.int32(0)) for name in COUNTERS]
-    return loss, optax.tree.norm(grads), counters
+    return value, optax.tree.norm(grads), counters
 
   def init(learning_rate, seed):
     model_key, optimizer_key, batch_key = jax.random.split(jax.random.key(seed), 3)
@@ -140,11 +151,11 @@ def train_classifier(
       params, state, batch_key = carry
       batch_key, draw_key = jax.random.split(batch_key)
       if batch_size == num_examples:
-        inputs, labels = x, y
+        inputs, targets = x, y
       else:
         index = jax.random.randint(draw_key, (batch_size,), 0, num_examples)
-        inputs, labels = x[index], y[index]
-      batch_loss = lambda p: loss_fn(p, inputs, labels)  # noqa: E731
+        inputs, targets = x[index], y[index]
+      batch_loss = lambda p: loss_fn(p, inputs, targets)  # noqa: E731
       value, grads = jax.value_and_grad(batch_loss)(params)
       updates, state = tx.update(grads, state, params, value=value, value_fn=batch_loss)
       return (optax.apply_updates(params, updates), state, batch_key), None
@@ -155,7 +166,7 @@ def train_classifier(
   def test_metrics(params):
     model = nnx.merge(graphdef, params)
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
-    return models.cross_entropy_loss(model, x_test, y_test), models.accuracy(model, x_test, y_test)
+    return loss(model, x_test, y_test), metric(model, x_test, y_test)
 
   def over_rates_and_seeds(fn, axes, batch=jax.vmap):
     return batch(batch(fn, axes[1]), axes[0])
@@ -174,17 +185,17 @@ def train_classifier(
     carry, values = chunk(learning_rates, carry)
     logs.append(jax.block_until_ready(values))
     wall.append(time.perf_counter() - start)
-  loss, grad_norm, counters = (
+  losses, grad_norms, counters = (
     jax.tree.map(lambda *v: np.stack(v, axis=-1), *parts) for parts in zip(*logs, strict=True)
   )
-  test_loss, test_accuracy = run_once(jax.vmap(jax.vmap(test_metrics)))(carry[0])
+  test_loss, test_metric = run_once(jax.vmap(jax.vmap(test_metrics)))(carry[0])
   return TrainingResult(
-    loss=loss,
-    grad_norm=grad_norm,
+    loss=losses,
+    grad_norm=grad_norms,
     counters=dict(zip(COUNTERS, counters, strict=True)),
     wall=wall,
     test_loss=np.asarray(test_loss),
-    test_accuracy=np.asarray(test_accuracy),
+    test_metric=np.asarray(test_metric),
     num_params=int(sum(leaf.size for leaf in jax.tree.leaves(example_params))),
     oracle_per_step=batch_size / num_examples,
     graphdef=graphdef,

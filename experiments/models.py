@@ -1,4 +1,5 @@
-r"""Classifiers for the experiments (flax.nnx), their loss and accuracy.
+r"""Models for the experiments (flax.nnx): classifiers with their loss and accuracy, and a deep
+autoencoder with its reconstruction loss and the saddle it starts from.
 
 :func:`make_model` builds one of :data:`MODELS` for inputs of shape
 ``input_shape`` (one example, as :attr:`experiments.data.Dataset.input_shape`
@@ -71,6 +72,13 @@ Example::
   for _ in range(10):
     train_step(model, optimizer, dataset.x_train, dataset.y_train)
   models.accuracy(model, dataset.x_test, dataset.y_test)
+
+The autoencoder (:func:`make_autoencoder`) is Tripuraneni et al.'s (NeurIPS 2018, §5.2) deep
+autoencoder: dense layers from the flattened input through ``hidden_sizes`` (the last is the
+code) and back through the same sizes reversed, softplus after every hidden layer, the code
+included (the paper says "softplus hidden units"; Hinton and Salakhutdinov's code layer was
+linear), and a sigmoid output, trained on :func:`reconstruction_loss`. Its *mean-image saddle*
+(:func:`mean_image_saddle`) is an exact critical point that is not a minimum.
 """
 
 import math
@@ -267,6 +275,79 @@ def make_model(
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = jax.tree.map(lambda leaf: leaf * jnp.asarray(init_scale, leaf.dtype), params)
   return nnx.merge(graphdef, params, rest)
+
+
+class Autoencoder(nnx.Module):
+  """Dense encoder and mirrored decoder; softplus hidden units, sigmoid output."""
+
+  def __init__(self, input_shape: Sequence[int], hidden_sizes: Sequence[int], *, rngs: nnx.Rngs):
+    self.input_shape = tuple(input_shape)
+    num_inputs = math.prod(self.input_shape)
+    sizes = [num_inputs, *hidden_sizes, *reversed(hidden_sizes[:-1]), num_inputs]
+    self.layers = nnx.List(
+      [
+        nnx.Linear(fan_in, fan_out, rngs=rngs)
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True)
+      ]
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_input(type(self).__name__, self.input_shape, x)
+    shape = x.shape
+    x = x.reshape(*shape[: x.ndim - len(self.input_shape)], -1)
+    for layer in self.layers[:-1]:
+      x = jax.nn.softplus(layer(x))
+    return jax.nn.sigmoid(self.layers[-1](x)).reshape(shape)
+
+
+def make_autoencoder(
+  *, input_shape: Sequence[int], hidden_sizes: Sequence[int], rngs: nnx.Rngs
+) -> Autoencoder:
+  """The autoencoder ``input -> hidden_sizes -> reversed(hidden_sizes[:-1]) -> input`` with
+  flax's default initialisation; ``(512, 256, 128, 32)`` on MNIST is Tripuraneni et al.'s."""
+  input_shape = tuple(input_shape)
+  if not input_shape or not all(isinstance(size, int) and size >= 1 for size in input_shape):
+    raise ValueError(f"input_shape must be positive integers, got {input_shape}.")
+  if not hidden_sizes:
+    raise ValueError("hidden_sizes must name at least the code layer's size.")
+  for size in hidden_sizes:
+    _checks.check_at_least_one("autoencoder", "hidden_sizes", size)
+  return Autoencoder(input_shape, tuple(hidden_sizes), rngs=rngs)
+
+
+# Pixels whose training mean is 0 or 1 (MNIST's borders) have no finite logit: the output
+# bias puts them this close instead, which leaves a gradient of about 2e-8 per such pixel.
+MEAN_IMAGE_CLIP = 1e-4
+
+
+def mean_image_saddle(model: Autoencoder, images: jax.Array) -> Autoencoder:
+  r"""``model`` moved to the critical point whose reconstruction of every image is their mean.
+
+  With the first and last kernels zero, every hidden activation is the same for all images, so
+  the output is the constant :math:`\sigma(b)`, :math:`b` the output bias, here the logit of
+  the mean image :math:`\bar x` (clipped to ``[MEAN_IMAGE_CLIP, 1 - MEAN_IMAGE_CLIP]``). The
+  gradient then vanishes: the output bias's is :math:`\tfrac{2}{n}\sum_i (\bar x - x_i)
+  \odot \sigma'(b) = 0`; the last kernel's is a constant hidden vector times that same sum;
+  and no other layer receives a signal through the zero last kernel. The point is not a
+  minimum: the loss is the total pixel variance, which every reconstruction better than the
+  mean lowers. Its Hessian couples the first and last kernels through the images' covariance,
+  with eigenvalues of both signs (a strict saddle) when the middle layers pass a signal.
+  The middle layers keep ``model``'s values.
+  """
+  mean = jnp.clip(jnp.mean(images, axis=0).reshape(-1), MEAN_IMAGE_CLIP, 1 - MEAN_IMAGE_CLIP)
+  graphdef, params = nnx.split(model)
+  first, last = params["layers"][0], params["layers"][len(model.layers) - 1]
+  first["kernel"] = jnp.zeros_like(first["kernel"])
+  last["kernel"] = jnp.zeros_like(last["kernel"])
+  last["bias"] = jnp.log(mean) - jnp.log1p(-mean)
+  return nnx.merge(graphdef, params)
+
+
+def reconstruction_loss(model: nnx.Module, x: jax.Array, target: jax.Array) -> jax.Array:
+  """The squared error of ``model(x)`` against ``target``, summed over each example's entries
+  and averaged over examples; for the mean image it is the total pixel variance."""
+  error = (model(x) - target).reshape(x.shape[0], -1)
+  return jnp.mean(jnp.sum(error**2, axis=-1))
 
 
 def cross_entropy_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:

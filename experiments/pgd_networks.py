@@ -211,7 +211,7 @@ def make_optimizer(method: str, learning_rate, key, config: Config):
 def train(config: Config, dataset_name: str, spec: str, regime: str, method: str):
   dataset = load_dataset(dataset_name, config)
   batch, init = parse_regime(regime)
-  return _training.train_classifier(
+  return _training.train(
     dataset,
     lambda key: build_model(spec, dataset, init, config, key),
     lambda rate, key: make_optimizer(method, rate, key, config),
@@ -275,7 +275,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
     "final_loss": losses[:, -1].tolist(),
     "escape_step": [None if e is None else e * config.log_every for e in escapes],
     "test_loss": _runner.to_json_floats(result.test_loss[best]),
-    "test_accuracy": _runner.to_json_floats(result.test_accuracy[best]),
+    "test_accuracy": _runner.to_json_floats(result.test_metric[best]),
     "num_perturbations": perturbations[best, :, -1].tolist(),
     "oracle_calls": config.steps * result.oracle_per_step,
     "seconds": round(result.wall[-1], 3),

@@ -283,7 +283,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
   step_cost = gradient_cost(method, dataset, config)
   repeats = steps_per_gradient(method, dataset, config)
   start = time.perf_counter()
-  result = _training.train_classifier(
+  result = _training.train(
     dataset,
     lambda key: build_model(dataset, config, key),
     lambda rate, key: make_optimizer(method, rate, key, config, step_cost),
@@ -332,7 +332,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
       str(rate): float(np.median(final[i])) for i, rate in enumerate(config.learning_rates)
     },
     "final_loss": _runner.to_json_floats(result.loss[best, :, -1]),
-    "test_accuracy": _runner.to_json_floats(result.test_accuracy[best]),
+    "test_accuracy": _runner.to_json_floats(result.test_metric[best]),
     "oracle_budget": oracle_budget(config),
     "gradient_cost": step_cost,
     "steps": config.steps * repeats,

@@ -152,7 +152,7 @@ def test_training_refuses_batches_outside_the_training_set(batch_size):
   x = np.zeros((10, 4), np.float32)
   dataset = data.Dataset("tiny", x, np.zeros(10, np.int32), x, np.zeros(10, np.int32), 2)
   with pytest.raises(ValueError, match=r"batch_size must be in \[1, 10\]"):
-    _training.train_classifier(
+    _training.train(
       dataset,
       lambda key: None,
       lambda rate, key: None,
