@@ -1,5 +1,5 @@
 # Two entry points, each working on a fresh machine with only Python 3.11-3.13:
-#   make demo   runs the quick version of five experiments (writes runs/<name>/<timestamp>/)
+#   make demo   runs the quick version of seven experiments (writes runs/<name>/<timestamp>/)
 #   make test   runs ruff and the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -28,7 +28,8 @@ demo: $(INSTALLED)
 	$(BIN)/python -m experiments attraction-region --quick
 	$(BIN)/python -m experiments curvature-search --quick
 	$(BIN)/python -m experiments hessian-outliers --quick
-	@echo "summaries (newest first):" && ls -1t runs/*/*/summary.md | head -n 6
+	$(BIN)/python -m experiments scr-autoencoder --quick
+	@echo "summaries (newest first):" && ls -1t runs/*/*/summary.md | head -n 7
 
 test: $(INSTALLED)
 	$(BIN)/python -m ruff check .

@@ -41,7 +41,9 @@ class TrainingResult(NamedTuple):
   """Logs of shape ``(learning_rates, seeds, logs)`` and end-of-training results.
 
   ``counters`` maps each name of :data:`COUNTERS` to its logs; ``wall`` holds
-  the seconds since the start at each log; ``test_metric`` is :func:`train`'s
+  the seconds since the start at each log; ``training_seconds`` is the time the
+  optimizer steps took, all lanes together, without the logs and the first chunk of
+  ``log_every`` steps (which compiles); ``test_metric`` is :func:`train`'s
   ``metric`` on the test set (accuracy for a classifier); ``params`` are the
   final parameters with leading ``(learning_rates, seeds)`` axes, for
   ``nnx.merge(graphdef, ...)``.
@@ -51,6 +53,7 @@ class TrainingResult(NamedTuple):
   grad_norm: np.ndarray
   counters: dict[str, np.ndarray]
   wall: list[float]
+  training_seconds: float
   test_loss: np.ndarray
   test_metric: np.ndarray
   num_params: int
@@ -161,7 +164,7 @@ def train(
       return (optax.apply_updates(params, updates), state, batch_key), None
 
     carry, _ = jax.lax.scan(step, carry, length=log_every)
-    return carry, log_values(carry)
+    return carry
 
   def test_metrics(params):
     model = nnx.merge(graphdef, params)
@@ -181,9 +184,14 @@ def train(
   logs, wall = [first], [time.perf_counter() - start]
   lanes = jax.vmap if vmap_lanes else _map_lanes
   chunk = jax.jit(over_rates_and_seeds(run_chunk, ((0, 0), (None, 0)), lanes))
-  for _ in range(steps // log_every):
-    carry, values = chunk(learning_rates, carry)
-    logs.append(jax.block_until_ready(values))
+  log = jax.jit(jax.vmap(jax.vmap(log_values)))
+  training_seconds = 0.0
+  for index in range(steps // log_every):
+    chunk_start = time.perf_counter()
+    carry = jax.block_until_ready(chunk(learning_rates, carry))
+    if index:  # the first call compiles
+      training_seconds += time.perf_counter() - chunk_start
+    logs.append(jax.block_until_ready(log(carry)))
     wall.append(time.perf_counter() - start)
   losses, grad_norms, counters = (
     jax.tree.map(lambda *v: np.stack(v, axis=-1), *parts) for parts in zip(*logs, strict=True)
@@ -194,6 +202,7 @@ def train(
     grad_norm=grad_norms,
     counters=dict(zip(COUNTERS, counters, strict=True)),
     wall=wall,
+    training_seconds=training_seconds,
     test_loss=np.asarray(test_loss),
     test_metric=np.asarray(test_metric),
     num_params=int(sum(leaf.size for leaf in jax.tree.leaves(example_params))),

@@ -32,8 +32,8 @@ oracle calls of a step are ``1 + products``; ``steps`` is the budget in such cal
 AdaGrad take ``steps`` steps, SCR ``steps // (subsolver_steps + 1)``, and all of them log every
 ``log_every`` calls. Times are given in oracle calls, read from SCR's product counter, and in
 seconds: the lanes of a unit run one after another (not vmapped, so that SCR's ``lax.cond``
-computes one branch), and a method's seconds per oracle call are its unit's training time over
-its lanes' calls, the compilation excluded.
+computes one branch), and a method's seconds per oracle call are its unit's time in optimizer
+steps over its lanes' calls, the compilation and the logged full-batch losses excluded.
 
 **Tuning.** Each method has one tuned hyperparameter over a grid; every value runs all seeds, and
 the summary reports the value with the lowest median final training loss, per start. SGD's and
@@ -245,19 +245,18 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
       "loss": _runner.to_json_floats(result.loss[index, seed]),
       "gradient_norm": _runner.to_json_floats(result.grad_norm[index, seed]),
       "oracle_calls": _runner.to_json_numbers(calls[index, seed]),
-      "test_loss": float(result.test_loss[index, seed]),
+      "test_loss": _runner.to_json_floats(result.test_loss[index, seed]),
     }
     for index, value in enumerate(grid(config, method))
     for seed in range(config.seeds)
   ]
-  # The first log's interval holds the chunk's compilation; the others are training alone.
-  training_seconds = result.wall[-1] - result.wall[1]
+  # training_seconds leaves out the first chunk of steps, which compiles.
   timed_calls = float(np.sum(calls[..., -1] - calls[..., 1]))
   closing = {
     "start": start_name,
     "method": method,
     "num_params": result.num_params,
-    "seconds_per_call": training_seconds / timed_calls if timed_calls > 0 else float("nan"),
+    "seconds_per_call": result.training_seconds / timed_calls if timed_calls else float("nan"),
     "seconds": round(time.perf_counter() - started, 3),
   }
   return records, closing
