@@ -1,4 +1,4 @@
-"""Training models for many seeds and learning rates in one vmapped jit.
+"""Training models for many seeds and learning rates in one jit, lanes vmapped or in turn.
 
 :func:`train` is what the network experiments share: the seeds and
 the learning rates are both ``jax.vmap``-ped, training runs in chunks of

@@ -78,7 +78,8 @@ autoencoder: dense layers from the flattened input through ``hidden_sizes`` (the
 code) and back through the same sizes reversed, softplus after every hidden layer, the code
 included (the paper says "softplus hidden units"; Hinton and Salakhutdinov's code layer was
 linear), and a sigmoid output, trained on :func:`reconstruction_loss`. Its *mean-image saddle*
-(:func:`mean_image_saddle`) is an exact critical point that is not a minimum.
+(:func:`mean_image_saddle`) is a critical point, exact but for the pixels whose mean is 0 or 1,
+that is not a minimum.
 """
 
 import math
@@ -316,7 +317,8 @@ def make_autoencoder(
 
 
 # Pixels whose training mean is 0 or 1 (MNIST's borders) have no finite logit: the output
-# bias puts them this close instead, which leaves a gradient of about 2e-8 per such pixel.
+# bias puts them this close instead, which leaves a bias gradient of 2 c^2 (1 - c) ~ 2e-8 per such
+# pixel (c this clip), and the same times a hidden activation on the last kernel.
 MEAN_IMAGE_CLIP = 1e-4
 
 
@@ -326,20 +328,27 @@ def mean_image_saddle(model: Autoencoder, images: jax.Array) -> Autoencoder:
   With the first and last kernels zero, every hidden activation is the same for all images, so
   the output is the constant :math:`\sigma(b)`, :math:`b` the output bias, here the logit of
   the mean image :math:`\bar x` (clipped to ``[MEAN_IMAGE_CLIP, 1 - MEAN_IMAGE_CLIP]``). The
-  gradient then vanishes: the output bias's is :math:`\tfrac{2}{n}\sum_i (\bar x - x_i)
-  \odot \sigma'(b) = 0`; the last kernel's is a constant hidden vector times that same sum;
-  and no other layer receives a signal through the zero last kernel. The point is not a
-  minimum: the loss is the total pixel variance, which every reconstruction better than the
-  mean lowers. Its Hessian couples the first and last kernels through the images' covariance,
-  with eigenvalues of both signs (a strict saddle) when the middle layers pass a signal.
-  The middle layers keep ``model``'s values.
+  gradient then vanishes (but for the clipped pixels): the output bias's is
+  :math:`\tfrac{2}{n}\sum_i (\bar x - x_i) \odot \sigma'(b) = 0`; the last kernel's is a
+  constant hidden vector times that same sum; and no other layer receives a signal through the
+  zero last kernel. The loss is the total pixel variance.
+
+  The point is a strict saddle. On the first and last kernels :math:`(W_1, W_L)` the Hessian
+  has the blocks :math:`[[0, B^\top], [B, A]]`: the loss does not change with :math:`W_1`
+  while :math:`W_L = 0`, so its block is zero; :math:`A \succeq 0`, since a change of
+  :math:`W_L` alone changes every image's output alike and the residuals sum to zero, which
+  leaves the Gauss-Newton term; and :math:`B(\delta W_1, \delta W_L) = -2\, \mathrm{tr}(D\,
+  \delta W_L J\, \delta W_1 C)`, with :math:`D = \mathrm{diag}\, \sigma'(b)`, :math:`J` the
+  middle layers' Jacobian and :math:`C` the images' covariance. Whenever :math:`B \ne 0` (the
+  images vary and the middle layers pass a signal) such a matrix has a negative eigenvalue. The
+  middle layers keep ``model``'s values.
   """
   mean = jnp.clip(jnp.mean(images, axis=0).reshape(-1), MEAN_IMAGE_CLIP, 1 - MEAN_IMAGE_CLIP)
   graphdef, params = nnx.split(model)
   first, last = params["layers"][0], params["layers"][len(model.layers) - 1]
   first["kernel"] = jnp.zeros_like(first["kernel"])
   last["kernel"] = jnp.zeros_like(last["kernel"])
-  last["bias"] = jnp.log(mean) - jnp.log1p(-mean)
+  last["bias"] = (jnp.log(mean) - jnp.log1p(-mean)).astype(last["bias"].dtype)
   return nnx.merge(graphdef, params)
 
 

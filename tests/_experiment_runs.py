@@ -71,7 +71,7 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 
 def assert_resume_recomputes_only(
-  experiment: str, quick_run: Path, tmp_path: Path, unit: str, timing_lines: str | None = None
+  experiment: str, quick_run: Path, tmp_path: Path, unit: str, timing_prefix: str | None = None
 ):
   """Resumes a copy of ``quick_run`` killed while it computed ``unit``; checks what was redone.
 
@@ -79,7 +79,7 @@ def assert_resume_recomputes_only(
   and figures. Resuming must compute ``unit`` alone, keep every other line
   byte for byte (their closing records still carry the original session), give
   ``unit`` the numbers it had, and write the same summary and figures again, but for
-  the summary's lines that start with ``timing_lines`` (measured speeds).
+  the summary's lines that start with ``timing_prefix`` (measured speeds).
   """
   run_dir = tmp_path / "resumed"
   shutil.copytree(quick_run, run_dir)
@@ -104,7 +104,7 @@ def assert_resume_recomputes_only(
 
   def untimed_summary(directory: Path) -> list[str]:
     lines = (directory / "summary.md").read_text().splitlines()
-    return [line for line in lines if not (timing_lines and line.startswith(timing_lines))]
+    return [line for line in lines if not (timing_prefix and line.startswith(timing_prefix))]
 
   assert untimed_summary(run_dir) == untimed_summary(quick_run)
   figures = sorted(path.name for path in (quick_run / "figures").iterdir())

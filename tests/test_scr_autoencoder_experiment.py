@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _experiment_runs import assert_is_figure
 from _experiment_runs import assert_resume_recomputes_only
@@ -17,6 +18,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from experiments import _runner
+from experiments import _training
+from experiments import data
 from experiments import models
 from experiments import scr_autoencoder
 
@@ -69,14 +72,28 @@ def test_the_saddle_start_reconstructs_the_mean_image_and_the_standard_one_does_
       assert r["loss"][0] > 1.2 * variance
 
 
+def _tuned(records, unit):
+  best = scr_autoencoder.best_hyperparameter([r for r in records if r["unit"] == unit])
+  return [r for r in records if r["unit"] == unit and r["hyperparameter"] == best]
+
+
 def test_adagrad_and_sgd_leave_the_saddle_within_the_quick_budget(run):
   config, _, records = run
   first_level = scr_autoencoder.levels(config)[0]
   for method in ("sgd", "adagrad"):
-    unit = scr_autoencoder.unit_name("saddle", method)
-    best = scr_autoencoder.best_hyperparameter([r for r in records if r["unit"] == unit])
-    tuned = [r for r in records if r["unit"] == unit and r["hyperparameter"] == best]
+    tuned = _tuned(records, scr_autoencoder.unit_name("saddle", method))
     assert scr_autoencoder.median_calls(tuned, first_level) <= config.steps
+
+
+def test_tuned_scr_stays_finite_and_descends_from_the_standard_start(run):
+  config, _, records = run
+  variance = _pixel_variance(scr_autoencoder.load_dataset(config).x_train)
+  for start in config.starts:
+    for r in _tuned(records, scr_autoencoder.unit_name(start, "scr")):
+      assert np.all(np.isfinite(r["loss"]))
+      if start == "standard":
+        # From about 3 times the variance down to the mean image's plateau.
+        assert r["loss"][-1] < min(r["loss"][0] / 2, 1.05 * variance)
 
 
 def test_summary_and_figure(quick_run, run):
@@ -111,22 +128,26 @@ def test_pca_levels_match_the_closed_form_and_truncated_svd():
 
 
 def _small_saddle(images):
+  """The flat params of a 6-4-2-4-6 autoencoder (in the images' dtype) at the mean-image saddle,
+  its loss, and the unravelling of the flat params."""
   model = models.make_autoencoder(input_shape=(6,), hidden_sizes=(4, 2), rngs=nnx.Rngs(0))
-  model = models.mean_image_saddle(model, images)
+  graphdef, params = nnx.split(model)
+  params = jax.tree.map(lambda leaf: leaf.astype(images.dtype), params)
+  model = models.mean_image_saddle(nnx.merge(graphdef, params), images)
   graphdef, params = nnx.split(model)
   flat, unravel = ravel_pytree(params)
 
   def loss(v):
     return models.reconstruction_loss(nnx.merge(graphdef, unravel(v)), images, images)
 
-  return flat, loss
+  return flat, loss, unravel
 
 
 def test_the_mean_image_saddle_is_a_critical_point_with_curvature_of_both_signs():
   images = jax.random.uniform(jax.random.key(0), (40, 6), minval=0.05, maxval=0.95)
   with jax.enable_x64():
     images = images.astype(jnp.float64)
-    flat, loss = _small_saddle(images)
+    flat, loss, _ = _small_saddle(images)
     flat = flat.astype(jnp.float64)
     assert float(loss(flat)) == pytest.approx(_pixel_variance(np.asarray(images)), rel=1e-12)
     assert float(jnp.linalg.norm(jax.grad(loss)(flat))) < 1e-12
@@ -139,10 +160,23 @@ def test_pixels_whose_mean_has_no_logit_leave_only_the_clipped_gradient():
   images[:, 0] = 0.0
   images[:, 1] = 1.0
   with jax.enable_x64():
-    flat, loss = _small_saddle(jnp.asarray(images))
-    gradient = np.asarray(jax.grad(loss)(flat.astype(jnp.float64)))
-  # Each clipped pixel's output sits MEAN_IMAGE_CLIP from its target, with that slope.
-  assert 0 < np.max(np.abs(gradient)) < 4 * models.MEAN_IMAGE_CLIP**2
+    flat, loss, unravel = _small_saddle(jnp.asarray(images))
+    gradient = unravel(jax.grad(loss)(flat.astype(jnp.float64)))
+  # Each clipped pixel's output sits c = MEAN_IMAGE_CLIP from its target, with slope c (1 - c).
+  clip = models.MEAN_IMAGE_CLIP
+  output_bias = np.asarray(gradient["layers"][3]["bias"])
+  expected = 2 * clip**2 * (1 - clip)
+  np.testing.assert_allclose(output_bias[:2], [expected, -expected], rtol=1e-6)
+  assert np.max(np.abs(output_bias[2:])) < 1e-15
+  # The last kernel's gradient is the constant last hidden activation times the bias's.
+  last_kernel = np.asarray(gradient["layers"][3]["kernel"])
+  assert np.max(np.abs(last_kernel[:, 2:])) < 1e-15 and np.all(last_kernel[:, 0] > 0)
+  others = [
+    leaf
+    for leaf in jax.tree.leaves(gradient["layers"][0])
+    + jax.tree.leaves({i: gradient["layers"][i] for i in (1, 2)})
+  ]
+  assert max(float(np.max(np.abs(np.asarray(leaf)))) for leaf in others) < 1e-15
 
 
 def test_the_autoencoder_mirrors_its_encoder_and_outputs_images():
@@ -150,7 +184,7 @@ def test_the_autoencoder_mirrors_its_encoder_and_outputs_images():
     input_shape=(28, 28, 1), hidden_sizes=(512, 256, 128, 32), rngs=nnx.Rngs(0)
   )
   sizes = [784, 512, 256, 128, 32, 128, 256, 512, 784]
-  expected = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+  expected = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
   _, params = nnx.split(model)
   assert sum(leaf.size for leaf in jax.tree.leaves(params)) == expected == 1_141_296
   x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
@@ -173,7 +207,7 @@ def test_calls_to_reach_and_the_tuned_value():
   assert scr_autoencoder.calls_to_reach(stays, 3.0) == math.inf
   assert scr_autoencoder.median_calls([reaches, stays, stays], 3.0) == math.inf
   assert scr_autoencoder.median_calls([reaches, reaches, stays], 3.0) == 20
-  diverged = {"hyperparameter": 1.0, "loss": [5.0, None]}
+  diverged = {"hyperparameter": 1.0, "loss": [5.0, float("nan")]}
   slow = {"hyperparameter": 0.1, "loss": [5.0, 4.5]}
   fast = {"hyperparameter": 0.3, "loss": [5.0, 2.0]}
   assert scr_autoencoder.best_hyperparameter([diverged, slow, fast, diverged]) == 0.3
@@ -192,10 +226,55 @@ def test_calls_to_reach_and_the_tuned_value():
     ("steps", 4010, "multiple of log_every"),
     ("hidden_sizes", (), "hidden_sizes"),
     ("scr_hessian_lipschitz", 0.0, "scr_hessian_lipschitz must be positive"),
-    ("pca_components", (-1,), "pca_components"),
+    ("pca_components", (0, 1), r"pca_components must lie in \[1, 32\)"),
+    ("pca_components", (1, 32), r"pca_components must lie in \[1, 32\)"),
+    ("steps", 50, "at least twice log_every"),
   ],
 )
 def test_bad_configs_are_refused_before_any_unit(field, value, message):
   config = scr_autoencoder.Config(**{field: value})
   with pytest.raises(ValueError, match=message):
     scr_autoencoder.check_config(config)
+
+
+def test_training_with_a_custom_loss_follows_a_hand_written_loop():
+  """Full-batch SGD on the reconstruction loss through ``_training.train`` equals the plain loop,
+  at every log, with ``metric`` applied to the test set and the steps timed apart."""
+  images = np.asarray(jax.random.uniform(jax.random.key(2), (12, 6)), np.float32)
+  dataset = data.Dataset("tiny", images, images, images[:4], images[:4], num_classes=0)
+
+  def build(key):
+    return models.make_autoencoder(input_shape=(6,), hidden_sizes=(4, 2), rngs=nnx.Rngs(key))
+
+  result = _training.train(
+    dataset,
+    build,
+    lambda rate, key: optax.sgd(rate),
+    loss=models.reconstruction_loss,
+    metric=lambda model, x, y: jnp.max(jnp.abs(model(x) - y)),
+    learning_rates=[0.5],
+    seeds=1,
+    steps=6,
+    log_every=2,
+    batch_size=None,
+  )
+  model_key = jax.random.split(jax.random.key(0), 3)[0]
+  graphdef, params = nnx.split(build(model_key))
+
+  def loss(p, x):
+    return models.reconstruction_loss(nnx.merge(graphdef, p), x, x)
+
+  expected = []
+  for step in range(7):
+    if step % 2 == 0:
+      expected.append(float(loss(params, images)))
+    params = jax.tree.map(lambda p, g: p - 0.5 * g, params, jax.grad(loss)(params, images))
+  np.testing.assert_allclose(result.loss[0, 0], expected, rtol=1e-5)
+  model = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[0, 0], result.params))
+  assert float(result.test_loss[0, 0]) == pytest.approx(
+    float(models.reconstruction_loss(model, images[:4], images[:4])), rel=1e-5
+  )
+  assert float(result.test_metric[0, 0]) == pytest.approx(
+    float(jnp.max(jnp.abs(model(images[:4]) - images[:4]))), rel=1e-5
+  )
+  assert 0 < result.training_seconds < result.wall[-1]
