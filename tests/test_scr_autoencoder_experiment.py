@@ -1,5 +1,6 @@
 """``python -m experiments scr-autoencoder --quick`` end to end, and the autoencoder's saddle."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_every_unit_value_and_seed_logs_the_same_budgets(run):
   for unit, closing in units.items():
     method = closing["method"]
     rows = [r for r in records if r["unit"] == unit]
-    values = scr_autoencoder.grid(config, method)
+    values = [scr_autoencoder.json_value(v) for v in scr_autoencoder.grid(config, method)]
     assert sorted((r["hyperparameter"], r["seed"]) for r in rows) == sorted(
       (value, seed) for value in values for seed in range(config.seeds)
     )
@@ -212,6 +213,8 @@ def test_calls_to_reach_and_the_tuned_value():
   fast = {"hyperparameter": 0.3, "loss": [5.0, 2.0]}
   assert scr_autoencoder.best_hyperparameter([diverged, slow, fast, diverged]) == 0.3
   assert scr_autoencoder.best_hyperparameter([diverged, slow]) == 0.1
+  pairs = [{"hyperparameter": [1e-3, rho], "loss": [5.0, 5.0 - rho / 100]} for rho in (10, 100)]
+  assert scr_autoencoder.best_hyperparameter(pairs) == [1e-3, 100]
 
 
 @pytest.mark.parametrize(
@@ -221,11 +224,13 @@ def test_calls_to_reach_and_the_tuned_value():
     ("methods", ("adam",), "unknown methods"),
     ("dataset", "cifar10", "unknown dataset"),
     ("sgd_learning_rates", (0.1, 0.0), "sgd's learning rate grid must be positive"),
-    ("scr_subsolver_learning_rates", (), "scr's subsolver learning rate grid"),
+    ("scr_grid", (), r"scr's \(subsolver learning rate, rho\) grid"),
+    ("scr_grid", ((1e-3, 0.0),), "grid must be positive"),
+    ("scr_grid", ((1e-3,),), "pairs"),
     ("log_every", 25, "multiple of SCR's 10 oracle calls"),
     ("steps", 4010, "multiple of log_every"),
     ("hidden_sizes", (), "hidden_sizes"),
-    ("scr_hessian_lipschitz", 0.0, "scr_hessian_lipschitz must be positive"),
+    ("scr_smoothness", 0.0, "scr_smoothness must be positive"),
     ("pca_components", (0, 1), r"pca_components must lie in \[1, 32\)"),
     ("pca_components", (1, 32), r"pca_components must lie in \[1, 32\)"),
     ("steps", 50, "at least twice log_every"),
@@ -278,3 +283,9 @@ def test_training_with_a_custom_loss_follows_a_hand_written_loop():
     float(jnp.max(jnp.abs(model(images[:4]) - images[:4]))), rel=1e-5
   )
   assert 0 < result.training_seconds < result.wall[-1]
+
+
+def test_the_config_with_its_pairs_survives_a_json_round_trip():
+  config = scr_autoencoder.default_config()
+  saved = json.loads(json.dumps(dataclasses.asdict(config)))
+  assert _runner.config_from_dict(scr_autoencoder.Config, saved) == config
