@@ -53,8 +53,9 @@ of norm 26, then NaN) with :math:`\rho` = 1 and 10, and drove the outputs into s
 245) with :math:`\rho = 0.1`; the paper's :math:`1 / (20 \ell)` lies far below the grid.
 :math:`\rho` bounds the step along negative curvature :math:`\lambda`, whose model minimiser
 lies at :math:`\|\Delta\| = 2 |\lambda| / \rho`: with :math:`\rho = 10` a first run's SCR
-went from the standard start down to the mean image's loss and then, where the gradient is
-small and the curvature about :math:`-80`, stepped into the sigmoids' saturation (loss 243).
+went from the standard start (:math:`\lambda_{\min} \approx -84` there) down to the mean
+image's loss and then stepped into the sigmoids' saturation (loss 243); the grid's larger
+:math:`\rho` did not prevent it (see the README).
 """
 
 import dataclasses
