@@ -765,6 +765,37 @@ def test_classify_critical_points():
   assert jax.jit(lambda: classify(quartic_with(jnp.nan)))().kind_name == "not critical"
 
 
+@pytest.mark.parametrize("num_params, num_steps", [(20, 20), (50, 30)], ids=["dense", "lanczos"])
+def test_degenerate_saddles_with_a_null_space_of_several_dimensions_are_found(
+  num_params, num_steps
+):
+  # (w1 w2 w3 - 1)^2 beside positive curvatures 0.5-5: f is constant along each null axis and
+  # falls, at third order, only along mixtures of them, while random directions of the whole
+  # space see the positive curvature first; every key used to read "minimum" on the dense path
+  # (eigh returns the axes). Squared without the 1, the same null space holds a minimum.
+  weights = jnp.linspace(0.5, 5.0, num_params - 3)
+  saddle = lambda w: (w[0] * w[1] * w[2] - 1.0) ** 2 + jnp.sum(weights * w[3:] ** 2)
+  minimum = lambda w: (w[0] * w[1] * w[2]) ** 2 + jnp.sum(weights * w[3:] ** 2)
+
+  def kinds(value_fn):
+    classify = lambda key: spectrum.classify_critical_point(
+      value_fn,
+      jnp.zeros(num_params),
+      gradient_tol=1e-4,
+      eigenvalue_tol=1e-3,
+      num_steps=num_steps,
+      key=key,
+    )
+    reports = jax.jit(jax.vmap(classify))(jax.random.split(jax.random.key(31), 5))
+    return [spectrum.CRITICAL_POINT_KINDS[int(kind)] for kind in reports.kind], reports
+
+  saddle_kinds, reports = kinds(saddle)
+  assert saddle_kinds == ["degenerate saddle"] * 5
+  # The best mixture, (1, 1, 1) / sqrt(3) at radius 0.1, falls by 2 r^3 / 3^1.5 = 3.8e-4.
+  assert np.all((reports.probe_decrease > 1e-4) & (reports.probe_decrease <= 3.9e-4))
+  assert kinds(minimum)[0] == ["minimum"] * 5
+
+
 def _tree_value(params):
   hidden = jnp.tanh(params["a"] @ params["c"]["d"][:4] + params["b"][:3])
   return jnp.sum(jnp.sin(hidden)) + 0.1 * jnp.sum(params["b"] ** 4) + jnp.prod(params["c"]["d"])

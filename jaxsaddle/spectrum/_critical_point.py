@@ -115,8 +115,14 @@ def classify_critical_point(
     :math:`|\lambda_{\min}| \le \tau`, second-order information cannot decide (deciding is
     NP-hard in general, Anandkumar and Ge 2016), so a **higher-order probe** evaluates
     :math:`f(x \pm r d)` for each radius :math:`r` in ``probe_radii`` and each direction
-    :math:`d` among the eigenvector of :math:`\lambda_{\min}` (the flattest direction) and
-    ``num_probe_directions`` uniformly random unit directions. It reports descent when
+    :math:`d` among the eigenvector of :math:`\lambda_{\min}` (the flattest direction),
+    ``num_probe_directions`` uniformly random unit directions and as many random mixtures of
+    the near-null eigenvectors (:math:`|\lambda| \le \tau`; on the Lanczos path, of the
+    smallest Ritz vector and each SLQ probe's Ritz vector nearest zero, which is the probe's
+    component in a degenerate eigenspace): descent confined to a null space of two or more
+    dimensions lies along mixtures, as for :math:`(w_1 w_2 w_3 - 1)^2 + \sum_{i > 3} c_i
+    w_i^2` with :math:`c_i > 0`, constant along each null axis and dominated by the
+    :math:`c_i` along random directions. It reports descent when
 
     .. math::
 
@@ -182,8 +188,8 @@ def classify_critical_point(
     key: a PRNG key or an int seed.
     num_probes: SLQ probes for ``index`` and ``degeneracy``.
     probe_radii: the radii of the higher-order probe.
-    num_probe_directions: random directions of the higher-order probe (each tried with both
-      signs, as is the eigenvector).
+    num_probe_directions: random directions of the higher-order probe in the whole space, and
+      as many in the near-null space (each tried with both signs, as is the eigenvector).
 
   The probe's rounding allowance uses the machine epsilon of the loss's dtype (at least that
   of float32, or float64 for float64 params), and the
@@ -222,6 +228,7 @@ def classify_critical_point(
     underflowed = jnp.zeros((), bool)
     smallest_node = smallest
     converged = jnp.ones((), bool)
+    flat_values, flat_vectors = eigenvalues, eigenvectors
   else:
     pairs = curvature.extreme_eigenpairs(
       hvp_fn, params, num_steps=num_steps, key=lanczos_key, k=1, which="both"
@@ -231,8 +238,16 @@ def classify_critical_point(
     # Too small an operator floors the extremes' residuals at the underflow scale, so the
     # kind is undetermined unless eigenvalue_tol exceeds it; SLQ's nodes are unreliable too,
     # so index and degeneracy are NaN.
-    measure, underflowed = _slq(
-      hvp_fn, params, slq_key, num_probes, num_steps, "rademacher", True, None
+    measure, underflowed, (probe_flat_values, probe_flat_vectors) = _slq(
+      hvp_fn, params, slq_key, num_probes, num_steps, "rademacher", True, None, flattest=True
+    )
+    # Each probe's Ritz vector nearest zero: in a degenerate eigenspace, the probe's component
+    # there, so a random vector of it, where the extreme run gives one only.
+    flat_values = jnp.concatenate([smallest[None], probe_flat_values])
+    flat_vectors = jax.tree.map(
+      lambda extreme, probes: jnp.concatenate([extreme[:1], probes.astype(extreme.dtype)]),
+      eigenvectors,
+      probe_flat_vectors,
     )
     size = jnp.maximum(jnp.abs(smallest), jnp.abs(largest))
     underflowed = underflowed | curvature._underflows(size, params)
@@ -261,8 +276,28 @@ def classify_critical_point(
   random_directions = jax.vmap(lambda k: _random.sample_isotropic(k, params, 1.0, "sphere"))(
     jax.random.split(direction_key, num_probe_directions)
   )
+  # Random directions within the near-null space too: descent confined to a degenerate
+  # eigenspace of dimension two or more lies along mixtures of its eigenvectors, where a single
+  # eigenvector sees none ((w1 w2 w3 - 1)^2 at 0 is constant along each axis) and random
+  # directions of the whole space see the other eigenvalues' positive curvature first.
+  near_null = jnp.abs(flat_values) <= eigenvalue_tol
+  mixtures = jax.random.normal(
+    jax.random.fold_in(direction_key, 1), (near_null.size, num_probe_directions), dtype
+  )
+  null_directions = curvature._combine(flat_vectors, jnp.where(near_null[:, None], mixtures, 0))
+  norms = curvature._stacked_norms(null_directions)
+  inverse_norms = jnp.where(norms > 0, 1 / jnp.where(norms > 0, norms, 1), 0)
+  null_directions = jax.tree.map(
+    lambda stacked: (
+      stacked * inverse_norms.reshape(-1, *[1] * (stacked.ndim - 1)).astype(stacked.dtype)
+    ),
+    null_directions,
+  )
   directions = jax.tree.map(
-    lambda a, b: jnp.concatenate([a.astype(b.dtype), b]), flattest, random_directions
+    lambda a, b, c: jnp.concatenate([a.astype(b.dtype), b, c.astype(b.dtype)]),
+    flattest,
+    random_directions,
+    null_directions,
   )
   steps = jnp.asarray(np.concatenate([radii, -radii]), dtype)
 

@@ -88,7 +88,28 @@ def _broadened_density(nodes, weights, grid, broadening):
   return grid, density, broadening
 
 
-def _slq(hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonalize, batch_size):
+def _flattest_ritz_pair(result: curvature.LanczosResult) -> tuple[jax.Array, PyTree]:
+  """The Ritz value nearest zero and its Ritz vector (unstacked), from a run with a basis."""
+  values, coefficients, _ = curvature._tridiagonal_eigenpairs(result)
+  nearest = jnp.argmin(jnp.where(jnp.isnan(values), jnp.inf, jnp.abs(values)))
+  vector = curvature._combine(result.basis, coefficients[:, nearest, None])
+  return values[nearest], jax.tree.map(lambda stacked: stacked[0], vector)
+
+
+def _slq(
+  hvp_fn,
+  params,
+  key,
+  num_probes,
+  num_steps,
+  distribution,
+  reorthogonalize,
+  batch_size,
+  *,
+  flattest=False,
+):
+  """Each probe's quadrature rule, and whether the operator underflows; with ``flattest``
+  also each probe's Ritz pair nearest zero (values, and vectors stacked leaf by leaf)."""
   if any(_sharding.explicit_spec(leaf) is not None for leaf in jax.tree.leaves(params)):
     # Batched, each lax.cond of Lanczos becomes a select whose predicate JAX broadcasts without
     # the Explicit sharding of the operands, a ShardingTypeError; one at a time they stay conds.
@@ -97,15 +118,17 @@ def _slq(hvp_fn, params, key, num_probes, num_steps, distribution, reorthogonali
   def quadrature(probe_key):
     probe = _probe(probe_key, params, distribution)
     result = curvature.lanczos(
-      hvp_fn, probe, num_steps, reorthogonalize=reorthogonalize, return_basis=False
+      hvp_fn, probe, num_steps, reorthogonalize=reorthogonalize, return_basis=flattest
     )
-    return _gauss_quadrature(result), curvature._largest_entry(result)
+    rule = _gauss_quadrature(result), curvature._largest_entry(result)
+    return (*rule, _flattest_ritz_pair(result)) if flattest else rule
 
   keys = jax.random.split(_random.canonicalize_key(key), num_probes)
-  quadratures, largest = _map_probes(quadrature, keys, batch_size)
+  quadratures, largest, *flat_pairs = _map_probes(quadrature, keys, batch_size)
   # Judged from all probes: one that lies in a tiny eigenspace has a tiny T of its own, which
   # is harmless beside the others.
-  return quadratures, curvature._underflows(jnp.max(largest), params)
+  underflowed = curvature._underflows(jnp.max(largest), params)
+  return (quadratures, underflowed, *flat_pairs)
 
 
 def hessian_density(
