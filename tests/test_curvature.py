@@ -128,7 +128,7 @@ def test_repeated_eigenvalues_give_one_ritz_value_per_distinct_eigenvalue():
     np.testing.assert_array_equal(result.betas[4:], 0)
 
 
-@pytest.mark.parametrize("reorthogonalize", [True, "partial"])
+@pytest.mark.parametrize("reorthogonalize", [True, "partial", False])
 @pytest.mark.parametrize("dimension", [3, 30])
 @pytest.mark.parametrize("use_x64", [False, True])
 def test_breakdown_gives_exactly_the_reachable_spectrum(use_x64, dimension, reorthogonalize):
@@ -516,6 +516,33 @@ def test_without_a_basis_the_coefficients_are_the_same_and_no_basis_is_returned(
   for empty in ({}, jnp.ones((0,)), {"w": jnp.ones((0, 3))}):
     with pytest.raises(ValueError, match="extreme_eigenpairs: like has no array elements"):
       curvature.extreme_eigenpairs(lambda v: v, empty, num_steps=3, key=0)
+
+
+def test_vmap_over_start_vectors_equals_loop_without_reorthogonalization():
+  # The mode monitor_curvature and hessian_extreme_eigenvalues' k=1 default use, with and
+  # without a basis. Ten steps, before the lost orthogonality amplifies the batched matmul's
+  # other summation order.
+  with jax.enable_x64(True):
+    matrix = _rotated(jnp.concatenate([jnp.linspace(-1.0, 1.0, 56), jnp.array([-3.0, 5.0])]), 9)
+    starts = jax.random.normal(jax.random.key(10), (5, 58), jnp.float64)
+    for return_basis in (True, False):
+      run = functools.partial(
+        curvature.lanczos,
+        lambda x: matrix @ x,
+        num_steps=10,
+        reorthogonalize=False,
+        return_basis=return_basis,
+      )
+      batched = jax.jit(jax.vmap(run))(starts)
+      for i, start in enumerate(starts):
+        single = jax.jit(run)(start)
+        np.testing.assert_allclose(batched.alphas[i], single.alphas, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(batched.betas[i], single.betas, rtol=1e-10, atol=1e-12)
+        assert int(batched.num_valid[i]) == int(single.num_valid) == 10
+        if return_basis:
+          np.testing.assert_allclose(batched.basis[i], single.basis, atol=1e-9)
+        else:
+          assert batched.basis is None
 
 
 @pytest.mark.parametrize("reorthogonalize", [True, "partial"])

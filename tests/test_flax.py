@@ -172,6 +172,30 @@ def test_make_value_fn_leaves_batch_norm_and_dropout_state_alone():
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize(
+  "make_tx",
+  [
+    lambda: jaxsaddle.negative_curvature_descent(
+      0.1, hessian_lipschitz=1.0, epsilon=1e-2, num_lanczos_steps=3
+    ),
+    lambda: jaxsaddle.saddle_free_newton(0.1, num_lanczos_steps=3, damping=1e-3),
+    lambda: jaxsaddle.monitor_curvature(every=1, num_lanczos_steps=3, key=0),
+  ],
+  ids=["ncd", "sfn", "monitor"],
+)
+def test_nnx_optimizer_without_value_fn_says_how_to_pass_it_and_keeps_the_model(make_tx):
+  model = MLP(nnx.Rngs(4))
+  x, y = _regression_data()
+  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+  before = nnx.as_pure(nnx.state(model, nnx.Param))
+  grads = nnx.grad(_mse)(model, x, y)
+  message = re.escape("optimizer.update(model, grads, value_fn=jaxsaddle.flax.make_value_fn(")
+  with pytest.raises(ValueError, match=message):
+    optimizer.update(model, grads)
+  jax.tree.map(np.testing.assert_array_equal, nnx.as_pure(nnx.state(model, nnx.Param)), before)
+  assert int(optimizer.step[...]) == 0
+
+
 def test_value_fn_built_before_the_gradient_is_the_differentiated_loss():
   # nnx.value_and_grad advances dropout's rng counts: a value_fn built after it draws other
   # masks, so its loss and gradient are not those the optimizer was given.

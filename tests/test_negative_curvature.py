@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxsaddle
 from jaxsaddle import _random
 from jaxsaddle import problems
 from jaxsaddle.negative_curvature import _gradient_difference_search
@@ -249,6 +250,48 @@ def test_ncd_with_a_large_gradient_is_gradient_descent_exactly():
   assert int(state.count) == 3
   assert int(state.num_lanczos_calls) == int(state.num_curvature_steps) == 0
   assert np.isnan(float(state.last_smallest_eigenvalue))
+
+
+def _primitives_outside_conds(jaxpr, outside=None) -> set[str]:
+  """The primitives of ``jaxpr`` and its sub-jaxprs, except those inside a ``cond``'s branches."""
+  outside = set() if outside is None else outside
+  for equation in jaxpr.eqns:
+    outside.add(equation.primitive.name)
+    if equation.primitive.name == "cond":
+      continue
+    for param in equation.params.values():
+      for sub in param if isinstance(param, tuple | list) else [param]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          _primitives_outside_conds(sub.jaxpr, outside)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          _primitives_outside_conds(sub, outside)
+  return outside
+
+
+@pytest.mark.parametrize(
+  "make_tx",
+  [
+    lambda: _ncd(),
+    lambda: _neon(num_search_steps=5),
+    lambda: _neon(neon2, num_search_steps=5),
+    lambda: jaxsaddle.monitor_curvature(every=10, num_lanczos_steps=5),
+  ],
+  ids=["ncd", "neon", "neon2", "monitor"],
+)
+def test_the_loss_is_read_only_in_the_branch_that_searches(make_tx):
+  # lax.cond, so that a step that does not search costs a gradient step under jit: the loss's
+  # own primitive (cos) appears only inside a cond's branches, none of its products outside.
+  value_fn = lambda x: jnp.sum(jnp.cos(x)) + 0.5 * jnp.sum(x**2)  # noqa: E731
+  tx = make_tx()
+  params = jnp.linspace(-1.0, 1.0, 5)
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p, value_fn=value_fn))(
+    params, state, params
+  )
+  all_primitives = {eqn.primitive.name for eqn in jax.make_jaxpr(value_fn)(params).eqns}
+  assert "cos" in all_primitives
+  outside = _primitives_outside_conds(jaxpr.jaxpr)
+  assert "cond" in outside and "cos" not in outside and "sin" not in outside
 
 
 def test_ncd_counters_over_an_escape_to_the_minimum():
