@@ -56,6 +56,14 @@ lies at :math:`\|\Delta\| = 2 |\lambda| / \rho`: with :math:`\rho = 10` a first 
 went from the standard start (:math:`\lambda_{\min} \approx -84` there) down to the mean
 image's loss and then stepped into the sigmoids' saturation (loss 243); the grid's larger
 :math:`\rho` did not prevent it (see the README).
+
+**scr-cauchy.** Algorithm 2 takes the Cauchy step, the model's minimiser along :math:`-g`, when
+:math:`\|g\| \ge \ell^2 / \rho`. That step is stable whatever :math:`\lambda_{\max}`: along
+positive curvature it is the exact line search :math:`-(\|g\|^2 / g^\top B g)\, g`, along
+negative curvature at most :math:`2 |g^\top B g| / (\rho \|g\|)` long. ``scr-cauchy`` is SCR
+with :math:`\ell` = ``scr_cauchy_smoothness`` (1, below the mini-batch gradients' norms at
+these :math:`\rho`) and one subsolver step (:math:`\eta_s = 1 / (20 \ell)`, for a step whose
+gradient falls below the threshold), so one product a step either way; it tunes :math:`\rho`.
 """
 
 import dataclasses
@@ -79,7 +87,8 @@ from experiments import models
 
 NAME = "scr-autoencoder"
 STARTS = ("saddle", "standard")
-METHODS = ("sgd", "adagrad", "scr")
+METHODS = ("sgd", "adagrad", "scr", "scr-cauchy")
+SCR_METHODS = ("scr", "scr-cauchy")
 DATASETS = ("mnist", "digits")
 # The summary's line of measured speeds, which differ from run to run.
 TIMING_LINE = "Milliseconds per oracle call (training alone, lanes one after another): "
@@ -88,6 +97,7 @@ TUNED = {
   "sgd": "learning rate",
   "adagrad": "learning rate",
   "scr": "(subsolver learning rate, rho)",
+  "scr-cauchy": "rho",
 }
 
 
@@ -121,6 +131,10 @@ class Config:
   scr_smoothness: float = 300.0
   scr_subsolver_steps: int = 9
   scr_epsilon: float = 1e-2
+  # scr-cauchy: SCR with one subsolver step and a smoothness small enough that l^2 / rho lies
+  # below the mini-batch gradients, so that its steps are Cauchy steps.
+  scr_cauchy_rhos: tuple[float, ...] = (1.0, 10.0, 100.0)
+  scr_cauchy_smoothness: float = 1.0
   pca_components: tuple[int, ...] = (1, 2, 4, 8, 16)
   fast_compile: bool = False  # XLA without optimisations (see experiments._runner)
 
@@ -139,6 +153,7 @@ def default_config(quick: bool = False) -> Config:
       adagrad_learning_rates=(0.1, 0.3),
       scr_grid=((1e-2, 10.0), (1e-2, 100.0)),
       scr_smoothness=30.0,
+      scr_cauchy_rhos=(1.0, 10.0),
       pca_components=(1, 2, 4),
       fast_compile=True,
     )
@@ -151,13 +166,14 @@ def grid(config: Config, method: str) -> tuple:
     "sgd": config.sgd_learning_rates,
     "adagrad": config.adagrad_learning_rates,
     "scr": config.scr_grid,
+    "scr-cauchy": config.scr_cauchy_rhos,
   }[method]
 
 
 def calls_per_step(config: Config, method: str) -> int:
   """The oracle calls a step costs at most: SCR's subsolver takes ``subsolver_steps``
-  products."""
-  return 1 + config.scr_subsolver_steps if method == "scr" else 1
+  products, scr-cauchy's a Cauchy step or one subsolver step, one product either way."""
+  return {"scr": 1 + config.scr_subsolver_steps, "scr-cauchy": 2}.get(method, 1)
 
 
 def check_config(config: Config) -> None:
@@ -180,15 +196,16 @@ def check_config(config: Config) -> None:
     raise ValueError(
       f"scr_grid must hold (subsolver learning rate, rho) pairs, got {config.scr_grid}."
     )
-  for name in ("scr_smoothness", "scr_epsilon"):
+  for name in ("scr_smoothness", "scr_epsilon", "scr_cauchy_smoothness"):
     if not getattr(config, name) > 0:
       raise ValueError(f"{name} must be positive, got {getattr(config, name)}.")
-  scr_calls = calls_per_step(config, "scr")
-  if "scr" in config.methods and config.log_every % scr_calls:
-    raise ValueError(
-      f"log_every ({config.log_every}) must be a multiple of SCR's {scr_calls} oracle calls a "
-      "step (scr_subsolver_steps + 1), so that every method logs at the same budgets."
-    )
+  for method in config.methods:
+    if config.log_every % calls_per_step(config, method):
+      raise ValueError(
+        f"log_every ({config.log_every}) must be a multiple of {method}'s "
+        f"{calls_per_step(config, method)} oracle calls a step (scr: scr_subsolver_steps + 1), "
+        "so that every method logs at the same budgets."
+      )
   code_size = config.hidden_sizes[-1]
   if not all(1 <= k < code_size for k in config.pca_components):
     raise ValueError(
@@ -242,6 +259,14 @@ def make_optimizer(config: Config, method: str, hyperparameter, key):
     return optax.sgd(hyperparameter)
   if method == "adagrad":
     return optax.adagrad(hyperparameter)
+  if method == "scr-cauchy":
+    return jaxsaddle.cubic_regularization(
+      hessian_lipschitz=hyperparameter,
+      smoothness=config.scr_cauchy_smoothness,
+      epsilon=config.scr_epsilon,
+      subsolver_steps=1,
+      key=key,
+    )
   subsolver_learning_rate, hessian_lipschitz = hyperparameter
   return jaxsaddle.cubic_regularization(
     hessian_lipschitz=hessian_lipschitz,
@@ -392,25 +417,25 @@ def summary_table(run: _runner.RunDirectory, config: Config) -> str:
 
 
 def escape_ratios(run: _runner.RunDirectory, config: Config) -> list[str]:
-  """Per start, level and first-order method: its median calls over SCR's, or which of the two
-  passed the level."""
+  """Per start, SCR variant, first-order method and level: the first-order method's median
+  calls over the variant's, or which of the two passed the level."""
   lines = []
+  first_order = [method for method in config.methods if method not in SCR_METHODS]
   for start in config.starts:
-    scr = best_records(run, unit_name(start, "scr"))
-    for method in config.methods:
-      if method == "scr":
-        continue
-      other = best_records(run, unit_name(start, method))
-      ratios = []
-      for k, level in zip(config.pca_components, levels(config), strict=True):
-        scr_calls, other_calls = median_calls(scr, level), median_calls(other, level)
-        if np.isfinite(scr_calls) and np.isfinite(other_calls):
-          ratios.append(f"k={k}: {other_calls / scr_calls:.2g}")
-        else:
-          calls = {method: other_calls, "scr": scr_calls}
-          passed = [name for name, value in calls.items() if np.isfinite(value)]
-          ratios.append(f"k={k}: {' and '.join(passed) or 'neither'} passed")
-      lines.append(f"- {start}, {method} / scr: " + ", ".join(ratios))
+    for scr_method in (method for method in config.methods if method in SCR_METHODS):
+      scr = best_records(run, unit_name(start, scr_method))
+      for method in first_order:
+        other = best_records(run, unit_name(start, method))
+        ratios = []
+        for k, level in zip(config.pca_components, levels(config), strict=True):
+          scr_calls, other_calls = median_calls(scr, level), median_calls(other, level)
+          if np.isfinite(scr_calls) and np.isfinite(other_calls):
+            ratios.append(f"k={k}: {other_calls / scr_calls:.2g}")
+          else:
+            calls = {method: other_calls, scr_method: scr_calls}
+            passed = [name for name, value in calls.items() if np.isfinite(value)]
+            ratios.append(f"k={k}: {' and '.join(passed) or 'neither'} passed")
+        lines.append(f"- {start}, {method} / {scr_method}: " + ", ".join(ratios))
   return lines
 
 
@@ -450,7 +475,9 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
     f"mirrored ({num_params} parameters), softplus, sigmoid output, squared error per image; "
     f"mini-batches of {config.batch_size}; {config.seeds} seeds; a budget of {config.steps} "
     f"oracle calls (SCR: {config.scr_subsolver_steps} subsolver steps, smoothness "
-    f"{config.scr_smoothness:g}, epsilon {config.scr_epsilon:g}).",
+    f"{config.scr_smoothness:g}, epsilon {config.scr_epsilon:g}; scr-cauchy: one subsolver "
+    f"step, smoothness {config.scr_cauchy_smoothness:g}, so Cauchy steps wherever the "
+    "mini-batch gradient's norm is at least smoothness^2 / rho).",
     "",
     "Levels: the loss of the best rank-k affine reconstruction, "
     + ", ".join(f"k={k}: {v:.2f}" for k, v in zip(config.pca_components, level_values, strict=True))
@@ -467,7 +494,7 @@ def summary(run: _runner.RunDirectory, config: Config, figures: list[str]) -> st
         *escape_ratios(run, config),
         "",
       ]
-      if "scr" in config.methods
+      if set(SCR_METHODS) & set(config.methods)
       else []
     ),
     TIMING_LINE

@@ -57,7 +57,8 @@ def test_every_unit_value_and_seed_logs_the_same_budgets(run):
     for r in rows:
       assert len(r["loss"]) == len(r["oracle_calls"]) == num_logs
       # On digits the gradient never reaches SCR's Cauchy threshold l^2 / rho = 90, so every SCR
-      # step takes the subsolver's 9 products besides its gradient: the budget is spent exactly.
+      # step takes the subsolver's 9 products besides its gradient, and every scr-cauchy step
+      # one product (its Cauchy step or one subsolver step): the budget is spent exactly.
       np.testing.assert_array_equal(r["oracle_calls"], budgets)
     assert closing["seconds_per_call"] > 0
 
@@ -86,15 +87,25 @@ def test_adagrad_and_sgd_leave_the_saddle_within_the_quick_budget(run):
     assert scr_autoencoder.median_calls(tuned, first_level) <= config.steps
 
 
-def test_tuned_scr_stays_finite_and_descends_from_the_standard_start(run):
+@pytest.mark.parametrize("method", scr_autoencoder.SCR_METHODS)
+def test_tuned_scr_stays_finite_and_descends_from_the_standard_start(run, method):
   config, _, records = run
   variance = _pixel_variance(scr_autoencoder.load_dataset(config).x_train)
   for start in config.starts:
-    for r in _tuned(records, scr_autoencoder.unit_name(start, "scr")):
+    for r in _tuned(records, scr_autoencoder.unit_name(start, method)):
       assert np.all(np.isfinite(r["loss"]))
       if start == "standard":
         # From about 3 times the variance down to the mean image's plateau.
         assert r["loss"][-1] < min(r["loss"][0] / 2, 1.05 * variance)
+
+
+def test_scr_cauchy_passes_below_the_mean_image_from_the_standard_start(run):
+  # Its Cauchy steps, an exact line search along positive curvature, stay stable where the
+  # gradient-descent subsolver at the grid's eta_s is too short to leave the plateau.
+  config, _, records = run
+  first_level = scr_autoencoder.levels(config)[0]
+  tuned = _tuned(records, scr_autoencoder.unit_name("standard", "scr-cauchy"))
+  assert scr_autoencoder.median_calls(tuned, first_level) <= config.steps
 
 
 def test_summary_and_figure(quick_run, run):
@@ -102,7 +113,8 @@ def test_summary_and_figure(quick_run, run):
   text = (quick_run / "summary.md").read_text()
   for unit in scr_autoencoder.unit_names(config):
     assert f"| {unit} |" in text
-  assert "adagrad / scr" in text and "sgd / scr" in text
+  for pair in ("sgd / scr:", "adagrad / scr:", "sgd / scr-cauchy:", "adagrad / scr-cauchy:"):
+    assert pair in text
   (timing,) = [line for line in text.splitlines() if line.startswith(scr_autoencoder.TIMING_LINE)]
   assert all(unit in timing for unit in scr_autoencoder.unit_names(config))
   assert_is_figure(quick_run / "figures" / "loss.png", taller_than=200, wider_than=400)
@@ -227,7 +239,9 @@ def test_calls_to_reach_and_the_tuned_value():
     ("scr_grid", (), r"scr's \(subsolver learning rate, rho\) grid"),
     ("scr_grid", ((1e-3, 0.0),), "grid must be positive"),
     ("scr_grid", ((1e-3,),), "pairs"),
-    ("log_every", 25, "multiple of SCR's 10 oracle calls"),
+    ("log_every", 25, "multiple of scr's 10 oracle calls"),
+    ("scr_cauchy_rhos", (10.0, -1.0), "scr-cauchy's rho grid must be positive"),
+    ("scr_cauchy_smoothness", 0.0, "scr_cauchy_smoothness must be positive"),
     ("steps", 4010, "multiple of log_every"),
     ("hidden_sizes", (), "hidden_sizes"),
     ("scr_smoothness", 0.0, "scr_smoothness must be positive"),
