@@ -58,12 +58,14 @@ image's loss and then stepped into the sigmoids' saturation (loss 243); the grid
 :math:`\rho` did not prevent it (see the README).
 
 **scr-cauchy.** Algorithm 2 takes the Cauchy step, the model's minimiser along :math:`-g`, when
-:math:`\|g\| \ge \ell^2 / \rho`. That step is stable whatever :math:`\lambda_{\max}`: along
-positive curvature it is the exact line search :math:`-(\|g\|^2 / g^\top B g)\, g`, along
-negative curvature at most :math:`2 |g^\top B g| / (\rho \|g\|)` long. ``scr-cauchy`` is SCR
-with :math:`\ell` = ``scr_cauchy_smoothness`` (1, below the mini-batch gradients' norms at
-these :math:`\rho`) and one subsolver step (:math:`\eta_s = 1 / (20 \ell)`, for a step whose
-gradient falls below the threshold), so one product a step either way; it tunes :math:`\rho`.
+:math:`\|g\| \ge \ell^2 / \rho`: with :math:`\kappa = g^\top B g / (\rho \|g\|^2)`, a step of
+length :math:`R_c = -\kappa + \sqrt{\kappa^2 + 2 \|g\| / \rho}`. Along positive curvature it is
+shorter than the exact line search :math:`\|g\|^3 / g^\top B g`, so stable whatever
+:math:`\lambda_{\max}`; along negative curvature it lies between :math:`2 |\kappa|` and
+:math:`2 |\kappa| + \sqrt{2 \|g\| / \rho}`. ``scr-cauchy`` is SCR with :math:`\ell` =
+``scr_cauchy_smoothness`` (1: a Cauchy step wherever the mini-batch gradient's norm reaches
+:math:`1 / \rho`) and one subsolver step otherwise (:math:`\eta_s = 1 / (20 \ell)`), so one
+product a step either way (which branch a step took is not recorded); it tunes :math:`\rho`.
 """
 
 import dataclasses

@@ -299,6 +299,8 @@ def classify_critical_point(
     random_directions,
     null_directions,
   )
+  # Mixtures of no near-null vector (a Hessian positive definite beyond tau) are zero: no probe.
+  probed = jnp.concatenate([jnp.ones(1 + num_probe_directions, bool), norms > 0])[:, None]
   steps = jnp.asarray(np.concatenate([radii, -radii]), dtype)
 
   def change(direction, step):
@@ -306,7 +308,9 @@ def classify_critical_point(
     moved_by = jax.tree.map(lambda m, p: m.astype(dtype) - p.astype(dtype), moved, params)
     return value_fn(moved).astype(dtype) - value, _random.global_norm(moved_by).astype(dtype)
 
-  changes, distances = jax.vmap(lambda d: jax.vmap(lambda s: change(d, s))(steps))(directions)
+  # One direction at a time, so that the probe holds as many moved copies of the params as it
+  # has radii, not that times the directions.
+  changes, distances = jax.lax.map(lambda d: jax.vmap(lambda s: change(d, s))(steps), directions)
   # A loss falling to -inf at a probe point is descent: the rounding allowance comes from finite
   # values only, or it would be infinite too.
   finite_changes = jnp.where(jnp.isfinite(changes), changes, 0)
@@ -321,7 +325,7 @@ def classify_critical_point(
   # (bfloat16 params of (w1 w2 w3 - 1)^2 at 0, -0.34 at radius 1, had read "minimum"). NaN
   # changes are neither: they leave the minimum unproven below.
   ulps = 4 * unit
-  blind = jnp.all(jnp.isfinite(changes) & (jnp.abs(changes) <= ulps))
+  blind = jnp.all(~probed | (jnp.isfinite(changes) & (jnp.abs(changes) <= ulps)))
   inconclusive = blind | jnp.any(changes < -(explained + ulps))
 
   gradient_norm = _random.global_norm(gradient).astype(dtype)
@@ -364,7 +368,7 @@ def classify_critical_point(
     largest_eigenvalue=largest,
     index=jnp.where(underflowed, jnp.nan, mass.negative_mass),
     degeneracy=jnp.where(underflowed, jnp.nan, mass.near_zero_mass),
-    probe_decrease=-jnp.min(changes),
+    probe_decrease=-jnp.min(jnp.where(probed, changes, jnp.inf)),
     smallest_residual=smallest_residual,
   )
   return _checked(owner, finite, report)
