@@ -1121,6 +1121,19 @@ def _stacked_norms(vectors: PyTree) -> jax.Array:
   return jax.vmap(lambda vector: jnp.sqrt(_tree_vdot(vector, vector, dtype)))(vectors)
 
 
+def _unit_rows(vectors: PyTree) -> tuple[PyTree, jax.Array]:
+  """The stacked ``vectors`` scaled to unit norm (zero ones stay zero), and the scales."""
+  norms = _stacked_norms(vectors)
+  inverse = _reciprocal_where(norms > 0, norms)
+  scaled = jax.tree.map(
+    lambda stacked: (
+      stacked * inverse.reshape((-1,) + (1,) * (stacked.ndim - 1)).astype(stacked.dtype)
+    ),
+    vectors,
+  )
+  return scaled, inverse
+
+
 def _least_residual_copies(
   result: LanczosResult,
   values: jax.Array,
@@ -1356,15 +1369,8 @@ def extreme_eigenpairs(
     # reorthogonalisation loses below the underflow scale (norms of 0.05 gave exact residuals
     # 20 times too small); the Lanczos relation gives the residual of Q s, so the unit
     # vector's is that over its norm.
-    norms = _stacked_norms(vectors)
-    inverse = _reciprocal_where(norms > 0, norms)
+    vectors, inverse = _unit_rows(vectors)
     estimated_residuals = estimated_residuals * inverse
-    vectors = jax.tree.map(
-      lambda stacked: (
-        stacked * inverse.reshape((-1,) + (1,) * (stacked.ndim - 1)).astype(stacked.dtype)
-      ),
-      vectors,
-    )
   norm_estimate = _largest_entry(result)
   if mode == "partial":
     # Partial passes remove components of up to sqrt(eps) ||A|| that T does not record.

@@ -284,14 +284,8 @@ def classify_critical_point(
   mixtures = jax.random.normal(
     jax.random.fold_in(direction_key, 1), (near_null.size, num_probe_directions), dtype
   )
-  null_directions = curvature._combine(flat_vectors, jnp.where(near_null[:, None], mixtures, 0))
-  norms = curvature._stacked_norms(null_directions)
-  inverse_norms = jnp.where(norms > 0, 1 / jnp.where(norms > 0, norms, 1), 0)
-  null_directions = jax.tree.map(
-    lambda stacked: (
-      stacked * inverse_norms.reshape(-1, *[1] * (stacked.ndim - 1)).astype(stacked.dtype)
-    ),
-    null_directions,
+  null_directions, inverse_norms = curvature._unit_rows(
+    curvature._combine(flat_vectors, jnp.where(near_null[:, None], mixtures, 0))
   )
   directions = jax.tree.map(
     lambda a, b, c: jnp.concatenate([a.astype(b.dtype), b, c.astype(b.dtype)]),
@@ -300,7 +294,7 @@ def classify_critical_point(
     null_directions,
   )
   # Mixtures of no near-null vector (a Hessian positive definite beyond tau) are zero: no probe.
-  probed = jnp.concatenate([jnp.ones(1 + num_probe_directions, bool), norms > 0])[:, None]
+  probed = jnp.concatenate([jnp.ones(1 + num_probe_directions, bool), inverse_norms > 0])[:, None]
   steps = jnp.asarray(np.concatenate([radii, -radii]), dtype)
 
   def change(direction, step):
