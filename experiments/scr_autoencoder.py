@@ -133,8 +133,8 @@ class Config:
   scr_smoothness: float = 300.0
   scr_subsolver_steps: int = 9
   scr_epsilon: float = 1e-2
-  # scr-cauchy: SCR with one subsolver step and a smoothness small enough that l^2 / rho lies
-  # below the mini-batch gradients, so that its steps are Cauchy steps.
+  # scr-cauchy: SCR with one subsolver step, whose steps are Cauchy steps wherever the
+  # mini-batch gradient's norm reaches smoothness^2 / rho.
   scr_cauchy_rhos: tuple[float, ...] = (1.0, 10.0, 100.0)
   scr_cauchy_smoothness: float = 1.0
   pca_components: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -424,10 +424,11 @@ def escape_ratios(run: _runner.RunDirectory, config: Config) -> list[str]:
   lines = []
   first_order = [method for method in config.methods if method not in SCR_METHODS]
   for start in config.starts:
+    tuned = {method: best_records(run, unit_name(start, method)) for method in config.methods}
     for scr_method in (method for method in config.methods if method in SCR_METHODS):
-      scr = best_records(run, unit_name(start, scr_method))
+      scr = tuned[scr_method]
       for method in first_order:
-        other = best_records(run, unit_name(start, method))
+        other = tuned[method]
         ratios = []
         for k, level in zip(config.pca_components, levels(config), strict=True):
           scr_calls, other_calls = median_calls(scr, level), median_calls(other, level)
